@@ -1,0 +1,5 @@
+"""python -m batchd."""
+
+from batchd.cli import main
+
+raise SystemExit(main())

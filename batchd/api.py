@@ -1,0 +1,354 @@
+"""The Batch API client (aiohttp): files, batches, downloads; typed errors; one retry policy.
+
+Retry policy: 429 (honouring Retry-After / retry-after-ms), 5xx and connection errors
+are retried with jittered exponential backoff; every other 4xx is raised at once.
+`create_batch` never retries an error whose outcome is unknown (5xx, dropped
+connection): the caller reconciles by metadata before creating again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from batchd.config import ApiConfig
+from batchd.logs import redact_text
+from batchd.metrics import Metrics
+
+T = TypeVar("T")
+
+ATTEMPT_KEY = "batchd_attempt"  # metadata key carrying batchd's attempt id on every batch
+
+
+class ApiError(Exception):
+    """An error from the Batch API (or from reaching it)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 0,
+        code: str | None = None,
+        type: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        self.message = redact_text(message)
+        super().__init__(self.message)
+        self.status, self.code, self.type, self.param = status, code, type, param
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's error envelope fields."""
+        return {
+            "status": self.status,
+            "message": self.message,
+            "code": self.code,
+            "type": self.type,
+            "param": self.param,
+        }
+
+
+class Transient(ApiError):
+    """5xx, timeout or dropped connection: worth retrying; outcome of a write unknown."""
+
+
+class RateLimited(Transient):
+    """429: retry after `retry_after` seconds; the request was not acted on."""
+
+    def __init__(self, message: str, retry_after: float | None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class InvalidRequest(ApiError):
+    """400 and other 4xx not listed below: retrying would not help."""
+
+
+class AuthError(InvalidRequest):
+    """401/403: the key is missing, wrong, or lacks permission."""
+
+
+class NotFound(InvalidRequest):
+    """404: unknown id."""
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    s = headers.get("retry-after")
+    if s:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    return None
+
+
+def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
+    err: dict[str, Any] = {}
+    try:
+        parsed = orjson.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            err = parsed["error"]
+    except orjson.JSONDecodeError:
+        pass
+    msg = str(err.get("message") or body[:200].decode("utf-8", "replace") or f"HTTP {status}")
+    kw: dict[str, Any] = {
+        "status": status,
+        "code": err.get("code"),
+        "type": err.get("type"),
+        "param": err.get("param"),
+    }
+    if status == 429:
+        return RateLimited(msg, _retry_after(headers), **kw)
+    if status >= 500:
+        return Transient(msg, **kw)
+    if status in (401, 403):
+        return AuthError(msg, **kw)
+    if status == 404:
+        return NotFound(msg, **kw)
+    return InvalidRequest(msg, **kw)
+
+
+class BatchApi:
+    """A client for /v1/files, /v1/batches; one aiohttp session, typed errors, retries."""
+
+    def __init__(
+        self,
+        cfg: ApiConfig,
+        api_key: str | None,
+        metrics: Metrics,
+        max_backoff_seconds: float = 30.0,
+    ) -> None:
+        self._cfg = cfg
+        self._base = cfg.base_url.rstrip("/")
+        headers = {"User-Agent": "batchd"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        if cfg.organization:
+            headers["OpenAI-Organization"] = cfg.organization
+        if cfg.project:
+            headers["OpenAI-Project"] = cfg.project
+        self._headers = headers
+        self._metrics = metrics
+        self._max_backoff = max_backoff_seconds
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> BatchApi:
+        t = self._cfg.request_timeout_seconds
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The live session (enter the client first)."""
+        if self._session is None:
+            raise RuntimeError("BatchApi used outside `async with`")
+        return self._session
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _wait(self, state: RetryCallState) -> float:
+        base = wait_random_exponential(multiplier=0.5, max=self._max_backoff)(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            return max(exc.retry_after, min(base, 1.0))
+        return base
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        reason = "rate_limited" if isinstance(exc, RateLimited) else "transient"
+        self._metrics.retries.labels(reason).inc()
+
+    async def _retrying(
+        self, fn: Callable[[], Awaitable[T]], retry_on: tuple[type[BaseException], ...]
+    ) -> T:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(retry_on),
+            stop=stop_after_attempt(self._cfg.max_retries),
+            wait=self._wait,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        ):
+            with attempt:
+                return await fn()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @asynccontextmanager
+    async def _request(
+        self, op: str, method: str, path: str, **kw: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One HTTP call with metrics; raises a typed error for any non-2xx."""
+        start = time.monotonic()
+        code = "0"
+        try:
+            async with self.session.request(method, self._base + path, **kw) as resp:
+                code = str(resp.status)
+                if resp.status >= 400:
+                    body = await resp.read()
+                    raise _error_from(resp.status, body, resp.headers)
+                yield resp
+        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+            raise Transient(f"{op}: {type(e).__name__}: {e}") from None
+        finally:
+            self._metrics.api_requests.labels(op, code).inc()
+            self._metrics.api_duration.labels(op).observe(time.monotonic() - start)
+
+    async def _json(self, op: str, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        async with self._request(op, method, path, **kw) as resp:
+            data = orjson.loads(await resp.read())
+        if not isinstance(data, dict):
+            raise Transient(f"{op}: unexpected response body")
+        return data
+
+    # --- files ------------------------------------------------------------------------
+
+    async def upload_file(self, path: Path, filename: str) -> dict[str, Any]:
+        """Upload a JSONL file with purpose=batch, streamed from disk."""
+
+        async def once() -> dict[str, Any]:
+            with path.open("rb") as f:
+                form = aiohttp.FormData()
+                form.add_field("purpose", "batch")
+                form.add_field("file", f, filename=filename, content_type="application/jsonl")
+                data = await self._json("upload_file", "POST", "/files", data=form)
+            self._metrics.uploaded_bytes.inc(path.stat().st_size)
+            return data
+
+        return await self._retrying(once, (Transient,))
+
+    async def delete_file(self, file_id: str) -> None:
+        """Delete a file (best effort callers ignore NotFound)."""
+        await self._retrying(
+            lambda: self._json("delete_file", "DELETE", f"/files/{file_id}"), (Transient,)
+        )
+
+    async def download(self, file_id: str, dest: Path) -> int:
+        """Stream a file's content to `dest` (temp name, length check, fsync, rename)."""
+
+        async def once() -> int:
+            tmp = dest.with_name(f".{dest.name}.part")
+            n = 0
+            async with self._request("download_file", "GET", f"/files/{file_id}/content") as resp:
+                expected = resp.content_length
+                with tmp.open("wb") as out:
+                    try:
+                        async for chunk in resp.content.iter_chunked(1 << 20):
+                            out.write(chunk)
+                            n += len(chunk)
+                    except (aiohttp.ClientError, TimeoutError) as e:
+                        raise Transient(f"download_file: {type(e).__name__}: {e}") from None
+                    if expected is not None and n != expected:
+                        raise Transient(f"download_file: got {n} of {expected} bytes")
+                    out.flush()
+                    os.fsync(out.fileno())
+            tmp.replace(dest)
+            self._metrics.downloaded_bytes.inc(n)
+            return n
+
+        return await self._retrying(once, (Transient,))
+
+    # --- batches ----------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: Mapping[str, str],
+        output_expires_after_seconds: int | None = None,
+    ) -> dict[str, Any]:
+        """POST /v1/batches. Retries only 429; an unknown outcome is raised as Transient."""
+        body: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": completion_window,
+            "metadata": dict(metadata),
+        }
+        if output_expires_after_seconds is not None:
+            body["output_expires_after"] = {
+                "anchor": "created_at",
+                "seconds": output_expires_after_seconds,
+            }
+        return await self._retrying(
+            lambda: self._json("create_batch", "POST", "/batches", json=body), (RateLimited,)
+        )
+
+    async def get_batch(self, batch_id: str) -> dict[str, Any]:
+        """GET /v1/batches/{id}."""
+        return await self._retrying(
+            lambda: self._json("get_batch", "GET", f"/batches/{batch_id}"), (Transient,)
+        )
+
+    async def list_batches(self, limit: int = 100, after: str | None = None) -> dict[str, Any]:
+        """One page of GET /v1/batches, newest first."""
+        params: dict[str, str] = {"limit": str(limit)}
+        if after:
+            params["after"] = after
+        return await self._retrying(
+            lambda: self._json("list_batches", "GET", "/batches", params=params), (Transient,)
+        )
+
+    async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """POST /v1/batches/{id}/cancel."""
+        return await self._retrying(
+            lambda: self._json("cancel_batch", "POST", f"/batches/{batch_id}/cancel"),
+            (Transient,),
+        )
+
+    async def find_batch(
+        self, attempt_id: str, not_before: float, max_pages: int = 20
+    ) -> dict[str, Any] | None:
+        """Look for a batch carrying this attempt id in its metadata (newest first).
+
+        Stops once past batches created before `not_before` (unix seconds) or after
+        `max_pages` pages.
+        """
+        after: str | None = None
+        for _ in range(max_pages):
+            page = await self.list_batches(100, after)
+            for b in page.get("data", []):
+                if (b.get("metadata") or {}).get(ATTEMPT_KEY) == attempt_id:
+                    return dict(b)
+                if (b.get("created_at") or 0) < not_before:
+                    return None
+            if not page.get("has_more") or not page.get("data"):
+                return None
+            after = page["data"][-1]["id"]
+        return None
+
+
+async def sleep_backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> None:
+    """Sleep a jittered exponential backoff for stage-level retries."""
+    import random
+
+    await asyncio.sleep(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))

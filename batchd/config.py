@@ -1,0 +1,251 @@
+"""Configuration: TOML plus environment into frozen dataclasses; every error names the key."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    base_url: str = DEFAULT_BASE_URL
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: Path | None = None
+    organization: str | None = None
+    project: str | None = None
+    request_timeout_seconds: float = 60.0
+    max_retries: int = 6
+
+    def api_key(self) -> str | None:
+        """Return the API key from the key file, $CREDENTIALS_DIRECTORY, or the environment."""
+        if self.api_key_file is not None:
+            return self.api_key_file.read_text(encoding="utf-8").strip() or None
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and (Path(creds) / "openai_api_key").is_file():
+            return (Path(creds) / "openai_api_key").read_text(encoding="utf-8").strip() or None
+        return os.environ.get(self.api_key_env) or None
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: Path = Path("spool")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    database: Path = Path("batchd.db")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    completion_window: str = "24h"
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    output_expires_after_seconds: int | None = None
+    poll_interval_seconds: float = 30.0
+    max_concurrent_submits: int = 4
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+
+    @property
+    def host(self) -> str:
+        """Host part of `listen`."""
+        return self.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        """Port part of `listen`."""
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"  # "json" | "console" | "auto" (console on a TTY, JSON otherwise)
+
+
+@dataclass(frozen=True)
+class Config:
+    api: ApiConfig = field(default_factory=ApiConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path | None = None
+
+
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+_SECTIONS = {
+    "api": {
+        "base_url",
+        "api_key_env",
+        "api_key_file",
+        "organization",
+        "project",
+        "request_timeout_seconds",
+        "max_retries",
+    },
+    "spool": {"dir"},
+    "state": {"database"},
+    "batch": {
+        "completion_window",
+        "metadata",
+        "output_expires_after_seconds",
+        "poll_interval_seconds",
+        "max_concurrent_submits",
+    },
+    "http": {"listen"},
+    "log": {"level", "format"},
+}
+
+
+def _get(table: Mapping[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"[{section}] {key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive(section: str, key: str, value: float) -> float:
+    if value <= 0:
+        raise ConfigError(f"[{section}] {key}: must be > 0, got {value!r}")
+    return value
+
+
+def _path(base: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _check_keys(data: Mapping[str, Any]) -> None:
+    for section, table in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"[{section}]: unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}]: must be a table")
+        for key in table:
+            if key not in _SECTIONS[section]:
+                raise ConfigError(f"[{section}] {key}: unknown key")
+
+
+def _api(t: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> ApiConfig:
+    s = "api"
+    url = env.get("OPENAI_BASE_URL") or _get(t, s, "base_url", str, DEFAULT_BASE_URL)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"[api] base_url: must start with http:// or https://, got {url!r}")
+    return ApiConfig(
+        base_url=url.rstrip("/"),
+        api_key_env=_get(t, s, "api_key_env", str, "OPENAI_API_KEY"),
+        api_key_file=_path(base, _get(t, s, "api_key_file", str, None)),
+        organization=env.get("OPENAI_ORG_ID") or _get(t, s, "organization", str, None),
+        project=env.get("OPENAI_PROJECT_ID") or _get(t, s, "project", str, None),
+        request_timeout_seconds=_positive(
+            s, "request_timeout_seconds", _get(t, s, "request_timeout_seconds", float, 60.0)
+        ),
+        max_retries=int(_positive(s, "max_retries", _get(t, s, "max_retries", int, 6))),
+    )
+
+
+def _batch(t: Mapping[str, Any]) -> BatchConfig:
+    s = "batch"
+    window = _get(t, s, "completion_window", str, "24h")
+    if window != "24h":
+        raise ConfigError(f'[batch] completion_window: only "24h" is supported, got {window!r}')
+    meta = _get(t, s, "metadata", dict, {})
+    if len(meta) > 15:  # one pair is batchd's own
+        raise ConfigError("[batch] metadata: at most 15 pairs (batchd adds its own)")
+    for k, v in meta.items():
+        if not isinstance(v, str) or len(k) > 64 or len(v) > 512:
+            raise ConfigError(
+                f"[batch] metadata.{k}: keys ≤ 64 chars, values strings ≤ 512 chars, got {v!r}"
+            )
+    expires = _get(t, s, "output_expires_after_seconds", int, None)
+    if expires is not None and not 3600 <= expires <= 2_592_000:
+        raise ConfigError(
+            f"[batch] output_expires_after_seconds: must be 3600..2592000, got {expires}"
+        )
+    return BatchConfig(
+        completion_window=window,
+        metadata=dict(meta),
+        output_expires_after_seconds=expires,
+        poll_interval_seconds=_positive(
+            s, "poll_interval_seconds", _get(t, s, "poll_interval_seconds", float, 30.0)
+        ),
+        max_concurrent_submits=int(
+            _positive(s, "max_concurrent_submits", _get(t, s, "max_concurrent_submits", int, 4))
+        ),
+    )
+
+
+def _http(t: Mapping[str, Any]) -> HttpConfig:
+    listen = _get(t, "http", "listen", str, "127.0.0.1:9464")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f'[http] listen: expected "HOST:PORT", got {listen!r}')
+    return HttpConfig(listen=listen)
+
+
+def _log(t: Mapping[str, Any]) -> LogConfig:
+    level = _get(t, "log", "level", str, "info").lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"[log] level: one of {', '.join(_LEVELS)}, got {level!r}")
+    fmt = _get(t, "log", "format", str, "auto")
+    if fmt not in ("json", "console", "auto"):
+        raise ConfigError(f'[log] format: "json", "console" or "auto", got {fmt!r}')
+    return LogConfig(level=level, format=fmt)
+
+
+def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from parsed TOML; relative paths resolve against `base`."""
+    env = os.environ if env is None else env
+    _check_keys(data)
+    spool = _path(base, _get(data.get("spool", {}), "spool", "dir", str, "spool"))
+    db = _path(base, _get(data.get("state", {}), "state", "database", str, "batchd.db"))
+    assert spool is not None and db is not None
+    return Config(
+        api=_api(data.get("api", {}), base, env),
+        spool=SpoolConfig(dir=spool),
+        state=StateConfig(database=db),
+        batch=_batch(data.get("batch", {})),
+        http=_http(data.get("http", {})),
+        log=_log(data.get("log", {})),
+    )
+
+
+def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the TOML file at `path` (or $BATCHD_CONFIG); raise ConfigError naming the key."""
+    env = os.environ if env is None else env
+    path = path or env.get("BATCHD_CONFIG")
+    if not path:
+        raise ConfigError("no config file: pass --config FILE or set BATCHD_CONFIG")
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    cfg = parse(data, p.resolve().parent, env)
+    return Config(cfg.api, cfg.spool, cfg.state, cfg.batch, cfg.http, cfg.log, source=p)

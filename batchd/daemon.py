@@ -1,0 +1,121 @@
+"""The daemon: builds the parts, runs the stages in a TaskGroup, stops on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from batchd import logs, watch
+from batchd.api import BatchApi
+from batchd.config import Config
+from batchd.metrics import Metrics
+from batchd.spool import Spool
+from batchd.stages import Context, collect, submit, track
+from batchd.states import TERMINAL_JOB_STATES, JobState
+from batchd.store import Store
+from batchd.web import READY, create_app
+
+IDLE_CHECK_SECONDS = 0.05
+
+
+class _Stop(Exception):
+    """Raised inside the TaskGroup to end it."""
+
+
+class Daemon:
+    """One batchd process: spool + store + API client + stages + HTTP endpoint."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        once: bool = False,
+        clock: Callable[[], float] = time.time,
+        serve_http: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.once = once
+        self.clock = clock
+        self.serve_http = serve_http
+        self.metrics = Metrics()
+        self.log = logs.get("batchd")
+        self.stop_event = asyncio.Event()
+        self.ctx: Context | None = None
+
+    async def _refresh_gauges(self) -> None:
+        ctx = self.ctx
+        if ctx is None:
+            return
+        counts = await ctx.store.count_by_state()
+        for s in JobState:
+            self.metrics.jobs.labels(s.value).set(counts.get(s.value, 0))
+        live = [s for s in JobState if s not in TERMINAL_JOB_STATES]
+        jobs = await ctx.store.jobs(live)
+        oldest = min((j.created_at for j in jobs), default=None)
+        self.metrics.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
+        self.metrics.inbox_files.set(len(ctx.spool.waiting()))
+
+    async def _idle_watch(self, ctx: Context) -> None:
+        """In --once mode: stop when the inbox is empty and every job has ended."""
+        live = [s for s in JobState if s not in TERMINAL_JOB_STATES]
+        while True:
+            await asyncio.sleep(IDLE_CHECK_SECONDS)
+            if not ctx.spool.waiting() and not await ctx.store.jobs(live):
+                raise _Stop
+
+    async def _wait_stop(self) -> None:
+        await self.stop_event.wait()
+        raise _Stop
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop (signal handlers call this)."""
+        self.stop_event.set()
+
+    async def run(self) -> int:
+        """Run until stopped (or, with once=True, until idle). Returns an exit code."""
+        cfg = self.cfg
+        spool = Spool(cfg.spool.dir)
+        spool.ensure()
+        spool.lock()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        store = await Store.open(cfg.state.database, self.clock)
+        runner: web.AppRunner | None = None
+        try:
+            async with BatchApi(cfg.api, cfg.api.api_key(), self.metrics) as api:
+                ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)
+                if self.serve_http:
+                    app = create_app(self.metrics, self._refresh_gauges)
+                    runner = web.AppRunner(app, access_log=None)
+                    await runner.setup()
+                    await web.TCPSite(runner, cfg.http.host, cfg.http.port).start()
+                    app[READY]["ready"] = True
+                self.log.info(
+                    "started",
+                    spool=str(spool.root),
+                    once=self.once,
+                    listen=cfg.http.listen if self.serve_http else None,
+                )
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(watch.run(ctx), name="intake")
+                    tg.create_task(submit.run(ctx), name="submit")
+                    tg.create_task(track.run(ctx), name="track")
+                    tg.create_task(collect.run(ctx), name="collect")
+                    tg.create_task(self._wait_stop(), name="stop")
+                    if self.once:
+                        tg.create_task(self._idle_watch(ctx), name="idle")
+        except* _Stop:
+            pass
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if runner is not None:
+                await runner.cleanup()
+            await store.close()
+            spool.unlock()
+            self.log.info("stopped")
+        return 0

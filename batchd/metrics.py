@@ -1,0 +1,99 @@
+"""Every Prometheus metric batchd exports, defined once on the daemon's own registry.
+
+Labels are low-cardinality only: never a job id, batch id or file name.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from batchd import __version__
+from batchd.states import BatchStatus, JobState
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_E2E_BUCKETS = (0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600, 48 * 3600)
+
+
+class Metrics:
+    """The daemon's metrics; a fresh registry per instance so tests can run many daemons."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.build_info = Info("batchd_build", "batchd version", registry=r)
+        self.build_info.info({"version": __version__})
+        self.jobs = Gauge("batchd_jobs", "Jobs by state", ["state"], registry=r)
+        for s in JobState:
+            self.jobs.labels(s.value)
+        self.jobs_finished = Counter(
+            "batchd_jobs_finished", "Jobs that reached an end, by outcome", ["outcome"], registry=r
+        )
+        for o in ("done", "failed", "cancelled"):
+            self.jobs_finished.labels(o)
+        self.batches_created = Counter(
+            "batchd_batches_created", "Remote batches created", registry=r
+        )
+        self.batches = Gauge(
+            "batchd_batches", "Tracked batches by remote status", ["status"], registry=r
+        )
+        for st in BatchStatus:
+            self.batches.labels(st.value)
+        self.batches_ended = Counter(
+            "batchd_batches_ended", "Batches seen ending, by final status", ["status"], registry=r
+        )
+        self.requests_completed = Counter(
+            "batchd_requests_completed", "Requests that succeeded inside batches", registry=r
+        )
+        self.requests_failed = Counter(
+            "batchd_requests_failed", "Requests that failed inside batches", registry=r
+        )
+        self.tokens = Counter(
+            "batchd_tokens", "Tokens reported in batch usage, by kind", ["kind"], registry=r
+        )
+        for k in ("input", "cached", "output", "reasoning"):
+            self.tokens.labels(k)
+        self.uploaded_bytes = Counter(
+            "batchd_uploaded_bytes", "Bytes of input uploaded", registry=r
+        )
+        self.downloaded_bytes = Counter(
+            "batchd_downloaded_bytes", "Bytes of results downloaded", registry=r
+        )
+        self.api_requests = Counter(
+            "batchd_api_requests",
+            "Batch API calls by operation and HTTP status code (0 = no response)",
+            ["operation", "code"],
+            registry=r,
+        )
+        self.api_duration = Histogram(
+            "batchd_api_request_duration_seconds",
+            "Batch API call latency by operation",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter("batchd_retries", "Retries by reason", ["reason"], registry=r)
+        self.drop_to_created = Histogram(
+            "batchd_drop_to_created_seconds",
+            "Time from a file being claimed to its batch being created",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.created_to_results = Histogram(
+            "batchd_created_to_results_seconds",
+            "Time from batch creation to results on disk",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.inbox_files = Gauge("batchd_inbox_files", "Files waiting in inbox/", registry=r)
+        self.oldest_job_age = Gauge(
+            "batchd_oldest_unfinished_job_age_seconds",
+            "Age of the oldest job not yet done/failed/cancelled (0 when none)",
+            registry=r,
+        )
+        self.last_poll = Gauge(
+            "batchd_last_successful_poll_timestamp_seconds",
+            "Unix time of the last poll cycle that reached the API",
+            registry=r,
+        )
+        self.validation_failures = Counter(
+            "batchd_validation_failures", "Input files rejected by local validation", registry=r
+        )

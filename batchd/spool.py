@@ -1,0 +1,180 @@
+"""The spool directory tree: claim from inbox/, atomic moves, result placement.
+
+Every move is a rename(2) inside one filesystem, followed by an fsync of the
+directories involved, so a file is always in exactly one place across a crash.
+A job's results are assembled in `processing/JOB.d/` and published into
+`done/NAME/` or `failed/NAME/` by one directory rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from ulid import ULID
+
+SUFFIX = ".jsonl"
+_SEP = "--"
+
+
+def is_candidate(name: str) -> bool:
+    """Only `*.jsonl` is taken; dot-files and `.tmp`/`.part` names are being written."""
+    return name.endswith(SUFFIX) and not name.startswith(".") and name != SUFFIX
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp name, fsync, rename into place, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Atomically write pretty JSON."""
+    write_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A file moved from inbox/ into processing/ under a new job id."""
+
+    job_id: str
+    name: str
+    rel_path: str
+
+
+class SpoolLocked(Exception):
+    """Another batchd already runs on this spool."""
+
+
+class Spool:
+    """The tree under `root`: inbox/, processing/, done/, failed/."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.processing = root / "processing"
+        self.done = root / "done"
+        self.failed = root / "failed"
+        self._lock_fd: int | None = None
+
+    def ensure(self) -> None:
+        """Create the directories (idempotent)."""
+        for d in (self.inbox, self.processing, self.done, self.failed):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def lock(self) -> None:
+        """Take an exclusive lock so two daemons never share a spool."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"{self.root}: another batchd is running on this spool") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the spool lock."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def path(self, rel: str) -> Path:
+        """Absolute path of a spool-relative path."""
+        return self.root / rel
+
+    def waiting(self) -> list[str]:
+        """Names in inbox/ that are ready to be claimed, oldest first."""
+        try:
+            entries = list(os.scandir(self.inbox))
+        except FileNotFoundError:
+            return []
+        ready = [e for e in entries if is_candidate(e.name)]
+        return [e.name for e in sorted(ready, key=_mtime)]
+
+    def claim(self, filename: str) -> Claimed | None:
+        """Rename inbox/FILE to processing/JOB--NAME.jsonl; None if it vanished meanwhile.
+
+        The rename moves whatever the entry is (a symlink is moved, never followed);
+        validation later rejects anything that is not a regular file.
+        """
+        job_id = str(ULID())
+        name = filename[: -len(SUFFIX)]
+        rel = f"processing/{job_id}{_SEP}{filename}"
+        try:
+            os.rename(self.inbox / filename, self.root / rel)
+        except FileNotFoundError:
+            return None
+        fsync_dir(self.processing)
+        fsync_dir(self.inbox)
+        return Claimed(job_id, name, rel)
+
+    def orphans(self, known: set[str]) -> Iterator[Claimed]:
+        """Claimed files with no job record (a crash between rename and insert)."""
+        for e in os.scandir(self.processing):
+            rel = f"processing/{e.name}"
+            if _SEP in e.name and e.name.endswith(SUFFIX) and rel not in known:
+                job_id, _, filename = e.name.partition(_SEP)
+                yield Claimed(job_id, filename[: -len(SUFFIX)], rel)
+
+    def staging(self, job_id: str) -> Path:
+        """The directory where a job's results are assembled before publishing."""
+        d = self.processing / f"{job_id}.d"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def adopt_input(self, input_rel: str, staging: Path) -> None:
+        """Move the job's input into its staging dir as input.jsonl (idempotent)."""
+        src, dst = self.root / input_rel, staging / "input.jsonl"
+        if os.path.lexists(src) and not os.path.lexists(dst):
+            os.rename(src, dst)
+            fsync_dir(staging)
+            fsync_dir(src.parent)
+
+    def choose_result_dir(self, kind: str, name: str, taken: set[str]) -> str:
+        """First free `kind/NAME`, `kind/NAME-2`, … (never overwrite)."""
+        base = self.done if kind == "done" else self.failed
+        n = 1
+        while True:
+            candidate = name if n == 1 else f"{name}-{n}"
+            rel = f"{base.name}/{candidate}"
+            if rel not in taken and not os.path.lexists(base / candidate):
+                return rel
+            n += 1
+
+    def publish(self, job_id: str, result_rel: str) -> bool:
+        """Rename the staging dir to its result dir; False if already published."""
+        src = self.processing / f"{job_id}.d"
+        dst = self.root / result_rel
+        if not src.exists():
+            return dst.exists()
+        if os.path.lexists(dst):
+            raise FileExistsError(f"{dst} exists; refusing to overwrite")
+        os.rename(src, dst)
+        fsync_dir(dst.parent)
+        fsync_dir(self.processing)
+        return True
+
+
+def _mtime(e: os.DirEntry[str]) -> float:
+    try:
+        return e.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,442 @@
+"""The store: one SQLite database (WAL) holding jobs, attempts and their event history.
+
+Nothing else in batchd writes SQL. Every job state change and its event row are
+written in one transaction; migrations are ordered and tracked by PRAGMA user_version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from batchd.states import TERMINAL_BATCH_STATUSES, JobState, check_transition
+
+Clock = Callable[[], float]
+
+MIGRATIONS: Sequence[str] = (
+    # 1: jobs, attempts, events
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        source TEXT NOT NULL,
+        input_path TEXT NOT NULL,
+        sha256 TEXT,
+        endpoint TEXT,
+        model TEXT,
+        requests INTEGER,
+        bytes INTEGER,
+        est_tokens INTEGER,
+        completed INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        usage TEXT,
+        reason TEXT,
+        result_dir TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE TABLE attempts (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        piece INTEGER NOT NULL,
+        input_path TEXT NOT NULL,
+        file_id TEXT,
+        batch_id TEXT UNIQUE,
+        create_sent_at REAL,
+        status TEXT,
+        batch TEXT,
+        collected INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX attempts_job ON attempts(job_id);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        old_state TEXT,
+        new_state TEXT,
+        detail TEXT
+    );
+    CREATE INDEX events_job ON events(job_id, id);
+    """,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file as the user dropped it."""
+
+    id: str
+    name: str
+    state: JobState
+    source: str
+    input_path: str
+    sha256: str | None
+    endpoint: str | None
+    model: str | None
+    requests: int | None
+    bytes: int | None
+    est_tokens: int | None
+    completed: int
+    failed: int
+    usage: dict[str, Any] | None
+    reason: dict[str, Any] | None
+    result_dir: str | None
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One remote batch created (or being created) for a piece of a job."""
+
+    id: str
+    job_id: str
+    piece: int
+    input_path: str
+    file_id: str | None
+    batch_id: str | None
+    create_sent_at: float | None
+    status: str | None
+    batch: dict[str, Any] | None
+    collected: bool
+    created_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One row of a job's append-only history."""
+
+    id: int
+    job_id: str
+    at: float
+    kind: str
+    old_state: str | None
+    new_state: str | None
+    detail: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_JSON_COLS = {"usage", "reason", "batch", "detail"}
+_BOOL_COLS = {"cancel_requested", "collected"}
+
+
+def _load(row: aiosqlite.Row) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in row.keys():
+        v = row[k]
+        if k in _JSON_COLS and v is not None:
+            v = orjson.loads(v)
+        elif k in _BOOL_COLS:
+            v = bool(v)
+        out[k] = v
+    return out
+
+
+def _job(row: aiosqlite.Row) -> Job:
+    d = _load(row)
+    d["state"] = JobState(d["state"])
+    return Job(**d)
+
+
+def _dump(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: (orjson.dumps(v).decode() if k in _JSON_COLS and v is not None else v)
+        for k, v in values.items()
+    }
+
+
+_JOB_COLS = {f.name for f in fields(Job)} - {"id", "created_at"}
+_ATTEMPT_COLS = {f.name for f in fields(Attempt)} - {"id", "job_id", "created_at"}
+
+
+class Store:
+    """Async access to the database; one connection, transactions serialised by a lock."""
+
+    def __init__(self, db: aiosqlite.Connection, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, clock: Clock = time.time) -> Store:
+        """Open (creating and migrating if needed) the database at `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await cls._migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, clock)
+
+    @staticmethod
+    async def _migrate(db: aiosqlite.Connection) -> None:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this batchd "
+                f"({len(MIGRATIONS)}); refusing to touch it"
+            )
+        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, script.split(";")):
+                    await db.execute(stmt)
+                await db.execute(f"PRAGMA user_version = {i}")
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._db.close()
+
+    async def _tx(
+        self, statements: Iterable[tuple[str, Sequence[Any] | Mapping[str, Any]]]
+    ) -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    await self._db.execute(sql, params)
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _event(
+        job_id: str,
+        at: float,
+        kind: str,
+        old: str | None,
+        new: str | None,
+        detail: Mapping[str, Any] | None,
+    ) -> tuple[str, Sequence[Any]]:
+        return (
+            "INSERT INTO events (job_id, at, kind, old_state, new_state, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, at, kind, old, new, orjson.dumps(detail).decode() if detail else None),
+        )
+
+    # --- jobs -------------------------------------------------------------------------
+
+    async def create_job(self, job_id: str, name: str, input_path: str, source: str) -> Job:
+        """Insert a queued job and its `claimed` event."""
+        now = self._clock()
+        await self._tx(
+            [
+                (
+                    "INSERT INTO jobs (id, name, state, source, input_path, created_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, name, JobState.QUEUED.value, source, input_path, now, now),
+                ),
+                self._event(job_id, now, "claimed", None, JobState.QUEUED, {"source": source}),
+            ]
+        )
+        return await self.job(job_id)
+
+    async def job(self, job_id: str) -> Job:
+        """The job with this exact id (KeyError when absent)."""
+        async with self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise KeyError(job_id)
+        return _job(row)
+
+    async def find_jobs(self, ref: str) -> list[Job]:
+        """Jobs matching an id, a unique id prefix, or a NAME (newest first)."""
+        async with self._db.execute(
+            "SELECT * FROM jobs WHERE id = ? OR id LIKE ? OR name = ? OR result_dir IN (?, ?)"
+            " ORDER BY created_at DESC",
+            (ref, ref.replace("%", "") + "%", ref, f"done/{ref}", f"failed/{ref}"),
+        ) as cur:
+            rows = [_job(r) for r in await cur.fetchall()]
+        exact = [j for j in rows if j.id == ref]
+        return exact or rows
+
+    async def jobs(
+        self, states: Iterable[JobState] | None = None, since: float | None = None
+    ) -> list[Job]:
+        """Jobs, oldest first, optionally filtered by state and creation time."""
+        sql, params = "SELECT * FROM jobs WHERE 1=1", list[Any]()
+        if states is not None:
+            st = [s.value for s in states]
+            sql += f" AND state IN ({','.join('?' * len(st))})"
+            params += st
+        if since is not None:
+            sql += " AND created_at >= ?"
+            params.append(since)
+        async with self._db.execute(sql + " ORDER BY created_at, id", params) as cur:
+            return [_job(r) for r in await cur.fetchall()]
+
+    async def count_by_state(self) -> dict[str, int]:
+        """Number of jobs in each state."""
+        async with self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cur:
+            return {r[0]: int(r[1]) for r in await cur.fetchall()}
+
+    async def input_paths(self) -> set[str]:
+        """Spool-relative input paths of every job (to adopt orphans after a crash)."""
+        async with self._db.execute("SELECT input_path FROM jobs") as cur:
+            return {r[0] for r in await cur.fetchall()}
+
+    async def transition(
+        self,
+        job_id: str,
+        new: JobState,
+        kind: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        **values: Any,
+    ) -> Job:
+        """Move a job to `new` (checked against the table), updating columns, with an event."""
+        job = await self.job(job_id)
+        check_transition(job.state, new)
+        await self.update_job(job_id, kind or str(new), detail, _old=job.state, state=new, **values)
+        return await self.job(job_id)
+
+    async def update_job(
+        self,
+        job_id: str,
+        kind: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+        _old: JobState | None = None,
+        **values: Any,
+    ) -> None:
+        """Update job columns; when `kind` is given an event row is written in the same tx."""
+        bad = set(values) - _JOB_COLS
+        if bad:
+            raise ValueError(f"unknown job columns: {sorted(bad)}")
+        now = self._clock()
+        values = {**values, "updated_at": now}
+        if values.get("state") in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+            values.setdefault("finished_at", now)
+        vals = _dump({k: (v.value if isinstance(v, JobState) else v) for k, v in values.items()})
+        stmts: list[tuple[str, Sequence[Any] | Mapping[str, Any]]] = [
+            (
+                f"UPDATE jobs SET {', '.join(f'{k} = :{k}' for k in vals)} WHERE id = :_id",
+                {**vals, "_id": job_id},
+            )
+        ]
+        if kind:
+            new = values.get("state")
+            stmts.append(
+                self._event(
+                    job_id,
+                    now,
+                    kind,
+                    _old.value if _old else None,
+                    new.value if isinstance(new, JobState) else None,
+                    detail,
+                )
+            )
+        await self._tx(stmts)
+
+    async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any] | None) -> None:
+        """Append an event without changing the job."""
+        await self._tx([self._event(job_id, self._clock(), kind, None, None, detail)])
+
+    async def events(self, job_id: str) -> list[Event]:
+        """A job's history, oldest first."""
+        async with self._db.execute(
+            "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)
+        ) as cur:
+            return [Event(**_load(r)) for r in await cur.fetchall()]
+
+    # --- attempts ---------------------------------------------------------------------
+
+    async def add_attempt(self, attempt_id: str, job_id: str, piece: int, input_path: str) -> None:
+        """Record an attempt before anything is sent for it."""
+        now = self._clock()
+        await self._tx(
+            [
+                (
+                    "INSERT INTO attempts (id, job_id, piece, input_path, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (attempt_id, job_id, piece, input_path, now, now),
+                ),
+                self._event(job_id, now, "attempt", None, None, {"attempt": attempt_id}),
+            ]
+        )
+
+    async def update_attempt(
+        self, attempt_id: str, event: str | None = None, **values: Any
+    ) -> None:
+        """Update attempt columns; with `event`, also append a job event in the same tx."""
+        bad = set(values) - _ATTEMPT_COLS
+        if bad:
+            raise ValueError(f"unknown attempt columns: {sorted(bad)}")
+        now = self._clock()
+        vals = _dump({**values, "updated_at": now})
+        stmts: list[tuple[str, Sequence[Any] | Mapping[str, Any]]] = [
+            (
+                f"UPDATE attempts SET {', '.join(f'{k} = :{k}' for k in vals)} WHERE id = :_id",
+                {**vals, "_id": attempt_id},
+            )
+        ]
+        if event:
+            att = await self.attempt(attempt_id)
+            detail = {"attempt": attempt_id, **{k: v for k, v in values.items() if k != "batch"}}
+            stmts.append(self._event(att.job_id, now, event, None, None, detail))
+        await self._tx(stmts)
+
+    async def attempt(self, attempt_id: str) -> Attempt:
+        """One attempt by id."""
+        async with self._db.execute("SELECT * FROM attempts WHERE id = ?", (attempt_id,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise KeyError(attempt_id)
+        return Attempt(**_load(row))
+
+    async def attempts(self, job_id: str) -> list[Attempt]:
+        """A job's attempts in creation order."""
+        async with self._db.execute(
+            "SELECT * FROM attempts WHERE job_id = ? ORDER BY created_at, id", (job_id,)
+        ) as cur:
+            return [Attempt(**_load(r)) for r in await cur.fetchall()]
+
+    async def live_attempts(self) -> list[Attempt]:
+        """Attempts whose remote batch exists and has not reached a terminal status."""
+        terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+        async with self._db.execute(
+            "SELECT * FROM attempts WHERE batch_id IS NOT NULL AND"
+            f" (status IS NULL OR status NOT IN ({','.join('?' * len(terminal))}))"
+            " ORDER BY created_at",
+            terminal,
+        ) as cur:
+            return [Attempt(**_load(r)) for r in await cur.fetchall()]

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real emulator over loopback, real spools and databases in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from batchd import config, logs
+from batchd.config import Config
+from batchd.daemon import Daemon
+from batchd.emulator import EmulatorConfig, EmulatorState, create_app
+
+API_KEY = "sk-test-0123456789abcdefSECRET"
+KEY_ENV = "BATCHD_TEST_API_KEY"
+
+
+@dataclass
+class Emulator:
+    state: EmulatorState
+    url: str
+    port: int
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    logs.setup("warning", "json")
+
+
+async def start_emulator(**kw: Any) -> tuple[Emulator, web.AppRunner]:
+    """Start an emulator on a free loopback port."""
+    kw.setdefault("time_scale", 0.01)
+    kw.setdefault("api_key", API_KEY)
+    state = EmulatorState(EmulatorConfig(**kw))
+    runner = web.AppRunner(create_app(state), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    return Emulator(state, f"http://127.0.0.1:{port}/v1", port), runner
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu, runner = await start_emulator()
+    yield emu
+    await runner.cleanup()
+    emu.state.close()
+
+
+def make_config(tmp_path: Path, base_url: str, **sections: dict[str, Any]) -> Config:
+    """A config for tests: fast polling, a spool and database in tmp_path."""
+    data: dict[str, dict[str, Any]] = {
+        "api": {"base_url": base_url, "api_key_env": KEY_ENV, "max_retries": 3},
+        "spool": {"dir": str(tmp_path / "spool")},
+        "state": {"database": str(tmp_path / "batchd.db")},
+        "batch": {"poll_interval_seconds": 0.1},
+        "http": {"listen": "127.0.0.1:0"},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config.parse(data, tmp_path, env={})
+
+
+def chat_lines(n: int, model: str = "gpt-4o-mini", fail: Iterable[int] = ()) -> bytes:
+    """n chat-completions request lines; indexes in `fail` are made to fail with HTTP 400."""
+    failing = set(fail)
+    out = []
+    for i in range(n):
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": "user", "content": f"question {i}"}],
+        }
+        if i in failing:
+            body["x_emulator"] = {"status": 400}
+        out.append(
+            orjson.dumps(
+                {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": body}
+            )
+        )
+    return b"\n".join(out) + b"\n"
+
+
+def embedding_lines(n: int, model: str = "text-embedding-3-small") -> bytes:
+    """n embeddings request lines (every third with a list input)."""
+    out = []
+    for i in range(n):
+        inp: Any = [f"a{i}", f"b{i}"] if i % 3 == 0 else f"text {i}"
+        out.append(
+            orjson.dumps(
+                {"custom_id": f"emb-{i}", "method": "POST", "url": "/v1/embeddings",
+                 "body": {"model": model, "input": inp}}
+            )
+        )
+    return b"\n".join(out) + b"\n"
+
+
+def drop(cfg: Config, name: str, data: bytes) -> Path:
+    """Write elsewhere, then rename into inbox/ (the documented convention)."""
+    inbox = cfg.spool.dir / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.spool.dir / f".{name}.part"
+    tmp.write_bytes(data)
+    dest = inbox / name
+    os.replace(tmp, dest)
+    return dest
+
+
+async def run_once(cfg: Config, timeout: float = 60) -> Daemon:
+    """Run the daemon with --once semantics to completion."""
+    d = Daemon(cfg, once=True)
+    await asyncio.wait_for(d.run(), timeout)
+    return d
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Parse a JSONL file."""
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]

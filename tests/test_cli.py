@@ -1,0 +1,127 @@
+"""The command line, run as real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.conftest import KEY_ENV, Emulator, chat_lines, drop, make_config, run_once
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def batchd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchd", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )
+
+
+def test_validate_prints_file_line_code_and_exits_1(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(chat_lines(3))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(chat_lines(2) + b"{not json\n")
+    r = batchd("validate", str(good), str(bad))
+    assert r.returncode == 1
+    assert r.stdout.splitlines()[0].startswith(f"{bad}:3: invalid_json: ")
+    assert str(good) not in r.stdout
+    ok = batchd("validate", str(good))
+    assert ok.returncode == 0 and ok.stdout == ""
+
+
+def test_validate_missing_file(tmp_path: Path) -> None:
+    r = batchd("validate", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 1
+    assert "nope.jsonl:0: unreadable" in r.stdout
+
+
+def _write_config(tmp_path: Path, base_url: str, listen: str = "127.0.0.1:0") -> Path:
+    p = tmp_path / "batchd.toml"
+    p.write_text(
+        f'[api]\nbase_url = "{base_url}"\napi_key_env = "{KEY_ENV}"\n'
+        f'[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
+        f'[batch]\npoll_interval_seconds = 0.1\n[http]\nlisten = "{listen}"\n'
+    )
+    return p
+
+
+async def test_jobs_and_show(tmp_path: Path, emulator: Emulator) -> None:
+    cfg = make_config(tmp_path, emulator.url)
+    drop(cfg, "listed.jsonl", chat_lines(2))
+    await run_once(cfg)
+    conf = _write_config(tmp_path, emulator.url)
+    r = await asyncio.to_thread(batchd, "jobs", "--config", str(conf))
+    assert r.returncode == 0 and "listed" in r.stdout and "done" in r.stdout
+    js = orjson.loads((await asyncio.to_thread(batchd, "jobs", "--json", "-c", str(conf))).stdout)
+    job_id = js[0]["id"]
+    for ref in (job_id, job_id[:20], "listed"):
+        s = await asyncio.to_thread(batchd, "show", ref, "--config", str(conf))
+        assert s.returncode == 0, s.stderr
+        assert job_id in s.stdout and "batch_" in s.stdout and "collecting->done" in s.stdout
+    shown = orjson.loads((await asyncio.to_thread(batchd, "show", "listed", "--json",
+                                                  "-c", str(conf))).stdout)
+    assert shown["job"]["state"] == "done" and shown["attempts"][0]["batch_id"]
+    missing = await asyncio.to_thread(batchd, "show", "nothing", "-c", str(conf))
+    assert missing.returncode == 3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_sigterm_stops_gracefully_with_store_consistent(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    port = _free_port()
+    conf = _write_config(tmp_path, emulator.url, listen=f"127.0.0.1:{port}")
+    env = {**os.environ, KEY_ENV: "sk-test-0123456789abcdefSECRET"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd", "run", "--config", str(conf),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(400):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("daemon never became ready")
+            drop(make_config(tmp_path, emulator.url), "sig.jsonl", chat_lines(3))
+            for _ in range(400):
+                if emulator.state.batches_created:
+                    break
+                await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(proc.wait(), 10)
+        assert rc == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    _, err = await proc.communicate()
+    assert b"Traceback" not in err
+    assert b"0123456789abcdefSECRET" not in err  # the key never reaches a log line
+    db = sqlite3.connect(tmp_path / "batchd.db")
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()

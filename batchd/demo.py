@@ -13,6 +13,7 @@ from aiohttp import web
 from batchd import config, logs
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, EmulatorState, create_app
+from batchd.store import Store
 
 DEMO_KEY_ENV = "BATCHD_DEMO_API_KEY"
 
@@ -76,17 +77,19 @@ async def run_demo(workdir: Path | None = None) -> int:
         os.replace(staging, cfg.spool.dir / "inbox" / "requests.jsonl")
         print("dropped   inbox/requests.jsonl (8 chat requests, one made to fail)")
         seen: tuple[str, str | None] | None = None
-        while not task.done():
-            ctx = daemon.ctx
-            if ctx is not None:
-                for job in await ctx.store.jobs():
-                    atts = await ctx.store.attempts(job.id)
+        watcher = await Store.open(cfg.state.database)  # a reader of its own (WAL)
+        try:
+            while not task.done():
+                for job in await watcher.jobs():
+                    atts = await watcher.attempts(job.id)
                     now = (job.state.value, atts[-1].status if atts else None)
                     if now != seen:
                         seen = now
                         batch = f"  batch {atts[-1].batch_id}: {now[1]}" if now[1] else ""
                         print(f"job       {job.name}: {now[0]}{batch}")
-            await asyncio.wait({task}, timeout=0.1)
+                await asyncio.wait({task}, timeout=0.1)
+        finally:
+            await watcher.close()
         await task
     finally:
         await runner.cleanup()
@@ -101,6 +104,8 @@ async def run_demo(workdir: Path | None = None) -> int:
         if (done / "errors.jsonl").exists()
         else []
     )
+    status = orjson.loads((done / "job.json").read_bytes())["status"]
+    print(f"job       requests: {status}")
     print(f"results   {done}/")
     for f in sorted(done.iterdir()):
         print(f"          {f.name:14} {f.stat().st_size:>7} bytes")

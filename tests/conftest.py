@@ -82,8 +82,12 @@ def chat_lines(n: int, model: str = "gpt-4o-mini", fail: Iterable[int] = ()) -> 
             body["x_emulator"] = {"status": 400}
         out.append(
             orjson.dumps(
-                {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-                 "body": body}
+                {
+                    "custom_id": f"req-{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                }
             )
         )
     return b"\n".join(out) + b"\n"
@@ -96,8 +100,12 @@ def embedding_lines(n: int, model: str = "text-embedding-3-small") -> bytes:
         inp: Any = [f"a{i}", f"b{i}"] if i % 3 == 0 else f"text {i}"
         out.append(
             orjson.dumps(
-                {"custom_id": f"emb-{i}", "method": "POST", "url": "/v1/embeddings",
-                 "body": {"model": model, "input": inp}}
+                {
+                    "custom_id": f"emb-{i}",
+                    "method": "POST",
+                    "url": "/v1/embeddings",
+                    "body": {"model": model, "input": inp},
+                }
             )
         )
     return b"\n".join(out) + b"\n"

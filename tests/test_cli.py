@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def batchd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "batchd", *args],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
     )
 
 
@@ -68,8 +72,9 @@ async def test_jobs_and_show(tmp_path: Path, emulator: Emulator) -> None:
         s = await asyncio.to_thread(batchd, "show", ref, "--config", str(conf))
         assert s.returncode == 0, s.stderr
         assert job_id in s.stdout and "batch_" in s.stdout and "collecting->done" in s.stdout
-    shown = orjson.loads((await asyncio.to_thread(batchd, "show", "listed", "--json",
-                                                  "-c", str(conf))).stdout)
+    shown = orjson.loads(
+        (await asyncio.to_thread(batchd, "show", "listed", "--json", "-c", str(conf))).stdout
+    )
     assert shown["job"]["state"] == "done" and shown["attempts"][0]["batch_id"]
     missing = await asyncio.to_thread(batchd, "show", "nothing", "-c", str(conf))
     assert missing.returncode == 3
@@ -90,8 +95,16 @@ async def test_sigterm_stops_gracefully_with_store_consistent(
     conf = _write_config(tmp_path, emulator.url, listen=f"127.0.0.1:{port}")
     env = {**os.environ, KEY_ENV: "sk-test-0123456789abcdefSECRET"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd", "run", "--config", str(conf),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "batchd",
+        "run",
+        "--config",
+        str(conf),
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         async with aiohttp.ClientSession() as http:

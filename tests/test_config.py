@@ -84,7 +84,9 @@ def test_run_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     p = write(tmp_path, "[batch]\npoll_interval_seconds = 'fast'\n")
     r = subprocess.run(
         [sys.executable, "-m", "batchd", "run", "--config", str(p)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2
     assert "[batch] poll_interval_seconds" in r.stderr

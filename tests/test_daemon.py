@@ -118,7 +118,10 @@ async def test_ignored_names_stay_in_inbox(tmp_path: Path, emulator: Emulator) -
         (inbox / name).write_bytes(chat_lines(1))
     await run_once(cfg)
     assert sorted(p.name for p in inbox.iterdir()) == [
-        ".hidden.jsonl", "notes.txt", "x.jsonl.tmp", "y.jsonl.part"
+        ".hidden.jsonl",
+        "notes.txt",
+        "x.jsonl.tmp",
+        "y.jsonl.part",
     ]
     assert emulator.state.batches_created == 0
 

@@ -367,6 +367,15 @@ class Store:
             )
         await self._tx(stmts)
 
+    async def request_cancel(self, job_id: str) -> bool:
+        """Mark a live job for cancellation (the tracker acts on it); False if it has ended."""
+        job = await self.job(job_id)
+        if job.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+            return False
+        if not job.cancel_requested:
+            await self.update_job(job_id, "cancel_requested", None, cancel_requested=1)
+        return True
+
     async def add_event(self, job_id: str, kind: str, detail: Mapping[str, Any] | None) -> None:
         """Append an event without changing the job."""
         await self._tx([self._event(job_id, self._clock(), kind, None, None, detail)])

@@ -1,4 +1,7 @@
-"""aiohttp routes of the OpenAI Batch API emulator (``/v1/...`` plus ``/_emulator/stats``)."""
+"""aiohttp routes of the OpenAI Batch API emulator (``/v1/...`` plus ``/_emulator/stats``).
+
+Optional fault injection: :mod:`batchd.emulator.faults`; webhooks: :mod:`batchd.emulator.webhooks`.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from typing import Any
 
 import orjson
 from aiohttp import BodyPartReader, web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from batchd.emulator.faults import fault_middleware, truncate_at
 from batchd.emulator.lines import Json
 from batchd.emulator.state import PURPOSES, ApiError, EmulatorConfig, EmulatorState, new_id
+from batchd.emulator.webhooks import webhook_ctx
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 CHUNK = 256 * 1024
@@ -120,11 +125,15 @@ class _Routes:
         resp.content_length = f.bytes
         await resp.prepare(request)
         sent, start, rate = 0, time.monotonic(), self.state.config.bandwidth_bytes_per_s
+        cut = truncate_at(request, f.bytes)
         with f.path.open("rb") as fh:
-            while chunk := fh.read(_chunk_size(rate)):
+            while chunk := fh.read(_chunk_size(rate) if cut is None else cut - sent):
                 sent += len(chunk)
                 await _throttle(sent, start, rate)  # before writing: the client sees the pace
                 await resp.write(chunk)
+        if cut is not None and request.transport is not None:
+            request.transport.close()  # fault: Content-Length promised more than was sent
+            return resp
         await resp.write_eof()
         return resp
 
@@ -186,8 +195,13 @@ def create_app(state: EmulatorState) -> web.Application:
         ("POST", "/v1/batches/{id}/cancel", lambda q: st.batch_dict(st.cancel_batch(oid(q)))),
         ("GET", "/_emulator/stats", lambda q: st.stats()),
     ]
-    app = web.Application(middlewares=[api_middleware])
+    middlewares: list[Middleware] = [api_middleware]  # outermost: faults only after auth
+    if state.config.faults.enabled():
+        middlewares.append(fault_middleware(state.config.faults, state))
+    app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
+    if state.config.webhook_url:
+        app.cleanup_ctx.append(webhook_ctx(state))
     for method, path, fn in simple:
         app.router.add_route(method, path, _simple(fn))
     app.router.add_post("/v1/files", r.create_file)

@@ -55,6 +55,9 @@ def estimate_tokens(body: Json) -> int:
     return len(orjson.dumps(body)) // 4
 
 
+UNKNOWN_MODEL_PREFIX = "x-emulator-unknown"
+
+
 def _err(code: str, message: str, param: str | None = None, line: int | None = None) -> Json:
     return {"code": code, "message": message, "param": param, "line": line}
 
@@ -78,6 +81,9 @@ def _line_problem(
         return "duplicate_custom_id", "The custom_id for this request is a duplicate.", "custom_id"
     if model not in (None, obj["body"]["model"]):
         return "model_mismatch", f"The model does not match the batch model {model}.", "model"
+    if obj["body"]["model"].startswith(UNKNOWN_MODEL_PREFIX):  # test hook: server-side only
+        msg = f"The model '{obj['body']['model']}' does not exist or you do not have access to it."
+        return "model_not_found", msg, "model"
     return None
 
 

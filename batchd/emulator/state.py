@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from batchd.emulator.faults import FaultConfig
 from batchd.emulator.lines import Json, Parsed, Req, error_body, parse_input, response_body
 
 ENDPOINTS = tuple(
@@ -36,6 +37,7 @@ ENDPOINTS = tuple(
 PURPOSES = ("batch", "assistants", "vision", "fine-tune", "user_data", "evals")
 CANCELLABLE = ("validating", "in_progress", "finalizing")
 HOLDS_TOKENS = ("in_progress", "finalizing", "cancelling")
+TERMINAL = ("completed", "failed", "expired", "cancelled")
 TIMESTAMPS = tuple(
     f"{s}_at"
     for s in "in_progress finalizing completed failed expired cancelling cancelled".split()
@@ -81,6 +83,11 @@ class EmulatorConfig:
     expire_after_seconds: float | None = None  # in_progress longer than this -> expired
     max_file_bytes: int = 200 * 1024 * 1024  # POST /v1/files and uploads with purpose batch
     max_part_bytes: int = 64 * 1024 * 1024  # POST /v1/uploads/{id}/parts
+    faults: FaultConfig = field(default_factory=FaultConfig)  # see batchd.emulator.faults
+    webhook_url: str | None = None  # POST batch.<status> events here (batchd.emulator.webhooks)
+    webhook_secret: str | None = None  # "whsec_<base64>"; None = unsigned events
+    webhook_max_attempts: int = 5  # deliveries of one event before giving up
+    webhook_backoff_seconds: float = 0.05  # first retry delay, doubled on each retry
 
 
 @dataclass(eq=False)
@@ -211,6 +218,9 @@ class EmulatorState:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self.calls: Counter[str] = Counter()
+        self.fault_counts: Counter[str] = Counter()  # injected faults by knob name
+        self.webhook_counts: Counter[str] = Counter()  # attempts / delivered / failed
+        self.finished: list[Batch] = []  # newly terminal batches awaiting a webhook
         self.batches_created = 0
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="batchd-emu-") if not config.data_dir else None
@@ -407,9 +417,17 @@ class EmulatorState:
         return [self.batch_dict(b) for b in self._by_seq]
 
     def stats(self) -> Json:
-        """Counters served at ``GET /_emulator/stats``."""
+        """Counters served at ``GET /_emulator/stats``.
+
+        ``fault_counts`` (injected faults by knob) is present when a fault knob is on,
+        ``webhooks`` (attempts/delivered/failed) when ``webhook_url`` is set.
+        """
         by_status = dict(Counter(b["status"] for b in self.batches()))
         d = {"calls": dict(self.calls), "batches_created": self.batches_created}
+        if self.config.faults.enabled():
+            d["fault_counts"] = dict(self.fault_counts)
+        if self.config.webhook_url:
+            d["webhooks"] = dict(self.webhook_counts)
         return d | {"batches_by_status": by_status}
 
     def batch_dict(self, b: Batch) -> Json:
@@ -479,6 +497,8 @@ class EmulatorState:
             if version == b.version:
                 self._step(b, t)
                 self._schedule(b)
+                if b.status in TERMINAL and self.config.webhook_url:
+                    self.finished.append(b)
 
     def _step(self, b: Batch, t: float) -> None:
         if b.status == "validating":

@@ -20,13 +20,18 @@ def _address(raw: str) -> str | bytes:
 
 
 def notify(message: str) -> bool:
-    """Send one newline-separated KEY=VALUE message; False when not run by systemd."""
+    """Send newline-separated KEY=VALUE lines; False when not under systemd or undeliverable.
+
+    Never raises: a lost notification must not take the daemon down with it.
+    """
     raw = os.environ.get("NOTIFY_SOCKET")
-    if not raw or raw[0] not in "/@":  # vsock:// etc. is not something we are run with
+    if not raw or raw[0] not in "/@":  # vsock: and other transports are not supported
         return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(_address(raw))
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), _address(raw))
+    except OSError:
+        return False
     return True
 
 
@@ -56,10 +61,10 @@ def watchdog_interval() -> float | None:
     $WATCHDOG_PID, when set, must name this process: a child inheriting the
     environment must not ping on its parent's behalf.
     """
-    pid = os.environ.get("WATCHDOG_PID")
-    if pid is not None and pid != str(os.getpid()):
-        return None
     try:
+        pid = os.environ.get("WATCHDOG_PID")
+        if pid is not None and int(pid) != os.getpid():
+            return None
         usec = int(os.environ.get("WATCHDOG_USEC", ""))
     except ValueError:
         return None

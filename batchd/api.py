@@ -8,7 +8,6 @@ connection): the caller reconciles by metadata before creating again.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -246,6 +245,61 @@ class BatchApi:
 
         return await self._retrying(once, (Transient,))
 
+    async def upload(
+        self, path: Path, filename: str, threshold: int, part_bytes: int
+    ) -> dict[str, Any]:
+        """Upload with one multipart request, or with the Uploads API at/above `threshold`."""
+        size = path.stat().st_size
+        if size < threshold:
+            return await self.upload_file(path, filename)
+        return await self.upload_parts(path, filename, size, part_bytes)
+
+    async def upload_parts(
+        self, path: Path, filename: str, size: int, part_bytes: int
+    ) -> dict[str, Any]:
+        """Uploads API: create, send parts (each retried on its own), complete."""
+        body = {
+            "filename": filename,
+            "purpose": "batch",
+            "bytes": size,
+            "mime_type": "application/jsonl",
+        }
+        up = await self._retrying(
+            lambda: self._json("create_upload", "POST", "/uploads", json=body), (Transient,)
+        )
+        part_ids: list[str] = []
+        for offset in range(0, size, part_bytes):
+            length = min(part_bytes, size - offset)
+
+            async def send(offset: int = offset, length: int = length) -> dict[str, Any]:
+                form = aiohttp.FormData()
+                form.add_field(
+                    "data",
+                    _file_slice(path, offset, length),
+                    filename="part",
+                    content_type="application/octet-stream",
+                )
+                return await self._json(
+                    "upload_part", "POST", f"/uploads/{up['id']}/parts", data=form
+                )
+
+            part = await self._retrying(send, (Transient,))
+            self._metrics.uploaded_bytes.inc(length)
+            part_ids.append(part["id"])
+        done = await self._retrying(
+            lambda: self._json(
+                "complete_upload",
+                "POST",
+                f"/uploads/{up['id']}/complete",
+                json={"part_ids": part_ids},
+            ),
+            (Transient,),
+        )
+        file = done.get("file")
+        if not isinstance(file, dict) or "id" not in file:
+            raise Transient("complete_upload: no file in the completed upload")
+        return file
+
     async def delete_file(self, file_id: str) -> None:
         """Delete a file (best effort callers ignore NotFound)."""
         await self._retrying(
@@ -347,8 +401,14 @@ class BatchApi:
         return None
 
 
-async def sleep_backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> None:
-    """Sleep a jittered exponential backoff for stage-level retries."""
-    import random
-
-    await asyncio.sleep(random.uniform(0, min(cap, base * 2 ** min(attempt, 16))))
+async def _file_slice(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+    """Stream `length` bytes of a file from `offset` in 1 MiB chunks (never the whole part)."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            chunk = f.read(min(1 << 20, left))
+            if not chunk:
+                raise Transient(f"{path.name} shrank while uploading")
+            left -= len(chunk)
+            yield chunk

@@ -18,7 +18,7 @@ import orjson
 
 from batchd import __version__, jsonl, logs
 from batchd.config import Config, ConfigError, load
-from batchd.spool import SpoolLocked
+from batchd.spool import Spool, SpoolLocked
 from batchd.store import Job, Store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
@@ -161,14 +161,162 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- cancel / retry -------------------------------------------------------------------
+
+
+def _one_job(store_jobs: list[Job], ref: str) -> Job | None:
+    if len(store_jobs) == 1:
+        return store_jobs[0]
+    if not store_jobs:
+        print(f"batchd: no job matches {ref!r}", file=sys.stderr)
+    else:
+        print(f"batchd: {ref!r} matches {len(store_jobs)} jobs:", file=sys.stderr)
+        for j in store_jobs:
+            print(f"  {j.id}  {j.name}  {j.state.value}", file=sys.stderr)
+    return None
+
+
+def _daemon_running(cfg: Config) -> bool:
+    spool = Spool(cfg.spool.dir)
+    if not (spool.root / ".lock").exists():
+        return False
+    try:
+        spool.lock()
+    except SpoolLocked:
+        return True
+    spool.unlock()
+    return False
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a job's batches, wait for `cancelled`, collect partial results."""
+    from batchd.daemon import Daemon
+
+    cfg = _config(args)
+    logs.setup(cfg.log.level, "console")
+
+    async def go() -> int:
+        store = await _with_store(cfg)
+        try:
+            job = _one_job(await store.find_jobs(args.job), args.job)
+            if job is None:
+                return EXIT_NOT_FOUND
+            if not await store.request_cancel(job.id):
+                print(f"batchd: job {job.id} already ended ({job.state.value})", file=sys.stderr)
+                return EXIT_FAIL
+            print(f"cancelling {job.id} ({job.name})")
+            if not _daemon_running(cfg):  # drive it ourselves
+                await Daemon(cfg, once=True, serve_http=False).run()
+            deadline = asyncio.get_running_loop().time() + args.wait
+            while asyncio.get_running_loop().time() < deadline:
+                job = await store.job(job.id)
+                if job.state.value in ("done", "failed", "cancelled"):
+                    where = cfg.spool.dir / job.result_dir if job.result_dir else "-"
+                    print(
+                        f"{job.state.value}: {job.completed} completed, {job.failed} failed;"
+                        f" results in {where}"
+                    )
+                    return EXIT_OK
+                await asyncio.sleep(0.2)
+            print(f"batchd: still {job.state.value} after {args.wait}s", file=sys.stderr)
+            return EXIT_FAIL
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Resubmit a failed or cancelled job's unfinished requests as a new job."""
+    from batchd import pieces
+
+    cfg = _config(args)
+
+    async def go() -> int:
+        store = await _with_store(cfg)
+        try:
+            job = _one_job(await store.find_jobs(args.job), args.job)
+        finally:
+            await store.close()
+        if job is None:
+            return EXIT_NOT_FOUND
+        if job.state.value not in ("failed", "cancelled") or not job.result_dir:
+            print(
+                f"batchd: job {job.id} is {job.state.value}; only failed or cancelled jobs"
+                " can be retried",
+                file=sys.stderr,
+            )
+            return EXIT_FAIL
+        result = cfg.spool.dir / job.result_dir
+        done_ids: set[str] = set()
+        if (result / "output.jsonl").exists():
+            done_ids = pieces.read_outcome(result / "output.jsonl", None).succeeded
+        todo = set(pieces.custom_ids(result / "input.jsonl")) - done_ids
+        if not todo:
+            print(f"batchd: every request of {job.id} already succeeded", file=sys.stderr)
+            return EXIT_FAIL
+        spool = Spool(cfg.spool.dir)
+        spool.ensure()
+        name = f"{job.name}-retry"
+        tmp = spool.inbox / f".{name}.jsonl.part"
+        sub = pieces.write_subset(result / "input.jsonl", todo, tmp)
+        dest = _free_inbox_name(spool, name)
+        tmp.rename(dest)
+        print(f"resubmitted {sub.requests} unfinished request(s) of {job.id} as {dest}")
+        return EXIT_OK
+
+    return asyncio.run(go())
+
+
+def _free_inbox_name(spool: Spool, name: str) -> Path:
+    n = 1
+    while True:
+        p = spool.inbox / (f"{name}.jsonl" if n == 1 else f"{name}-{n}.jsonl")
+        if not p.exists():
+            return p
+        n += 1
+
+
 # --- emulator / demo ------------------------------------------------------------------
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     """Serve the built-in Batch API emulator until interrupted."""
-    from batchd.emulator import EmulatorConfig, serve
+    import binascii
 
-    cfg = EmulatorConfig(time_scale=args.time_scale, seed=args.seed)
+    from batchd.emulator import EmulatorConfig, serve
+    from batchd.emulator.faults import FaultConfig
+    from batchd.emulator.webhooks import secret_key
+
+    if args.webhook_secret is not None:
+        try:
+            if not args.webhook_secret.startswith("whsec_") or not secret_key(args.webhook_secret):
+                raise ValueError
+        except (ValueError, binascii.Error):
+            print("batchd: --webhook-secret must be whsec_<base64>", file=sys.stderr)
+            return EXIT_USAGE
+    faults = FaultConfig(
+        seed=args.fault_seed,
+        rate_limit=args.fault_rate_limit,
+        server_error=args.fault_server_error,
+        drop_connection=args.fault_drop,
+        slow=args.fault_slow,
+        slow_seconds=args.fault_slow_seconds,
+        ghost_create=args.fault_ghost_create,
+        truncated_download=args.fault_truncate,
+    )
+    cfg = EmulatorConfig(
+        time_scale=args.time_scale,
+        seed=args.seed,
+        api_key=args.api_key,
+        bandwidth_bytes_per_s=args.bandwidth_bytes_per_s,
+        output_pad_bytes=args.output_pad_bytes,
+        expire_after_seconds=args.expire_after_seconds,
+        token_limits=dict(args.token_limit),
+        faults=faults,
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
+    )
     print(f"batchd emulator on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
         asyncio.run(serve(args.host, args.port, cfg))
@@ -218,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_show)
 
+    c = with_config(sub.add_parser("cancel", help="cancel a job; collect partial results"))
+    c.add_argument("job", metavar="JOB", help="job id, unique id prefix, or NAME")
+    c.add_argument("--wait", type=float, default=900.0, help="seconds to wait (default 900)")
+    c.set_defaults(func=cmd_cancel)
+
+    rt = with_config(sub.add_parser("retry", help="resubmit a failed/cancelled job's rest"))
+    rt.add_argument("job", metavar="JOB", help="job id, unique id prefix, or NAME")
+    rt.set_defaults(func=cmd_retry)
+
     e = sub.add_parser("emulator", help="serve the built-in Batch API emulator")
     e.add_argument("--host", default="127.0.0.1")
     e.add_argument("--port", type=int, default=8787)
@@ -228,6 +385,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiply simulated durations (0.01 = 100x faster)",
     )
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--api-key", help="accept only this bearer token (default: any)")
+
+    def probability(v: str) -> float:
+        p = float(v)
+        if not 0.0 <= p <= 1.0:
+            raise argparse.ArgumentTypeError(f"{v} is not a probability in [0, 1]")
+        return p
+
+    def token_limit(v: str) -> tuple[str, int]:
+        model, _, n = v.rpartition("=")
+        if not model or not n.isdigit():
+            raise argparse.ArgumentTypeError(f"{v!r} is not MODEL=N")
+        return model, int(n)
+
+    for flag, what in (
+        ("rate-limit", "429 with Retry-After"),
+        ("server-error", "500/502/503"),
+        ("drop", "a connection closed without response"),
+        ("slow", "a response delayed by --fault-slow-seconds"),
+        ("ghost-create", "POST /v1/batches creating but losing the response"),
+        ("truncate", "a file download cut short"),
+    ):
+        e.add_argument(
+            f"--fault-{flag}", type=probability, default=0.0, metavar="P", help=f"P({what})"
+        )
+    e.add_argument("--fault-slow-seconds", type=float, default=0.5, metavar="S")
+    e.add_argument("--fault-seed", type=int, default=0, metavar="N", help="fault RNG seed")
+    e.add_argument("--bandwidth-bytes-per-s", type=float, metavar="B", help="throttle files")
+    e.add_argument("--output-pad-bytes", type=int, default=0, metavar="N", help="pad results")
+    e.add_argument("--expire-after-seconds", type=float, metavar="S", help="expire batches")
+    e.add_argument(
+        "--token-limit",
+        type=token_limit,
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="enqueued-token limit per model (repeatable)",
+    )
+    e.add_argument("--webhook-url", help="POST Standard Webhooks batch.* events here")
+    e.add_argument("--webhook-secret", metavar="whsec_...", help="sign webhooks with this")
     e.set_defaults(func=cmd_emulator)
 
     d = sub.add_parser("demo", help="show a file flowing inbox -> done against the emulator")

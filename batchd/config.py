@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -55,9 +58,34 @@ class BatchConfig:
     max_concurrent_submits: int = 4
 
 
+DEFAULT_MAX_UPLOAD_BYTES = 210 * 1024 * 1024  # above the API's 200 MB, so jsonl reports it
+HTTP_TOKEN_ENV = "BATCHD_HTTP_TOKEN"
+WEBHOOK_SECRET_ENV = "OPENAI_WEBHOOK_SECRET"
+
+
+def _read_secret(path: Path | None, key: str, env_name: str, env: Mapping[str, str]) -> str | None:
+    """A secret from `path` (stripped) or else the environment; None when neither is set."""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{key}: cannot read {path}: {e}") from None
+        if not text:
+            raise ConfigError(f"{key}: {path} is empty")
+        return text
+    return env.get(env_name, "").strip() or None
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     listen: str = "127.0.0.1:9464"
+    token_file: Path | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+
+    def token(self, env: Mapping[str, str] | None = None) -> str | None:
+        """Bearer token of the HTTP queue (`token_file`, else $BATCHD_HTTP_TOKEN); None = off."""
+        env = os.environ if env is None else env
+        return _read_secret(self.token_file, "[http] token_file", HTTP_TOKEN_ENV, env)
 
     @property
     def host(self) -> str:
@@ -71,9 +99,73 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class WebhooksConfig:
+    """[webhooks]: verify OpenAI's Standard Webhooks deliveries; poll slower meanwhile."""
+
+    secret_file: Path | None = None
+    poll_interval_seconds: float = 300.0
+
+    def secret(self, env: Mapping[str, str] | None = None) -> bytes | None:
+        """The HMAC key (base64 after `whsec_`) from `secret_file` or $OPENAI_WEBHOOK_SECRET."""
+        env = os.environ if env is None else env
+        key = "[webhooks] secret_file" if self.secret_file else WEBHOOK_SECRET_ENV
+        text = _read_secret(self.secret_file, key, WEBHOOK_SECRET_ENV, env)
+        if text is None:
+            return None
+        b64 = text.removeprefix("whsec_")
+        try:
+            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{key}: expected whsec_<base64>, got a malformed secret") from None
+        if not raw:
+            raise ConfigError(f"{key}: the secret is empty")
+        return raw
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # "json" | "console" | "auto" (console on a TTY, JSON otherwise)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: what one batch may hold; bigger jobs are split into pieces."""
+
+    max_requests_per_batch: int = 50_000
+    max_bytes_per_batch: int = 200_000_000
+    max_embedding_inputs_per_batch: int = 50_000
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """[upload]: when to use the Uploads API (parts) instead of one multipart request."""
+
+    uploads_api_threshold_bytes: int = 100_000_000
+    part_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """[retry]: follow-up attempts for expired or retryable failed requests."""
+
+    max_attempts_per_piece: int = 3
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """[admission]: per-model enqueued-token budgets (learned ones are added at run time)."""
+
+    token_budgets: Mapping[str, int] = field(default_factory=dict)
+    refusal_backoff_seconds: float = 30.0
+    max_refusal_backoff_seconds: float = 1800.0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """[output]: `order = "api"` keeps the API's order; "input" sorts by input line."""
+
+    order: str = "api"
 
 
 @dataclass(frozen=True)
@@ -83,7 +175,13 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     source: Path | None = None
 
 
@@ -107,8 +205,14 @@ _SECTIONS = {
         "poll_interval_seconds",
         "max_concurrent_submits",
     },
-    "http": {"listen"},
+    "http": {"listen", "token_file", "max_upload_bytes"},
+    "webhooks": {"secret_file", "poll_interval_seconds"},
     "log": {"level", "format"},
+    "limits": {"max_requests_per_batch", "max_bytes_per_batch", "max_embedding_inputs_per_batch"},
+    "upload": {"uploads_api_threshold_bytes", "part_bytes"},
+    "retry": {"max_attempts_per_piece"},
+    "admission": {"token_budgets", "refusal_backoff_seconds", "max_refusal_backoff_seconds"},
+    "output": {"order"},
 }
 
 
@@ -197,12 +301,75 @@ def _batch(t: Mapping[str, Any]) -> BatchConfig:
     )
 
 
-def _http(t: Mapping[str, Any]) -> HttpConfig:
+def _http(t: Mapping[str, Any], base: Path) -> HttpConfig:
     listen = _get(t, "http", "listen", str, "127.0.0.1:9464")
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f'[http] listen: expected "HOST:PORT", got {listen!r}')
-    return HttpConfig(listen=listen)
+    max_upload = _get(t, "http", "max_upload_bytes", int, DEFAULT_MAX_UPLOAD_BYTES)
+    return HttpConfig(
+        listen=listen,
+        token_file=_path(base, _get(t, "http", "token_file", str, None)),
+        max_upload_bytes=int(_positive("http", "max_upload_bytes", max_upload)),
+    )
+
+
+def _webhooks(t: Mapping[str, Any], base: Path) -> WebhooksConfig:
+    s = "webhooks"
+    return WebhooksConfig(
+        secret_file=_path(base, _get(t, s, "secret_file", str, None)),
+        poll_interval_seconds=_positive(
+            s, "poll_interval_seconds", _get(t, s, "poll_interval_seconds", float, 300.0)
+        ),
+    )
+
+
+def _int(t: Mapping[str, Any], section: str, key: str, default: int, lo: int, hi: int) -> int:
+    value = int(_get(t, section, key, int, default))
+    if not lo <= value <= hi:
+        raise ConfigError(f"[{section}] {key}: must be {lo}..{hi}, got {value}")
+    return value
+
+
+def _pieces(data: Mapping[str, Any]) -> dict[str, Any]:
+    lim, up = data.get("limits", {}), data.get("upload", {})
+    adm, out = data.get("admission", {}), data.get("output", {})
+    budgets = _get(adm, "admission", "token_budgets", dict, {})
+    for model, n in budgets.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigError(f"[admission] token_budgets.{model}: a positive integer, got {n!r}")
+    order = _get(out, "output", "order", str, "api")
+    if order not in ("api", "input"):
+        raise ConfigError(f'[output] order: "api" or "input", got {order!r}')
+    mb = 1_000_000
+    return {
+        "limits": LimitsConfig(
+            _int(lim, "limits", "max_requests_per_batch", 50_000, 1, 50_000),
+            _int(lim, "limits", "max_bytes_per_batch", 200 * mb, 1024, 200 * mb),
+            _int(lim, "limits", "max_embedding_inputs_per_batch", 50_000, 1, 50_000),
+        ),
+        "upload": UploadConfig(
+            _int(up, "upload", "uploads_api_threshold_bytes", 100 * mb, 1, 1 << 40),
+            _int(up, "upload", "part_bytes", 64 << 20, 1024, 64 << 20),
+        ),
+        "retry": RetryConfig(
+            _int(data.get("retry", {}), "retry", "max_attempts_per_piece", 3, 1, 100)
+        ),
+        "admission": AdmissionConfig(
+            dict(budgets),
+            _positive(
+                "admission",
+                "refusal_backoff_seconds",
+                _get(adm, "admission", "refusal_backoff_seconds", float, 30.0),
+            ),
+            _positive(
+                "admission",
+                "max_refusal_backoff_seconds",
+                _get(adm, "admission", "max_refusal_backoff_seconds", float, 1800.0),
+            ),
+        ),
+        "output": OutputConfig(order),
+    }
 
 
 def _log(t: Mapping[str, Any]) -> LogConfig:
@@ -227,8 +394,10 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         spool=SpoolConfig(dir=spool),
         state=StateConfig(database=db),
         batch=_batch(data.get("batch", {})),
-        http=_http(data.get("http", {})),
+        http=_http(data.get("http", {}), base),
+        webhooks=_webhooks(data.get("webhooks", {}), base),
         log=_log(data.get("log", {})),
+        **_pieces(data),
     )
 
 
@@ -248,4 +417,4 @@ def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = No
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
     cfg = parse(data, p.resolve().parent, env)
-    return Config(cfg.api, cfg.spool, cfg.state, cfg.batch, cfg.http, cfg.log, source=p)
+    return dataclasses.replace(cfg, source=p)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 
-from batchd import logs, watch
+from batchd import logs, sdnotify, watch
 from batchd.api import BatchApi
-from batchd.config import Config
+from batchd.config import Config, ConfigError, load
 from batchd.metrics import Metrics
 from batchd.spool import Spool
 from batchd.stages import Context, collect, submit, track
@@ -70,30 +71,83 @@ class Daemon:
         await self.stop_event.wait()
         raise _Stop
 
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog from the event loop, so a hung loop gets restarted."""
+        period = sdnotify.watchdog_interval()
+        if period is None:
+            return
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(period)
+
+    async def _status(self, ctx: Context) -> None:
+        """Keep `systemctl status` showing a one-line summary."""
+        while True:
+            counts = await ctx.store.count_by_state()
+            live = sum(n for s, n in counts.items() if s not in TERMINAL_JOB_STATES)
+            batches = len(await ctx.store.live_attempts())
+            sdnotify.status(
+                f"{live} job(s) in progress, {batches} batch(es) in flight, "
+                f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
+            )
+            await asyncio.sleep(5)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply log level/format, poll interval, metadata."""
+        ctx = self.ctx
+        try:
+            new = load(self.cfg.source) if self.cfg.source else None
+        except ConfigError as e:
+            self.log.error("reload_failed", error=str(e))
+            return
+        if new is None or ctx is None:
+            self.log.warning("reload_skipped", reason="no config file to re-read")
+            return
+        batch = dataclasses.replace(
+            ctx.cfg.batch,
+            poll_interval_seconds=new.batch.poll_interval_seconds,
+            metadata=new.batch.metadata,
+        )
+        self.cfg = ctx.cfg = dataclasses.replace(ctx.cfg, batch=batch, log=new.log)
+        logs.setup(new.log.level, new.log.format)
+        ctx.wake_track.set()
+        self.log.info(
+            "reloaded",
+            log_level=new.log.level,
+            poll_interval_seconds=batch.poll_interval_seconds,
+            metadata_keys=sorted(batch.metadata),
+        )
+
     def request_stop(self) -> None:
         """Ask the daemon to stop (signal handlers call this)."""
+        sdnotify.stopping()
         self.stop_event.set()
 
     async def run(self) -> int:
         """Run until stopped (or, with once=True, until idle). Returns an exit code."""
         cfg = self.cfg
+        # Read secrets before touching anything: a bad one is a config error (exit 2).
+        token = cfg.http.token() if self.serve_http else None
+        webhook_secret = cfg.webhooks.secret() if self.serve_http else None
         spool = Spool(cfg.spool.dir)
         spool.ensure()
         spool.lock()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         store = await Store.open(cfg.state.database, self.clock)
         runner: web.AppRunner | None = None
         try:
             async with BatchApi(cfg.api, cfg.api.api_key(), self.metrics) as api:
                 ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)
                 if self.serve_http:
-                    app = create_app(self.metrics, self._refresh_gauges)
+                    app = create_app(self.metrics, self._refresh_gauges, ctx, token, webhook_secret)
                     runner = web.AppRunner(app, access_log=None)
                     await runner.setup()
                     await web.TCPSite(runner, cfg.http.host, cfg.http.port).start()
                     app[READY]["ready"] = True
+                sdnotify.ready()
                 self.log.info(
                     "started",
                     spool=str(spool.root),
@@ -106,12 +160,14 @@ class Daemon:
                     tg.create_task(track.run(ctx), name="track")
                     tg.create_task(collect.run(ctx), name="collect")
                     tg.create_task(self._wait_stop(), name="stop")
+                    tg.create_task(self._watchdog(), name="watchdog")
+                    tg.create_task(self._status(ctx), name="status")
                     if self.once:
                         tg.create_task(self._idle_watch(ctx), name="idle")
         except* _Stop:
             pass
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             if runner is not None:
                 await runner.cleanup()

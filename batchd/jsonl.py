@@ -19,6 +19,7 @@ __all__ = [
     "Problem",
     "Summary",
     "Validator",
+    "count_embedding_inputs",
     "format_problem",
     "validate_path",
 ]
@@ -89,6 +90,12 @@ def _show(value: object) -> str:
     else:
         return f"a JSON {_json_type(value)}"
     return text if len(text) <= _SHOW else text[: _SHOW - 3] + "..."
+
+
+def count_embedding_inputs(request: dict[str, Any]) -> int:
+    """Embedding inputs of one request line (a string is 1, a list of strings its length)."""
+    body = request.get("body")
+    return _count_inputs(body.get("input")) if isinstance(body, dict) else 0
 
 
 def _count_inputs(value: object) -> int:

@@ -5,7 +5,14 @@ Labels are low-cardinality only: never a job id, batch id or file name.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 from batchd import __version__
 from batchd.states import BatchStatus, JobState
@@ -40,6 +47,8 @@ class Metrics:
         self.batches_ended = Counter(
             "batchd_batches_ended", "Batches seen ending, by final status", ["status"], registry=r
         )
+        for end in ("completed", "failed", "expired", "cancelled"):
+            self.batches_ended.labels(end)
         self.requests_completed = Counter(
             "batchd_requests_completed", "Requests that succeeded inside batches", registry=r
         )
@@ -71,6 +80,28 @@ class Metrics:
             registry=r,
         )
         self.retries = Counter("batchd_retries", "Retries by reason", ["reason"], registry=r)
+        for reason in (
+            "rate_limited",
+            "transient",
+            "create_unknown",
+            "token_limit",
+            "expired",
+            "request_failed",
+        ):
+            self.retries.labels(reason)
+        self.token_budget = Gauge(
+            "batchd_token_budget_tokens",
+            "Enqueued-token budget per model (configured or learned from a refusal)",
+            ["model"],
+            registry=r,
+        )
+        self.tokens_in_flight = Gauge(
+            "batchd_tokens_in_flight",
+            "Estimated prompt tokens of batches in flight, per model",
+            ["model"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)
         self.drop_to_created = Histogram(
             "batchd_drop_to_created_seconds",
             "Time from a file being claimed to its batch being created",

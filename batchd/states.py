@@ -76,3 +76,26 @@ TERMINAL_BATCH_STATUSES = frozenset(
 def is_terminal_status(status: str | None) -> bool:
     """True when a remote batch status will not change any more."""
     return status in TERMINAL_BATCH_STATUSES
+
+
+def desired_job_state(
+    current: JobState,
+    pieces_done: list[bool],
+    open_attempts: list[tuple[bool, str | None]],
+    cancel_requested: bool,
+) -> JobState:
+    """Where a submitted job belongs, from its pieces and open attempts.
+
+    `open_attempts` holds (has_batch, remote_status) for attempts not yet collected.
+    Only meaningful once a job has pieces (SUBMITTING, TRACKING, COLLECTING).
+    """
+    if current not in (JobState.SUBMITTING, JobState.TRACKING):
+        return current
+    if cancel_requested:
+        live = [a for a in open_attempts if a[0]]
+        return JobState.COLLECTING if not live else JobState.TRACKING
+    if pieces_done and all(pieces_done):
+        return JobState.COLLECTING
+    if any(not has_batch for has_batch, _ in open_attempts):
+        return JobState.SUBMITTING
+    return JobState.TRACKING

@@ -72,6 +72,30 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX events_job ON events(job_id, id);
     """,
+    # 2: pieces, per-attempt admission data, learned per-model token limits
+    """
+    CREATE TABLE pieces (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        idx INTEGER NOT NULL,
+        input_path TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        est_tokens INTEGER NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (job_id, idx)
+    );
+    ALTER TABLE attempts ADD COLUMN model TEXT;
+    ALTER TABLE attempts ADD COLUMN requests INTEGER;
+    ALTER TABLE attempts ADD COLUMN est_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN not_before REAL NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN abandoned INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN outcome TEXT;
+    CREATE TABLE model_limits (
+        model TEXT PRIMARY KEY,
+        token_limit INTEGER NOT NULL,
+        learned_at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -121,10 +145,34 @@ class Attempt:
     collected: bool
     created_at: float
     updated_at: float
+    model: str | None = None
+    requests: int | None = None
+    est_tokens: int = 0
+    not_before: float = 0.0
+    abandoned: bool = False
+    outcome: str | None = None  # after collection: "done", "resubmit", "requeue", "failed"
+
+    @property
+    def open(self) -> bool:
+        """Still needs work: not yet collected and not given up."""
+        return not self.collected and not self.abandoned
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of a job that fits one batch."""
+
+    job_id: str
+    idx: int
+    input_path: str
+    requests: int
+    bytes: int
+    est_tokens: int
+    done: bool
 
 
 @dataclass(frozen=True)
@@ -144,8 +192,9 @@ class Event:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+_Params = Sequence[Any] | Mapping[str, Any]
 _JSON_COLS = {"usage", "reason", "batch", "detail"}
-_BOOL_COLS = {"cancel_requested", "collected"}
+_BOOL_COLS = {"cancel_requested", "collected", "abandoned", "done"}
 
 
 def _load(row: aiosqlite.Row) -> dict[str, Any]:
@@ -387,21 +436,158 @@ class Store:
         ) as cur:
             return [Event(**_load(r)) for r in await cur.fetchall()]
 
+    # --- pieces -----------------------------------------------------------------------
+
+    async def validated(
+        self, job_id: str, pieces: Sequence[Piece], detail: Mapping[str, Any], **values: Any
+    ) -> None:
+        """Record a job's pieces and move it to SUBMITTING, in one transaction."""
+        job = await self.job(job_id)
+        check_transition(job.state, JobState.SUBMITTING)
+        now = self._clock()
+        stmts: list[tuple[str, _Params]] = [("DELETE FROM pieces WHERE job_id = ?", (job_id,))]
+        stmts += [
+            (
+                "INSERT INTO pieces (job_id, idx, input_path, requests, bytes, est_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, p.idx, p.input_path, p.requests, p.bytes, p.est_tokens),
+            )
+            for p in pieces
+        ]
+        vals = _dump({**values, "state": JobState.SUBMITTING.value, "updated_at": now})
+        stmts.append(
+            (
+                f"UPDATE jobs SET {', '.join(f'{k} = :{k}' for k in vals)} WHERE id = :_id",
+                {**vals, "_id": job_id},
+            )
+        )
+        stmts.append(
+            self._event(job_id, now, "validated", job.state, JobState.SUBMITTING.value, detail)
+        )
+        await self._tx(stmts)
+
+    async def pieces(self, job_id: str) -> list[Piece]:
+        """A job's pieces in order."""
+        async with self._db.execute(
+            "SELECT * FROM pieces WHERE job_id = ? ORDER BY idx", (job_id,)
+        ) as cur:
+            return [Piece(**_load(r)) for r in await cur.fetchall()]
+
     # --- attempts ---------------------------------------------------------------------
 
-    async def add_attempt(self, attempt_id: str, job_id: str, piece: int, input_path: str) -> None:
+    def _insert_attempt(self, a: Mapping[str, Any], now: float) -> list[tuple[str, _Params]]:
+        cols = [
+            "id",
+            "job_id",
+            "piece",
+            "input_path",
+            "model",
+            "requests",
+            "est_tokens",
+            "not_before",
+        ]
+        return [
+            (
+                f"INSERT INTO attempts ({', '.join(cols)}, created_at, updated_at)"
+                f" VALUES ({', '.join('?' * len(cols))}, ?, ?)",
+                (
+                    *[a.get(c, 0 if c in ("est_tokens", "not_before") else None) for c in cols],
+                    now,
+                    now,
+                ),
+            ),
+            self._event(
+                a["job_id"],
+                now,
+                "attempt",
+                None,
+                None,
+                {"attempt": a["id"], "piece": a["piece"], "requests": a.get("requests")},
+            ),
+        ]
+
+    async def add_attempt(
+        self, attempt_id: str, job_id: str, piece: int, input_path: str, **extra: Any
+    ) -> None:
         """Record an attempt before anything is sent for it."""
+        a = {"id": attempt_id, "job_id": job_id, "piece": piece, "input_path": input_path, **extra}
+        await self._tx(self._insert_attempt(a, self._clock()))
+
+    async def settle_attempt(
+        self,
+        attempt_id: str,
+        outcome: str,
+        batch: Mapping[str, Any] | None,
+        next_attempt: Mapping[str, Any] | None = None,
+        piece_done: bool = False,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Mark an ended attempt collected with its outcome, and in the same transaction
+        either queue the next attempt for its piece or mark the piece done."""
+        att = await self.attempt(attempt_id)
         now = self._clock()
+        stmts: list[tuple[str, _Params]] = [
+            (
+                "UPDATE attempts SET collected = 1, outcome = ?, batch = COALESCE(?, batch),"
+                " updated_at = ? WHERE id = ?",
+                (outcome, orjson.dumps(batch).decode() if batch else None, now, attempt_id),
+            ),
+            self._event(
+                att.job_id,
+                now,
+                "attempt_settled",
+                None,
+                None,
+                {"attempt": attempt_id, "outcome": outcome, **(detail or {})},
+            ),
+        ]
+        if next_attempt is not None:
+            stmts += self._insert_attempt(next_attempt, now)
+        if piece_done:
+            stmts.append(
+                ("UPDATE pieces SET done = 1 WHERE job_id = ? AND idx = ?", (att.job_id, att.piece))
+            )
+        await self._tx(stmts)
+
+    async def pending_attempts(self) -> list[Attempt]:
+        """Open attempts with no batch yet, across all jobs (for admission), oldest first."""
+        async with self._db.execute(
+            "SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.batch_id IS NULL"
+            " AND a.collected = 0 AND a.abandoned = 0 AND j.state IN ('submitting', 'tracking')"
+            " AND j.cancel_requested = 0 ORDER BY a.created_at, a.id"
+        ) as cur:
+            return [Attempt(**_load(r)) for r in await cur.fetchall()]
+
+    async def ended_attempts(self) -> list[Attempt]:
+        """Attempts whose batch reached a terminal status but are not collected yet."""
+        terminal = [st.value for st in TERMINAL_BATCH_STATUSES]
+        async with self._db.execute(
+            "SELECT * FROM attempts WHERE batch_id IS NOT NULL AND collected = 0"
+            f" AND abandoned = 0 AND status IN ({','.join('?' * len(terminal))})"
+            " ORDER BY updated_at",
+            terminal,
+        ) as cur:
+            return [Attempt(**_load(r)) for r in await cur.fetchall()]
+
+    # --- learned limits ---------------------------------------------------------------
+
+    async def learn_limit(self, model: str, limit: int) -> None:
+        """Remember the enqueued-token limit an API error stated for a model."""
         await self._tx(
             [
                 (
-                    "INSERT INTO attempts (id, job_id, piece, input_path, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (attempt_id, job_id, piece, input_path, now, now),
-                ),
-                self._event(job_id, now, "attempt", None, None, {"attempt": attempt_id}),
+                    "INSERT INTO model_limits (model, token_limit, learned_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT(model) DO UPDATE SET token_limit = excluded.token_limit,"
+                    " learned_at = excluded.learned_at",
+                    (model, limit, self._clock()),
+                )
             ]
         )
+
+    async def learned_limits(self) -> dict[str, int]:
+        """Every learned per-model token limit."""
+        async with self._db.execute("SELECT model, token_limit FROM model_limits") as cur:
+            return {r[0]: int(r[1]) for r in await cur.fetchall()}
 
     async def update_attempt(
         self, attempt_id: str, event: str | None = None, **values: Any

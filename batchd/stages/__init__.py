@@ -16,6 +16,7 @@ from batchd.api import BatchApi
 from batchd.config import Config
 from batchd.metrics import Metrics
 from batchd.spool import Spool
+from batchd.states import JobState, desired_job_state
 from batchd.store import Store
 
 
@@ -36,6 +37,10 @@ class Context:
     wake_collect: asyncio.Event = field(default_factory=asyncio.Event)
     # Serialises result-dir naming and publishing so two jobs never pick one NAME.
     publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Batch ids a verified webhook says have ended; the tracker drains this set in
+    # place (pop/discard) and refreshes them at once. webhooks_enabled = route mounted.
+    webhook_batches: set[str] = field(default_factory=set)
+    webhooks_enabled: bool = False
 
 
 async def wait_for(event: asyncio.Event, timeout: float) -> None:
@@ -45,3 +50,22 @@ async def wait_for(event: asyncio.Event, timeout: float) -> None:
     except TimeoutError:
         pass
     event.clear()
+
+
+async def sync_job(ctx: Context, job_id: str) -> None:
+    """Move a submitted job to the state its pieces and attempts call for."""
+    job = await ctx.store.job(job_id)
+    pieces = await ctx.store.pieces(job_id)
+    atts = [a for a in await ctx.store.attempts(job_id) if a.open]
+    new = desired_job_state(
+        job.state,
+        [p.done for p in pieces],
+        [(a.batch_id is not None, a.status) for a in atts],
+        job.cancel_requested,
+    )
+    if new != job.state:
+        await ctx.store.transition(job_id, new)
+        if new == JobState.COLLECTING:
+            ctx.wake_collect.set()
+        elif new == JobState.SUBMITTING:
+            ctx.wake_submit.set()

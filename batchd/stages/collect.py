@@ -1,16 +1,23 @@
-"""Collect stage: download results of ended batches and publish done/NAME or failed/NAME."""
+"""Collect stage: settle ended attempts (download their results; resubmit what can be
+retried; requeue a token-limit refusal), then merge a finished job's results and
+publish done/NAME or failed/NAME.
+"""
 
 from __future__ import annotations
 
-import os
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Any
 
-from batchd.api import ApiError, InvalidRequest
+from ulid import ULID
+
+from batchd import pieces
+from batchd.admission import limit_from_message
+from batchd.api import ApiError, InvalidRequest, NotFound
 from batchd.spool import write_json
-from batchd.stages import Context, wait_for
-from batchd.states import JobState
+from batchd.stages import Context, sync_job, wait_for
+from batchd.states import JobState, is_terminal_status
 from batchd.store import Attempt, Job
 
 _USAGE_KEYS = (
@@ -45,13 +52,7 @@ def sum_usage(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _counts(batches: list[dict[str, Any]]) -> dict[str, int]:
-    out = {"total": 0, "completed": 0, "failed": 0}
-    for b in batches:
-        rc = b.get("request_counts") or {}
-        for k in out:
-            out[k] += int(rc.get(k) or 0)
-    return out
+# --- publishing -----------------------------------------------------------------------
 
 
 async def publish(
@@ -67,27 +68,22 @@ async def publish(
         job = await store.job(job.id)
         if job.state == new_state:
             return
-        if job.result_dir and not (spool.processing / f"{job.id}.d").exists():
-            if spool.path(job.result_dir).exists():  # published before a crash
-                await _end(ctx, job, new_state, files)
-                return
-        staging = spool.staging(job.id)
-        for fname, obj in files.items():
-            write_json(staging / fname, obj)
-        spool.adopt_input(job.input_path, staging)
-        result_dir = job.result_dir
-        if result_dir is None or not result_dir.startswith(kind + "/"):
-            taken = {j.result_dir for j in await store.jobs() if j.result_dir}
-            result_dir = spool.choose_result_dir(kind, job.name, taken)
-            await store.update_job(job.id, result_dir=result_dir)
-        spool.publish(job.id, result_dir)
-        job = await store.job(job.id)
-        await _end(ctx, job, new_state, files)
-
-
-async def _end(ctx: Context, job: Job, new_state: JobState, files: dict[str, Any]) -> None:
-    detail = {"result_dir": job.result_dir}
-    await ctx.store.transition(job.id, new_state, str(new_state), detail)
+        published = job.result_dir and spool.path(job.result_dir).exists()
+        if not (published and not (spool.processing / f"{job.id}.d").exists()):
+            staging = spool.staging(job.id)
+            for fname, obj in files.items():
+                write_json(staging / fname, obj)
+            spool.adopt_input(job.input_path, staging)
+            result_dir = job.result_dir
+            if result_dir is None or not result_dir.startswith(kind + "/"):
+                taken = {j.result_dir for j in await store.jobs() if j.result_dir}
+                result_dir = spool.choose_result_dir(kind, job.name, taken)
+                await store.update_job(job.id, result_dir=result_dir)
+            spool.publish(job.id, result_dir)
+            job = await store.job(job.id)
+        for extra in (f"{job.id}.pieces", f"{job.id}.parts"):
+            shutil.rmtree(spool.processing / extra, ignore_errors=True)
+        await store.transition(job.id, new_state, str(new_state), {"result_dir": job.result_dir})
     ctx.metrics.jobs_finished.labels(new_state.value).inc()
     ctx.log.info(
         "job_finished",
@@ -101,31 +97,33 @@ async def _end(ctx: Context, job: Job, new_state: JobState, files: dict[str, Any
 async def fail_job(ctx: Context, job: Job, report: dict[str, Any]) -> None:
     """End a job in failed/NAME/ with `report` as report.json (and its input)."""
     report = {"job_id": job.id, "name": job.name, **report}
+    await _cancel_live(ctx, job.id)
     await ctx.store.update_job(job.id, "failing", {"reason": report.get("reason")}, reason=report)
     ctx.log.warning("job_failed", job_id=job.id, name=job.name, reason=report.get("reason"))
     await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report})
 
 
-def _concat(parts: list[Path], dest: Path) -> int:
-    """Concatenate downloaded parts into `dest` (temp, fsync, rename); returns bytes."""
-    if len(parts) == 1:
-        parts[0].replace(dest)
-        return dest.stat().st_size
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with tmp.open("wb") as out:
-        for p in parts:
-            with p.open("rb") as f:
-                shutil.copyfileobj(f, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(dest)
-    for p in parts:
-        p.unlink()
-    return dest.stat().st_size
+async def _cancel_live(ctx: Context, job_id: str) -> None:
+    """Best effort: cancel a job's batches still running remotely."""
+    for a in await ctx.store.attempts(job_id):
+        if a.batch_id and a.open and not is_terminal_status(a.status) and a.status != "cancelling":
+            try:
+                await ctx.api.cancel_batch(a.batch_id)
+            except ApiError as e:
+                ctx.log.warning("cancel_failed", job_id=job_id, batch_id=a.batch_id, error=str(e))
 
 
-async def _download_attempt(ctx: Context, att: Attempt, staging: Path) -> dict[str, Any]:
-    """Download one ended attempt's output and error files; returns the final batch."""
+# --- settling one ended attempt -------------------------------------------------------
+
+
+def _parts(ctx: Context, job_id: str) -> Path:
+    d = ctx.spool.processing / f"{job_id}.parts"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
+    """Download an ended attempt's output and error files; returns the final batch."""
     batch = att.batch or {}
     assert att.batch_id is not None
     rc = batch.get("request_counts") or {}
@@ -137,56 +135,154 @@ async def _download_attempt(ctx: Context, att: Attempt, staging: Path) -> dict[s
     for key, suffix in (("output_file_id", "output"), ("error_file_id", "errors")):
         file_id = batch.get(key)
         if file_id:
-            await ctx.api.download(file_id, staging / f"{att.id}.{suffix}.jsonl")
-    await ctx.store.update_attempt(att.id, "downloaded", collected=1, batch=batch)
+            await ctx.api.download(file_id, parts / f"{att.id}.{suffix}.jsonl")
     return batch
 
 
-async def collect(ctx: Context, job: Job) -> None:
-    """Bring a job whose batches all ended to done/, failed/ or cancelled."""
-    attempts = [a for a in await ctx.store.attempts(job.id) if a.batch_id]
-    staging = ctx.spool.staging(job.id)
-    batches = []
-    for att in attempts:
-        if att.collected:
-            batches.append(att.batch or {})
-        else:
-            batches.append(await _download_attempt(ctx, att, staging))
-    last = batches[-1] if batches else {}
-    status = last.get("status")
+async def _requeue_refused(ctx: Context, att: Attempt, batch: dict[str, Any], msg: str) -> None:
+    """A token_limit_exceeded refusal: learn the limit, back off, queue the piece again."""
+    refusals = (
+        sum(
+            1
+            for a in await ctx.store.attempts(att.job_id)
+            if a.piece == att.piece and a.outcome == "requeue"
+        )
+        + 1
+    )
+    limit = limit_from_message(msg)
+    if limit and att.model:
+        await ctx.store.learn_limit(att.model, limit)
+    adm = ctx.cfg.admission
+    delay = min(adm.max_refusal_backoff_seconds, adm.refusal_backoff_seconds * 2 ** (refusals - 1))
+    ctx.metrics.retries.labels("token_limit").inc()
+    ctx.log.warning(
+        "token_limit_refused",
+        job_id=att.job_id,
+        piece=att.piece,
+        model=att.model,
+        limit=limit,
+        retry_in=delay,
+    )
+    nxt = {
+        "id": str(ULID()),
+        "job_id": att.job_id,
+        "piece": att.piece,
+        "input_path": att.input_path,
+        "model": att.model,
+        "requests": att.requests,
+        "est_tokens": att.est_tokens,
+        "not_before": ctx.clock() + delay,
+    }
+    await ctx.store.settle_attempt(att.id, "requeue", batch, nxt, detail={"limit": limit})
+
+
+async def settle(ctx: Context, att: Attempt) -> None:
+    """Download an ended attempt's results and decide what comes next for its piece."""
+    job = await ctx.store.job(att.job_id)
+    parts = _parts(ctx, job.id)
+    batch = await _download(ctx, att, parts)
+    status = batch.get("status")
     if status == "failed":
-        errors = (last.get("errors") or {}).get("data") or []
+        errors = (batch.get("errors") or {}).get("data") or []
+        if errors and errors[0].get("code") == "token_limit_exceeded" and not job.cancel_requested:
+            await _requeue_refused(ctx, att, batch, str(errors[0].get("message") or ""))
+            await sync_job(ctx, job.id)
+            return
+        await ctx.store.settle_attempt(att.id, "failed", batch, piece_done=True)
         await fail_job(
             ctx,
             job,
             {
                 "reason": "batch_failed",
                 "message": "the Batch API rejected the batch",
-                "batch_id": last.get("id"),
+                "batch_id": batch.get("id"),
+                "piece": att.piece,
                 "errors": errors,
             },
         )
         return
-    outputs = []
-    for kind in ("output", "errors"):
-        parts = [staging / f"{a.id}.{kind}.jsonl" for a in attempts]
-        parts = [p for p in parts if p.exists()]
-        dest = staging / f"{kind}.jsonl"
-        if parts:
-            _concat(parts, dest)
-        elif kind == "output" and not dest.exists():
-            dest.touch()
-        outputs.append(dest)
-    counts = _counts(batches)
-    usage = sum_usage(batches)
-    new_state = JobState.CANCELLED if status == "cancelled" else JobState.DONE
-    await ctx.store.update_job(
-        job.id, completed=counts["completed"], failed=counts["failed"], usage=usage
+    out_f, err_f = parts / f"{att.id}.output.jsonl", parts / f"{att.id}.errors.jsonl"
+    outcome = await asyncio.to_thread(pieces.read_outcome, out_f, err_f)
+    asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path)))
+    missing = asked - outcome.succeeded - outcome.retryable - outcome.failed
+    tries = sum(
+        1
+        for a in await ctx.store.attempts(job.id)
+        if a.piece == att.piece and a.outcome != "requeue"
     )
-    job = await ctx.store.job(job.id)
+    again = (outcome.retryable | missing) & asked
+    stop = job.cancel_requested or status == "cancelled"
+    if again and not stop and tries < ctx.cfg.retry.max_attempts_per_piece:
+        nxt_id = str(ULID())
+        sub = await asyncio.to_thread(
+            pieces.write_subset,
+            ctx.spool.path(att.input_path),
+            again,
+            parts / f"{nxt_id}.input.jsonl",
+        )
+        if err_f.exists():  # those errors are superseded by the next attempt's results
+            await asyncio.to_thread(pieces.filter_lines, err_f, err_f, again)
+        ctx.metrics.retries.labels("expired" if status == "expired" else "request_failed").inc(
+            len(again)
+        )
+        nxt = {
+            "id": nxt_id,
+            "job_id": job.id,
+            "piece": att.piece,
+            "input_path": str(sub.path.relative_to(ctx.spool.root)),
+            "model": att.model,
+            "requests": sub.requests,
+            "est_tokens": sub.est_tokens,
+        }
+        await ctx.store.settle_attempt(
+            att.id, "resubmit", batch, nxt, detail={"resubmitted": len(again)}
+        )
+    else:
+        if missing and not stop:
+            with (parts / f"{att.id}.missing.jsonl").open("wb") as f:
+                f.write(pieces.missing_lines(sorted(missing), "no result from the Batch API"))
+        await ctx.store.settle_attempt(att.id, str(status), batch, piece_done=True)
+    await sync_job(ctx, job.id)
+
+
+# --- finishing a job ------------------------------------------------------------------
+
+
+async def finish(ctx: Context, job: Job) -> None:
+    """Merge every attempt's results into done/NAME/ and end the job."""
+    atts = [a for a in await ctx.store.attempts(job.id) if a.batch_id and a.collected]
+    parts = _parts(ctx, job.id)
+    staging = ctx.spool.staging(job.id)
+    outs = [p for a in atts if (p := parts / f"{a.id}.output.jsonl").exists()]
+    errs = [
+        p
+        for a in atts
+        for k in ("errors", "missing")
+        if (p := parts / f"{a.id}.{k}.jsonl").exists()
+    ]
+    await asyncio.to_thread(pieces.concat, outs, staging / "output.jsonl")
+    if ctx.cfg.output.order == "input":
+        order = await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(job.input_path))
+        await asyncio.to_thread(
+            pieces.reorder, staging / "output.jsonl", order, staging / "output.jsonl"
+        )
+    if errs:
+        await asyncio.to_thread(pieces.concat, errs, staging / "errors.jsonl")
+        if (staging / "errors.jsonl").stat().st_size == 0:
+            (staging / "errors.jsonl").unlink()
+    batches = [a.batch or {} for a in atts]
+    completed = sum(1 for _ in pieces.iter_lines(staging / "output.jsonl"))
+    failed = (
+        sum(1 for _ in pieces.iter_lines(staging / "errors.jsonl"))
+        if (staging / "errors.jsonl").exists()
+        else 0
+    )
+    usage = sum_usage(batches)
+    new_state = JobState.CANCELLED if job.cancel_requested else JobState.DONE
+    await ctx.store.update_job(job.id, completed=completed, failed=failed, usage=usage)
     m = ctx.metrics
-    m.requests_completed.inc(counts["completed"])
-    m.requests_failed.inc(counts["failed"])
+    m.requests_completed.inc(completed)
+    m.requests_failed.inc(failed)
     m.tokens.labels("input").inc(usage["input_tokens"])
     m.tokens.labels("cached").inc(usage["input_tokens_details"]["cached_tokens"])
     m.tokens.labels("output").inc(usage["output_tokens"])
@@ -194,15 +290,17 @@ async def collect(ctx: Context, job: Job) -> None:
     created = [float(b["created_at"]) for b in batches if b.get("created_at")]
     if created:
         m.created_to_results.observe(max(0.0, ctx.clock() - min(created)))
+    statuses = [b.get("status") for b in batches]
     info = {
         "job_id": job.id,
         "name": job.name,
         "status": str(new_state),
-        "batch_status": status,
-        "batch_ids": [a.batch_id for a in attempts],
+        "batch_status": statuses[-1] if len(set(statuses)) == 1 else "mixed",
+        "batch_ids": [a.batch_id for a in atts],
+        "pieces": len(await ctx.store.pieces(job.id)),
         "endpoint": job.endpoint,
         "model": job.model,
-        "request_counts": counts,
+        "request_counts": {"total": job.requests or 0, "completed": completed, "failed": failed},
         "usage": usage,
         "sha256": job.sha256,
         "timestamps": {
@@ -213,6 +311,7 @@ async def collect(ctx: Context, job: Job) -> None:
                     k: b.get(k)
                     for k in (
                         "id",
+                        "status",
                         "created_at",
                         "completed_at",
                         "expired_at",
@@ -227,17 +326,54 @@ async def collect(ctx: Context, job: Job) -> None:
     await publish(ctx, job, "done", new_state, {"job.json": info})
 
 
-async def run(ctx: Context, stop_when_idle: bool = False) -> None:
-    """Loop: collect every job in COLLECTING; woken by the tracker."""
+# --- cancellation ---------------------------------------------------------------------
+
+
+async def cancel_requested(ctx: Context) -> None:
+    """Act on `batchd cancel`: cancel remote batches, drop attempts not yet created."""
+    for job in await ctx.store.jobs([JobState.SUBMITTING, JobState.TRACKING]):
+        if not job.cancel_requested:
+            continue
+        for a in await ctx.store.attempts(job.id):
+            if a.open and a.batch_id is None:
+                found = None
+                if a.create_sent_at is not None:
+                    found = await ctx.api.find_batch(a.id, not_before=a.create_sent_at - 600)
+                if found:
+                    await ctx.store.update_attempt(
+                        a.id,
+                        "adopted",
+                        batch_id=found["id"],
+                        status=found.get("status"),
+                        batch=found,
+                    )
+                else:
+                    await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
+        await _cancel_live(ctx, job.id)
+        await sync_job(ctx, job.id)
+
+
+async def run(ctx: Context) -> None:
+    """Loop: settle ended attempts, act on cancels, finish jobs whose pieces are all done."""
     while True:
+        try:
+            await cancel_requested(ctx)
+        except ApiError as e:
+            ctx.log.warning("cancel_retry", error=str(e))
+        for att in await ctx.store.ended_attempts():
+            try:
+                await settle(ctx, att)
+            except (NotFound, InvalidRequest) as e:
+                job = await ctx.store.job(att.job_id)
+                await fail_job(ctx, job, {"reason": "download_failed", **e.to_dict()})
+            except (ApiError, OSError) as e:
+                ctx.log.warning("collect_retry", job_id=att.job_id, error=str(e))
         for job in await ctx.store.jobs([JobState.COLLECTING]):
             try:
                 if job.reason and job.result_dir and job.result_dir.startswith("failed/"):
                     await publish(ctx, job, "failed", JobState.FAILED, {"report.json": job.reason})
                 else:
-                    await collect(ctx, job)
-            except InvalidRequest as e:
-                await fail_job(ctx, job, {"reason": "download_failed", **e.to_dict()})
+                    await finish(ctx, job)
             except (ApiError, OSError) as e:
-                ctx.log.warning("collect_retry", job_id=job.id, error=str(e))
+                ctx.log.warning("finish_retry", job_id=job.id, error=str(e))
         await wait_for(ctx.wake_collect, ctx.cfg.batch.poll_interval_seconds)

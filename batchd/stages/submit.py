@@ -1,4 +1,5 @@
-"""Submit stage: validate a claimed file, upload it, create its batch (idempotently).
+"""Submit stage: validate a claimed file, split it into pieces, and create one batch per
+piece attempt as token admission allows (upload, then an idempotent create).
 
 An attempt's id is recorded before anything is sent and travels in the batch
 metadata, so when a create's outcome is unknown (timeout, 5xx, crash) the stage
@@ -11,27 +12,29 @@ import asyncio
 import hashlib
 import os
 import stat
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from ulid import ULID
 
-from batchd import jsonl
+from batchd import jsonl, pieces
+from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Transient
-from batchd.stages import Context, wait_for
+from batchd.stages import Context, sync_job, wait_for
 from batchd.stages.collect import fail_job, publish
 from batchd.states import JobState
-from batchd.store import Attempt, Job
+from batchd.store import Attempt, Job, Piece
 
 JOB_KEY = "batchd_job"
-_LIVE = (JobState.QUEUED, JobState.VALIDATING, JobState.SUBMITTING)
+_UNBOUNDED = jsonl.Limits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
 
 
 def _validate(path: Path) -> tuple[jsonl.Summary, str]:
     """Validate and hash in one streaming pass; never follows a symlink."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        v = jsonl.Validator()
+        v = jsonl.Validator(_UNBOUNDED)
         h = hashlib.sha256()
         while chunk := f.read(1 << 20):
             v.feed(chunk)
@@ -51,44 +54,81 @@ def _not_regular(path: Path) -> str | None:
     return None
 
 
+async def _reject(ctx: Context, job: Job, problems: list[dict[str, Any]]) -> None:
+    first = problems[0]
+    await fail_job(
+        ctx,
+        job,
+        {
+            "reason": "invalid_input",
+            "message": f"{len(problems)} problem(s); first: line {first['line']}: "
+            f"{first['code']}: {first['message']}",
+            "problems": problems,
+        },
+    )
+
+
 async def _validate_job(ctx: Context, job: Job) -> None:
     path = ctx.spool.path(job.input_path)
     why = _not_regular(path)
     if why:
-        problem = {"line": 0, "code": "not_a_file", "message": why}
-        await fail_job(ctx, job, {"reason": "invalid_input", "message": why, "problems": [problem]})
+        await _reject(ctx, job, [{"line": 0, "code": "not_a_file", "message": why}])
         return
     try:
         summary, sha = await asyncio.to_thread(_validate, path)
     except OSError as e:
-        problem = {"line": 0, "code": "unreadable", "message": e.strerror or str(e)}
-        await fail_job(
-            ctx,
-            job,
-            {"reason": "invalid_input", "message": str(problem["message"]), "problems": [problem]},
-        )
+        msg = e.strerror or str(e)
+        await _reject(ctx, job, [{"line": 0, "code": "unreadable", "message": msg}])
         return
     if not summary.ok:
         ctx.metrics.validation_failures.inc()
-        problems = [
-            {"line": p.line, "code": p.code, "message": p.message} for p in summary.problems
-        ]
-        await fail_job(
+        await _reject(
             ctx,
             job,
-            {
-                "reason": "invalid_input",
-                "message": f"{len(problems)} problem(s); first: line {problems[0]['line']}: "
-                f"{problems[0]['code']}: {problems[0]['message']}",
-                "problems": problems,
-            },
+            [{"line": p.line, "code": p.code, "message": p.message} for p in summary.problems],
         )
         return
-    await ctx.store.transition(
+    lim = ctx.cfg.limits
+    piece_limits = jsonl.Limits(
+        lim.max_requests_per_batch, lim.max_bytes_per_batch, lim.max_embedding_inputs_per_batch
+    )
+    if (
+        summary.requests <= piece_limits.max_requests
+        and summary.bytes <= piece_limits.max_bytes
+        and summary.embedding_inputs <= piece_limits.max_embedding_inputs
+    ):
+        rows = [
+            Piece(
+                job.id,
+                0,
+                job.input_path,
+                summary.requests,
+                summary.bytes,
+                summary.est_tokens,
+                False,
+            )
+        ]
+    else:
+        out_dir = ctx.spool.processing / f"{job.id}.pieces"
+        files = await asyncio.to_thread(
+            pieces.split, path, out_dir, piece_limits, summary.endpoint == "/v1/embeddings"
+        )
+        rows = [
+            Piece(
+                job.id,
+                i,
+                str(f.path.relative_to(ctx.spool.root)),
+                f.requests,
+                f.bytes,
+                f.est_tokens,
+                False,
+            )
+            for i, f in enumerate(files)
+        ]
+    await ctx.store.validated(
         job.id,
-        JobState.SUBMITTING,
-        "validated",
-        {"requests": summary.requests, "bytes": summary.bytes},
+        rows,
+        {"requests": summary.requests, "bytes": summary.bytes, "pieces": len(rows)},
         sha256=sha,
         endpoint=summary.endpoint,
         model=summary.model,
@@ -96,39 +136,54 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         bytes=summary.bytes,
         est_tokens=summary.est_tokens,
     )
+    ctx.log.info("job_validated", job_id=job.id, requests=summary.requests, pieces=len(rows))
 
 
-async def _current_attempt(ctx: Context, job: Job) -> Attempt:
-    attempts = await ctx.store.attempts(job.id)
-    pending = [a for a in attempts if a.batch_id is None]
-    if pending:
-        return pending[-1]
-    attempt_id = str(ULID())
-    await ctx.store.add_attempt(attempt_id, job.id, 0, job.input_path)
-    return await ctx.store.attempt(attempt_id)
+async def ensure_attempts(ctx: Context, job: Job) -> None:
+    """Give every unfinished piece without an open attempt a new (pending) attempt."""
+    atts = await ctx.store.attempts(job.id)
+    open_pieces = {a.piece for a in atts if a.open}
+    for p in await ctx.store.pieces(job.id):
+        if not p.done and p.idx not in open_pieces:
+            await ctx.store.add_attempt(
+                str(ULID()),
+                job.id,
+                p.idx,
+                p.input_path,
+                model=job.model,
+                requests=p.requests,
+                est_tokens=p.est_tokens,
+            )
 
 
-async def _adopt(ctx: Context, job: Job, att: Attempt, batch: dict[str, Any], how: str) -> None:
+async def _adopt(ctx: Context, att: Attempt, batch: dict[str, Any], how: str) -> None:
     await ctx.store.update_attempt(
         att.id, how, batch_id=batch["id"], status=batch.get("status"), batch=batch
     )
-    await ctx.store.transition(job.id, JobState.TRACKING, "submitted", {"batch_id": batch["id"]})
+    job = await ctx.store.job(att.job_id)
     ctx.metrics.batches_created.inc()
     ctx.metrics.drop_to_created.observe(max(0.0, ctx.clock() - job.created_at))
-    ctx.log.info("batch_created", job_id=job.id, batch_id=batch["id"], how=how)
+    ctx.log.info("batch_created", job_id=job.id, piece=att.piece, batch_id=batch["id"], how=how)
+    await sync_job(ctx, job.id)
     ctx.wake_track.set()
 
 
-async def _submit(ctx: Context, job: Job) -> None:
-    att = await _current_attempt(ctx, job)
+async def submit_attempt(ctx: Context, att: Attempt) -> None:
+    """Upload (if needed) and create the batch of one attempt, adopting a lost create."""
+    job = await ctx.store.job(att.job_id)
     assert job.endpoint is not None
     if att.create_sent_at is not None:
         found = await ctx.api.find_batch(att.id, not_before=att.create_sent_at - 600)
         if found:
-            await _adopt(ctx, job, att, found, "adopted")
+            await _adopt(ctx, att, found, "adopted")
             return
     if att.file_id is None:
-        f = await ctx.api.upload_file(ctx.spool.path(att.input_path), f"batchd-{att.id}.jsonl")
+        f = await ctx.api.upload(
+            ctx.spool.path(att.input_path),
+            f"batchd-{att.id}.jsonl",
+            ctx.cfg.upload.uploads_api_threshold_bytes,
+            ctx.cfg.upload.part_bytes,
+        )
         await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
         att = await ctx.store.attempt(att.id)
     assert att.file_id is not None
@@ -149,11 +204,43 @@ async def _submit(ctx: Context, job: Job) -> None:
         if found is None:
             raise
         batch = found
-    await _adopt(ctx, job, att, batch, "created")
+    await _adopt(ctx, att, batch, "created")
+
+
+async def budgets(ctx: Context) -> dict[str, int]:
+    """Per-model token budgets: configured, tightened by limits learned from refusals."""
+    out = dict(ctx.cfg.admission.token_budgets)
+    for model, limit in (await ctx.store.learned_limits()).items():
+        out[model] = min(limit, out.get(model, limit))
+    return out
+
+
+async def in_flight_tokens(ctx: Context) -> dict[str, int]:
+    """Estimated prompt tokens of batches still holding the enqueued-token budget."""
+    used: dict[str, int] = defaultdict(int)
+    for a in await ctx.store.live_attempts():
+        used[a.model or ""] += a.est_tokens
+    return dict(used)
+
+
+async def choose(ctx: Context) -> list[Attempt]:
+    """The pending attempts admission lets through now."""
+    pending = {a.id: a for a in await ctx.store.pending_attempts()}
+    cands = [
+        Candidate(a.id, a.model or "", a.est_tokens, a.created_at, a.not_before)
+        for a in pending.values()
+    ]
+    used, limits = await in_flight_tokens(ctx), await budgets(ctx)
+    for model, n in limits.items():
+        ctx.metrics.token_budget.labels(model).set(n)
+    for model in {*used, *limits} - {""}:
+        ctx.metrics.tokens_in_flight.labels(model).set(used.get(model, 0))
+    ids = admit(cands, used, limits, ctx.clock())
+    return [pending[i] for i in ids]
 
 
 async def advance(ctx: Context, job: Job) -> None:
-    """Take one job as far as it can go in this stage."""
+    """Take one queued/validating job to SUBMITTING with its pieces and first attempts."""
     if job.reason and job.result_dir and job.result_dir.startswith("failed/"):
         await publish(ctx, job, "failed", JobState.FAILED, {"report.json": job.reason})
         return
@@ -163,39 +250,44 @@ async def advance(ctx: Context, job: Job) -> None:
         await _validate_job(ctx, job)
         job = await ctx.store.job(job.id)
     if job.state == JobState.SUBMITTING:
-        try:
-            await _submit(ctx, job)
-        except InvalidRequest as e:
-            await fail_job(
-                ctx,
-                job,
-                {"reason": "api_rejected", "message": e.message, "api_error": e.to_dict()},
-            )
+        await ensure_attempts(ctx, job)
 
 
 async def run(ctx: Context) -> None:
-    """Loop: advance every job in queued/validating/submitting, a few at a time."""
+    """Loop: validate new jobs; submit admitted attempts, a few at a time."""
     busy: set[str] = set()
-    failures: dict[str, int] = {}
+    failures: dict[str, int] = defaultdict(int)
     sem = asyncio.Semaphore(ctx.cfg.batch.max_concurrent_submits)
 
-    async def one(job: Job) -> None:
+    async def guarded(key: str, job_id: str, coro: Any) -> None:
         async with sem:
             try:
-                await advance(ctx, job)
-                failures.pop(job.id, None)
+                await coro
+                failures.pop(key, None)
+            except InvalidRequest as e:
+                job = await ctx.store.job(job_id)
+                report = {"reason": "api_rejected", "message": e.message, "api_error": e.to_dict()}
+                await fail_job(ctx, job, report)
             except (ApiError, OSError) as e:
-                n = failures[job.id] = failures.get(job.id, 0) + 1
-                ctx.log.warning("submit_retry", job_id=job.id, error=str(e), failures=n)
+                failures[key] += 1
+                n = failures[key]
+                ctx.log.warning("submit_retry", job_id=job_id, error=str(e), failures=n)
                 await asyncio.sleep(min(60.0, 0.5 * 2 ** min(n, 7)))
             finally:
-                busy.discard(job.id)
+                busy.discard(key)
                 ctx.wake_submit.set()
 
     async with asyncio.TaskGroup() as tg:
         while True:
-            for job in await ctx.store.jobs(_LIVE):
+            for job in await ctx.store.jobs([JobState.QUEUED, JobState.VALIDATING]):
                 if job.id not in busy:
                     busy.add(job.id)
-                    tg.create_task(one(job))
+                    tg.create_task(guarded(job.id, job.id, advance(ctx, job)))
+            for job in await ctx.store.jobs([JobState.SUBMITTING]):
+                if job.id not in busy and not job.cancel_requested:
+                    await ensure_attempts(ctx, job)
+            for att in await choose(ctx):
+                if att.id not in busy:
+                    busy.add(att.id)
+                    tg.create_task(guarded(att.id, att.job_id, submit_attempt(ctx, att)))
             await wait_for(ctx.wake_submit, ctx.cfg.batch.poll_interval_seconds)

@@ -1,0 +1,217 @@
+"""File work on pieces: split a job into batch-sized pieces, write the remainder of a
+piece for another attempt, read what a batch's result files say, merge results.
+
+All streaming (1 MiB reads, one line at a time through orjson), temp name + fsync +
+rename for every file written, so a crash leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from batchd.jsonl import Limits, count_embedding_inputs
+
+_CHUNK = 1 << 20
+# A request that failed for a reason another attempt may not share.
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRYABLE_CODES = frozenset({"batch_expired", "server_error", "rate_limit_exceeded", "timeout"})
+
+
+@dataclass(frozen=True)
+class PieceFile:
+    """One piece written by `split` (or `write_subset`)."""
+
+    path: Path
+    requests: int
+    bytes: int
+    est_tokens: int
+
+
+def iter_lines(path: Path) -> Iterator[bytes]:
+    """Yield every non-empty line of a file (without its newline), streaming."""
+    with path.open("rb") as f:
+        rest = b""
+        while chunk := f.read(_CHUNK):
+            buf = rest + chunk
+            lines = buf.split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if line.strip():
+                    yield line.rstrip(b"\r")
+        if rest.strip():
+            yield rest.rstrip(b"\r")
+
+
+@contextmanager
+def _atomic(dest: Path) -> Iterator[IO[bytes]]:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with tmp.open("wb") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(dest)
+
+
+def est_tokens(line: bytes) -> int:
+    """Prompt-token estimate of one input line (the same measure for every piece)."""
+    return len(line) // 4
+
+
+def split(src: Path, out_dir: Path, limits: Limits, embeddings: bool) -> list[PieceFile]:
+    """Cut `src` into pieces that each fit `limits`; deterministic, so a redo is identical."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pieces: list[PieceFile] = []
+    n = size = inputs = tokens = 0
+    out: IO[bytes] | None = None
+    tmp = dest = out_dir
+
+    def close() -> None:
+        assert out is not None
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        tmp.replace(dest)
+        pieces.append(PieceFile(dest, n, size, tokens))
+
+    for line in iter_lines(src):
+        data = line + b"\n"
+        n_inputs = count_embedding_inputs(orjson.loads(line)) if embeddings else 0
+        if out is not None and (
+            n + 1 > limits.max_requests
+            or size + len(data) > limits.max_bytes
+            or inputs + n_inputs > limits.max_embedding_inputs
+        ):
+            close()
+            out = None
+        if out is None:
+            dest = out_dir / f"piece-{len(pieces):04d}.jsonl"
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            out = tmp.open("wb")
+            n = size = inputs = tokens = 0
+        out.write(data)
+        n += 1
+        size += len(data)
+        inputs += n_inputs
+        tokens += est_tokens(line)
+    if out is not None:
+        close()
+    return pieces
+
+
+def write_subset(src: Path, custom_ids: set[str], dest: Path) -> PieceFile:
+    """Write the lines of `src` whose custom_id is in `custom_ids` to `dest`."""
+    n = size = tokens = 0
+    with _atomic(dest) as out:
+        for line in iter_lines(src):
+            if orjson.loads(line).get("custom_id") in custom_ids:
+                out.write(line + b"\n")
+                n += 1
+                size += len(line) + 1
+                tokens += est_tokens(line)
+    return PieceFile(dest, n, size, tokens)
+
+
+def custom_ids(path: Path) -> list[str]:
+    """custom_ids of an input file, in order."""
+    return [str(orjson.loads(line).get("custom_id")) for line in iter_lines(path)]
+
+
+@dataclass
+class Outcome:
+    """What one attempt's result files say about its requests."""
+
+    succeeded: set[str] = field(default_factory=set)
+    retryable: set[str] = field(default_factory=set)  # failed, but another attempt may work
+    failed: set[str] = field(default_factory=set)  # failed for good (e.g. HTTP 400)
+
+
+def _is_retryable(rec: dict[str, Any]) -> bool:
+    err = rec.get("error")
+    if isinstance(err, dict) and err.get("code") in RETRYABLE_CODES:
+        return True
+    resp = rec.get("response")
+    if isinstance(resp, dict):
+        status = resp.get("status_code")
+        return isinstance(status, int) and (status in RETRYABLE_STATUS or status >= 500)
+    return resp is None and err is None
+
+
+def read_outcome(output: Path | None, errors: Path | None) -> Outcome:
+    """Classify every custom_id seen in an attempt's output and error files."""
+    out = Outcome()
+    if output is not None and output.exists():
+        for line in iter_lines(output):
+            out.succeeded.add(str(orjson.loads(line).get("custom_id")))
+    if errors is not None and errors.exists():
+        for line in iter_lines(errors):
+            rec = orjson.loads(line)
+            cid = str(rec.get("custom_id"))
+            if cid in out.succeeded:
+                continue
+            (out.retryable if _is_retryable(rec) else out.failed).add(cid)
+    return out
+
+
+def filter_lines(src: Path, dest: Path, drop: set[str]) -> None:
+    """Copy result lines whose custom_id is not in `drop` (e.g. ones retried later)."""
+    with _atomic(dest) as out:
+        for line in iter_lines(src):
+            if orjson.loads(line).get("custom_id") not in drop:
+                out.write(line + b"\n")
+
+
+def concat(parts: Iterable[Path], dest: Path) -> int:
+    """Concatenate files into `dest`; returns the number of bytes written."""
+    n = 0
+    with _atomic(dest) as out:
+        for p in parts:
+            with p.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    out.write(chunk)
+                    n += len(chunk)
+    return n
+
+
+def reorder(src: Path, order: list[str], dest: Path) -> None:
+    """Write `src`'s lines into `dest` in the order of `order` (custom_ids).
+
+    Holds only (position, offset, length) per line in memory, not the lines.
+    """
+    pos = {cid: i for i, cid in enumerate(order)}
+    index: list[tuple[int, int, int]] = []
+    offset = 0
+    with src.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                cid = orjson.loads(raw).get("custom_id")
+                index.append((pos.get(str(cid), len(pos)), offset, len(raw)))
+            offset += len(raw)
+        index.sort()
+        with _atomic(dest) as out:
+            for _, off, length in index:
+                f.seek(off)
+                line = f.read(length)
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+
+
+def missing_lines(ids: Iterable[str], message: str) -> bytes:
+    """Error lines for requests that never got a result (so every request is accounted for)."""
+    return b"".join(
+        orjson.dumps(
+            {
+                "id": None,
+                "custom_id": cid,
+                "response": None,
+                "error": {"code": "batchd_no_result", "message": message},
+            }
+        )
+        + b"\n"
+        for cid in ids
+    )

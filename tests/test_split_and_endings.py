@@ -1,0 +1,234 @@
+"""Big files and hard endings: split/merge, Uploads API, expiry, token-limit admission,
+request retries, cancel and retry — the real daemon against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from batchd.daemon import Daemon
+from batchd.store import Store
+from tests.conftest import (
+    KEY_ENV,
+    Emulator,
+    chat_lines,
+    drop,
+    embedding_lines,
+    make_config,
+    read_jsonl,
+    run_once,
+    start_emulator,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lines_with(n: int, extra: dict[int, dict[str, object]]) -> bytes:
+    out = []
+    for i in range(n):
+        body: dict[str, object] = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": f"q{i}"}],
+        }
+        if i in extra:
+            body["x_emulator"] = extra[i]
+        out.append(
+            orjson.dumps(
+                {
+                    "custom_id": f"req-{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                }
+            )
+        )
+    return b"\n".join(out) + b"\n"
+
+
+async def test_split_merge_in_input_order(tmp_path: Path, emulator: Emulator) -> None:
+    cfg = make_config(
+        tmp_path, emulator.url, limits={"max_requests_per_batch": 4}, output={"order": "input"}
+    )
+    data = chat_lines(10)
+    drop(cfg, "big.jsonl", data)
+    await run_once(cfg)
+    done = cfg.spool.dir / "done" / "big"
+    assert (done / "input.jsonl").read_bytes() == data
+    out = read_jsonl(done / "output.jsonl")
+    assert [r["custom_id"] for r in out] == [f"req-{i}" for i in range(10)]
+    info = orjson.loads((done / "job.json").read_bytes())
+    assert info["pieces"] == 3 and len(info["batch_ids"]) == 3
+    assert emulator.state.batches_created == 3
+    assert sorted(b["request_counts"]["total"] for b in emulator.state.batches()) == [2, 4, 4]
+    assert not list((cfg.spool.dir / "processing").iterdir())
+
+
+async def test_split_by_bytes_and_embedding_inputs_api_order(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    cfg = make_config(tmp_path, emulator.url, limits={"max_embedding_inputs_per_batch": 5})
+    drop(cfg, "emb.jsonl", embedding_lines(9))  # 12 inputs -> at least 3 pieces
+    await run_once(cfg)
+    out = read_jsonl(cfg.spool.dir / "done" / "emb" / "output.jsonl")
+    ids = [r["custom_id"] for r in out]
+    assert sorted(ids) == sorted(f"emb-{i}" for i in range(9)) and len(set(ids)) == 9
+    assert emulator.state.batches_created >= 3
+    for b in emulator.state.batches():
+        assert b["request_counts"]["total"] <= 5
+
+
+async def test_uploads_api_for_large_files(tmp_path: Path, emulator: Emulator) -> None:
+    cfg = make_config(
+        tmp_path, emulator.url, upload={"uploads_api_threshold_bytes": 1000, "part_bytes": 1024}
+    )
+    data = chat_lines(40)
+    assert len(data) > 3 * 1024
+    drop(cfg, "up.jsonl", data)
+    await run_once(cfg)
+    calls = emulator.state.calls
+    assert calls["POST /v1/uploads"] == 1
+    assert calls["POST /v1/uploads/{id}/parts"] == -(-len(data) // 1024)
+    assert calls["POST /v1/uploads/{id}/complete"] == 1
+    assert calls["POST /v1/files"] == 0
+    assert len(read_jsonl(cfg.spool.dir / "done" / "up" / "output.jsonl")) == 40
+
+
+async def test_expired_batch_keeps_results_and_resubmits_the_rest(tmp_path: Path) -> None:
+    emu, runner = await start_emulator(time_scale=0.01, expire_after_seconds=1.0)
+    try:
+        cfg = make_config(tmp_path, emu.url)
+        drop(cfg, "exp.jsonl", lines_with(10, {3: {"expire": True}, 8: {"expire": True}}))
+        d = Daemon(cfg, once=True)
+        task = asyncio.create_task(d.run())
+        while not any(b["status"] == "expired" for b in emu.state.batches()):
+            await asyncio.sleep(0.01)
+        emu.state.config.expire_after_seconds = None  # the second attempt runs in time
+        await asyncio.wait_for(task, 30)
+        done = cfg.spool.dir / "done" / "exp"
+        ids = sorted(r["custom_id"] for r in read_jsonl(done / "output.jsonl"))
+        assert ids == sorted(f"req-{i}" for i in range(10))
+        assert not (done / "errors.jsonl").exists()
+        first, second = emu.state.batches()
+        assert first["status"] == "expired" and second["status"] == "completed"
+        assert second["request_counts"]["total"] == 2
+    finally:
+        await runner.cleanup()
+        emu.state.close()
+
+
+async def test_retryable_failures_resubmitted_non_retryable_kept(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    cfg = make_config(tmp_path, emulator.url, retry={"max_attempts_per_piece": 3})
+    drop(
+        cfg, "rf.jsonl", lines_with(6, {1: {"status": 500}, 2: {"status": 400}, 4: {"status": 429}})
+    )
+    await run_once(cfg)
+    done = cfg.spool.dir / "done" / "rf"
+    errs = {r["custom_id"]: r for r in read_jsonl(done / "errors.jsonl")}
+    assert set(errs) == {"req-1", "req-2", "req-4"}  # each exactly once
+    assert len(read_jsonl(done / "errors.jsonl")) == 3
+    assert len(read_jsonl(done / "output.jsonl")) == 3
+    totals = [b["request_counts"]["total"] for b in emulator.state.batches()]
+    assert totals == [6, 2, 2]  # the 400 is never resubmitted
+
+
+async def test_token_limit_refusal_requeues_then_admission_respects_learned_limit(
+    tmp_path: Path,
+) -> None:
+    line_tokens = len(orjson.dumps(orjson.loads(chat_lines(1))["body"])) // 4
+    limit = line_tokens * 6  # two pieces of 4 lines do not fit together
+    emu, runner = await start_emulator(time_scale=0.02, token_limits={"gpt-4o-mini": limit})
+    try:
+        cfg = make_config(
+            tmp_path,
+            emu.url,
+            limits={"max_requests_per_batch": 4},
+            admission={"refusal_backoff_seconds": 0.05},
+        )
+        drop(cfg, "tok.jsonl", chat_lines(12))
+        await run_once(cfg)
+        out = read_jsonl(cfg.spool.dir / "done" / "tok" / "output.jsonl")
+        assert sorted(r["custom_id"] for r in out) == sorted(f"req-{i}" for i in range(12))
+        batches = emu.state.batches()
+        refused = [b for b in batches if b["status"] == "failed"]
+        assert refused and all(
+            b["errors"]["data"][0]["code"] == "token_limit_exceeded" for b in refused
+        )
+        # Pieces 1 and 2 went out with piece 0 before any limit was known and were
+        # refused; once learned, admission never again put more in flight than the
+        # limit (the emulator would have refused again).
+        assert len(refused) == 2
+        assert len(batches) == 5
+        store = await Store.open(cfg.state.database)
+        try:
+            assert await store.learned_limits() == {"gpt-4o-mini": limit}
+        finally:
+            await store.close()
+    finally:
+        await runner.cleanup()
+        emu.state.close()
+
+
+def _batchd(*args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ, KEY_ENV: "sk-test-0123456789abcdefSECRET"}
+    return subprocess.run(
+        [sys.executable, "-m", "batchd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def _conf_file(tmp_path: Path, url: str) -> Path:
+    p = tmp_path / "batchd.toml"
+    p.write_text(
+        f'[api]\nbase_url = "{url}"\napi_key_env = "{KEY_ENV}"\n'
+        f'[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
+        '[batch]\npoll_interval_seconds = 0.1\n[http]\nlisten = "127.0.0.1:0"\n'
+    )
+    return p
+
+
+async def test_cancel_collects_partial_results_then_retry(tmp_path: Path) -> None:
+    emu, runner = await start_emulator(time_scale=0.5)  # ~1.5 s in progress
+    try:
+        cfg = make_config(tmp_path, emu.url)
+        conf = _conf_file(tmp_path, emu.url)
+        drop(cfg, "slow.jsonl", chat_lines(10))
+        d = Daemon(cfg)
+        task = asyncio.create_task(d.run())
+        while not any(b["status"] == "in_progress" for b in emu.state.batches()):
+            await asyncio.sleep(0.02)
+        r = await asyncio.to_thread(_batchd, "cancel", "slow", "--config", str(conf))
+        assert r.returncode == 0, r.stderr
+        assert "cancelled" in r.stdout
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+        done = cfg.spool.dir / "done" / "slow"
+        info = orjson.loads((done / "job.json").read_bytes())
+        assert info["status"] == "cancelled"
+        [batch] = emu.state.batches()
+        assert batch["status"] == "cancelled"
+        partial = read_jsonl(done / "output.jsonl")
+        assert 0 < len(partial) < 10
+        # retry: the unfinished requests become a new job
+        r = await asyncio.to_thread(_batchd, "retry", "slow", "--config", str(conf))
+        assert r.returncode == 0, r.stderr
+        emu.state.config.time_scale = 0.01
+        await run_once(cfg)
+        rest = read_jsonl(cfg.spool.dir / "done" / "slow-retry" / "output.jsonl")
+        assert sorted(x["custom_id"] for x in partial + rest) == sorted(
+            f"req-{i}" for i in range(10)
+        )
+    finally:
+        await runner.cleanup()
+        emu.state.close()

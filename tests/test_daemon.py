@@ -182,3 +182,13 @@ async def test_events_record_every_transition(tmp_path: Path, emulator: Emulator
     assert states == ["queued", "validating", "submitting", "tracking", "collecting", "done"]
     kinds = [e.kind for e in events]
     assert "uploaded" in kinds and "batch_status" in kinds
+
+
+async def test_orphan_claimed_file_is_adopted(tmp_path: Path, emulator: Emulator) -> None:
+    # A crash between the claim's rename and the job insert leaves a file in processing/.
+    cfg = make_config(tmp_path, emulator.url)
+    proc = cfg.spool.dir / "processing"
+    proc.mkdir(parents=True)
+    (proc / "01J00000000000000000000000--orphan.jsonl").write_bytes(chat_lines(2))
+    await run_once(cfg)
+    assert len(read_jsonl(cfg.spool.dir / "done" / "orphan" / "output.jsonl")) == 2

@@ -8,6 +8,8 @@ connection): the caller reconciles by metadata before creating again.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -231,31 +233,42 @@ class BatchApi:
 
     # --- files ------------------------------------------------------------------------
 
-    async def upload_file(self, path: Path, filename: str) -> dict[str, Any]:
-        """Upload a JSONL file with purpose=batch, streamed from disk."""
+    async def upload_file(
+        self, path: Path, filename: str, tap: Tap | None = None
+    ) -> dict[str, Any]:
+        """Upload a JSONL file with purpose=batch, streamed from disk (through `tap`)."""
+        size = path.stat().st_size
 
         async def once() -> dict[str, Any]:
-            with path.open("rb") as f:
-                form = aiohttp.FormData()
-                form.add_field("purpose", "batch")
-                form.add_field("file", f, filename=filename, content_type="application/jsonl")
-                data = await self._json("upload_file", "POST", "/files", data=form)
-            self._metrics.uploaded_bytes.inc(path.stat().st_size)
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field(
+                "file",
+                _file_slice(path, 0, size, tap),
+                filename=filename,
+                content_type="application/jsonl",
+            )
+            data = await self._json("upload_file", "POST", "/files", data=form)
+            self._metrics.uploaded_bytes.inc(size)
             return data
 
         return await self._retrying(once, (Transient,))
 
     async def upload(
-        self, path: Path, filename: str, threshold: int, part_bytes: int
+        self, path: Path, filename: str, threshold: int, part_bytes: int, tap: Tap | None = None
     ) -> dict[str, Any]:
-        """Upload with one multipart request, or with the Uploads API at/above `threshold`."""
+        """Upload with one multipart request, or with the Uploads API at/above `threshold`.
+
+        Every byte read for the upload passes through `tap` once, in order (e.g. to
+        validate while uploading), even when a request is retried.
+        """
         size = path.stat().st_size
         if size < threshold:
-            return await self.upload_file(path, filename)
-        return await self.upload_parts(path, filename, size, part_bytes)
+            return await self.upload_file(path, filename, tap)
+        return await self.upload_parts(path, filename, size, part_bytes, tap)
 
     async def upload_parts(
-        self, path: Path, filename: str, size: int, part_bytes: int
+        self, path: Path, filename: str, size: int, part_bytes: int, tap: Tap | None = None
     ) -> dict[str, Any]:
         """Uploads API: create, send parts (each retried on its own), complete."""
         body = {
@@ -275,7 +288,7 @@ class BatchApi:
                 form = aiohttp.FormData()
                 form.add_field(
                     "data",
-                    _file_slice(path, offset, length),
+                    _file_slice(path, offset, length, tap),
                     filename="part",
                     content_type="application/octet-stream",
                 )
@@ -401,14 +414,50 @@ class BatchApi:
         return None
 
 
-async def _file_slice(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+class Tap:
+    """Sees each byte of an upload once, in order, off the event loop (e.g. a validator)."""
+
+    def __init__(self, consume: Callable[[bytes], None]) -> None:
+        self._consume = consume
+        self.fed = 0
+
+    async def feed(self, offset: int, chunk: bytes) -> None:
+        """Pass on the part of `chunk` (read at `offset`) not seen before."""
+        if offset > self.fed:
+            raise RuntimeError("Tap fed out of order")
+        new = chunk[self.fed - offset :] if offset < self.fed else chunk
+        if new:
+            self.fed += len(new)
+            await asyncio.to_thread(self._consume, new)
+
+
+async def _file_slice(
+    path: Path, offset: int, length: int, tap: Tap | None = None
+) -> AsyncIterator[bytes]:
     """Stream `length` bytes of a file from `offset` in 1 MiB chunks (never the whole part)."""
+    # The tap consumes chunk N in a thread while chunk N is being sent.
+    pending: asyncio.Future[None] | None = None
     with path.open("rb") as f:
         f.seek(offset)
         left = length
-        while left > 0:
-            chunk = f.read(min(1 << 20, left))
-            if not chunk:
-                raise Transient(f"{path.name} shrank while uploading")
-            left -= len(chunk)
-            yield chunk
+        pos = offset
+        try:
+            while left > 0:
+                chunk = f.read(min(1 << 20, left))
+                if not chunk:
+                    raise Transient(f"{path.name} shrank while uploading")
+                if pending is not None:
+                    await pending
+                    pending = None
+                if tap is not None and pos + len(chunk) > tap.fed:
+                    pending = asyncio.ensure_future(tap.feed(pos, chunk))
+                left -= len(chunk)
+                pos += len(chunk)
+                yield chunk
+            if pending is not None:
+                await pending
+                pending = None
+        finally:
+            if pending is not None:  # let the consumer finish: it must not run twice at once
+                with contextlib.suppress(Exception):
+                    await pending

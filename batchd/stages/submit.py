@@ -13,6 +13,7 @@ import hashlib
 import os
 import stat
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from ulid import ULID
 
 from batchd import jsonl, pieces
 from batchd.admission import Candidate, admit
-from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Transient
+from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Tap, Transient
 from batchd.stages import Context, sync_job, wait_for
 from batchd.stages.collect import fail_job, publish
 from batchd.states import JobState
@@ -68,25 +69,79 @@ async def _reject(ctx: Context, job: Job, problems: list[dict[str, Any]]) -> Non
     )
 
 
+async def _upload_while_validating(
+    ctx: Context, job: Job, path: Path, consume: Callable[[bytes], None]
+) -> Attempt | None:
+    """Upload a file that may fit one batch, validating the bytes as they are sent.
+
+    Validation is the slow part on a fast link and the upload on a slow one; doing
+    both in one pass costs about the larger of the two. Returns the attempt that now
+    holds the uploaded file, or None when the file was not uploaded here.
+    """
+    size = path.stat().st_size
+    if not 0 < size <= ctx.cfg.limits.max_bytes_per_batch:
+        return None
+    atts = [a for a in await ctx.store.attempts(job.id) if a.open and a.piece == 0]
+    if atts and atts[-1].file_id is not None:
+        return None  # uploaded before a restart; validate from disk
+    if atts:
+        att = atts[-1]
+    else:
+        att = await ctx.store.attempt(await _new_attempt(ctx, job.id, 0, job.input_path))
+    up = ctx.cfg.upload
+    f = await ctx.api.upload(
+        path,
+        f"batchd-{att.id}.jsonl",
+        up.uploads_api_threshold_bytes,
+        up.part_bytes,
+        Tap(consume),
+    )
+    await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
+    return await ctx.store.attempt(att.id)
+
+
+async def _discard(ctx: Context, att: Attempt | None) -> None:
+    """Drop an upload that will not be used (invalid file, or one that must be split)."""
+    if att is None:
+        return
+    await ctx.store.update_attempt(att.id, "abandoned", abandoned=1)
+    if att.file_id:
+        try:
+            await ctx.api.delete_file(att.file_id)
+        except ApiError as e:
+            ctx.log.warning("delete_failed", job_id=att.job_id, file_id=att.file_id, error=str(e))
+
+
 async def _validate_job(ctx: Context, job: Job) -> None:
     path = ctx.spool.path(job.input_path)
     why = _not_regular(path)
     if why:
         await _reject(ctx, job, [{"line": 0, "code": "not_a_file", "message": why}])
         return
+    v = jsonl.Validator(_UNBOUNDED)
+    h = hashlib.sha256()
+
+    def consume(chunk: bytes) -> None:
+        v.feed(chunk)
+        h.update(chunk)
+
     try:
-        summary, sha = await asyncio.to_thread(_validate, path)
+        att = await _upload_while_validating(ctx, job, path, consume)
+        if att is None:
+            summary, sha = await asyncio.to_thread(_validate, path)
+        else:
+            summary, sha = v.finish(), h.hexdigest()
     except OSError as e:
         msg = e.strerror or str(e)
         await _reject(ctx, job, [{"line": 0, "code": "unreadable", "message": msg}])
         return
     if not summary.ok:
         ctx.metrics.validation_failures.inc()
-        await _reject(
-            ctx,
-            job,
-            [{"line": p.line, "code": p.code, "message": p.message} for p in summary.problems],
-        )
+        await _discard(ctx, att)
+        problems = [
+            {"line": p.line, "code": p.code, "message": p.message} for p in summary.problems
+        ]
+        await _reject(ctx, job, problems)
         return
     lim = ctx.cfg.limits
     piece_limits = jsonl.Limits(
@@ -108,7 +163,15 @@ async def _validate_job(ctx: Context, job: Job) -> None:
                 False,
             )
         ]
+        if att is not None:
+            await ctx.store.update_attempt(
+                att.id,
+                model=summary.model,
+                requests=summary.requests,
+                est_tokens=summary.est_tokens,
+            )
     else:
+        await _discard(ctx, att)
         out_dir = ctx.spool.processing / f"{job.id}.pieces"
         files = await asyncio.to_thread(
             pieces.split, path, out_dir, piece_limits, summary.endpoint == "/v1/embeddings"
@@ -139,14 +202,20 @@ async def _validate_job(ctx: Context, job: Job) -> None:
     ctx.log.info("job_validated", job_id=job.id, requests=summary.requests, pieces=len(rows))
 
 
+async def _new_attempt(ctx: Context, job_id: str, piece: int, input_path: str, **extra: Any) -> str:
+    attempt_id = str(ULID())
+    await ctx.store.add_attempt(attempt_id, job_id, piece, input_path, **extra)
+    return attempt_id
+
+
 async def ensure_attempts(ctx: Context, job: Job) -> None:
     """Give every unfinished piece without an open attempt a new (pending) attempt."""
     atts = await ctx.store.attempts(job.id)
     open_pieces = {a.piece for a in atts if a.open}
     for p in await ctx.store.pieces(job.id):
         if not p.done and p.idx not in open_pieces:
-            await ctx.store.add_attempt(
-                str(ULID()),
+            await _new_attempt(
+                ctx,
                 job.id,
                 p.idx,
                 p.input_path,

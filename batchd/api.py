@@ -313,6 +313,31 @@ class BatchApi:
             raise Transient("complete_upload: no file in the completed upload")
         return file
 
+    async def find_file(
+        self, filename: str, not_before: float, max_pages: int = 5
+    ) -> dict[str, Any] | None:
+        """Look for an uploaded batch file by name (newest first), e.g. one whose upload
+        finished but whose id was never recorded; stops at files older than `not_before`."""
+        after: str | None = None
+        for _ in range(max_pages):
+            params = {"purpose": "batch", "limit": "100", "order": "desc"}
+            if after:
+                params["after"] = after
+            page = await self._retrying(
+                lambda p=params: self._json("list_files", "GET", "/files", params=p),  # type: ignore[misc]
+                (Transient,),
+            )
+            data = page.get("data") or []
+            for f in data:
+                if f.get("filename") == filename:
+                    return dict(f)
+                if (f.get("created_at") or 0) < not_before:
+                    return None
+            if not page.get("has_more") or not data:
+                return None
+            after = data[-1]["id"]
+        return None
+
     async def delete_file(self, file_id: str) -> None:
         """Delete a file (best effort callers ignore NotFound)."""
         await self._retrying(

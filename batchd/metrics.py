@@ -87,6 +87,7 @@ class Metrics:
             "token_limit",
             "expired",
             "request_failed",
+            "short_download",
         ):
             self.retries.labels(reason)
         self.token_budget = Gauge(

@@ -95,7 +95,8 @@ MIGRATIONS: Sequence[str] = (
         token_limit INTEGER NOT NULL,
         learned_at REAL NOT NULL
     );
-    """,
+    """,  # 3: an upload's start is recorded so a file whose id was never seen can be found
+    "ALTER TABLE attempts ADD COLUMN upload_started_at REAL",
 )
 
 
@@ -151,6 +152,7 @@ class Attempt:
     not_before: float = 0.0
     abandoned: bool = False
     outcome: str | None = None  # after collection: "done", "resubmit", "requeue", "failed"
+    upload_started_at: float | None = None
 
     @property
     def open(self) -> bool:

@@ -192,3 +192,37 @@ async def test_orphan_claimed_file_is_adopted(tmp_path: Path, emulator: Emulator
     (proc / "01J00000000000000000000000--orphan.jsonl").write_bytes(chat_lines(2))
     await run_once(cfg)
     assert len(read_jsonl(cfg.spool.dir / "done" / "orphan" / "output.jsonl")) == 2
+
+
+async def test_upload_whose_id_was_never_recorded_is_adopted(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    # A crash after the upload finished but before its file id was written down.
+    from batchd.api import BatchApi
+    from batchd.metrics import Metrics
+
+    cfg = make_config(tmp_path, emulator.url)
+    data = chat_lines(3)
+    drop(cfg, "lost.jsonl", data)
+    spool_file = cfg.spool.dir / "inbox" / "lost.jsonl"
+    from batchd.spool import Spool
+
+    spool = Spool(cfg.spool.dir)
+    spool.ensure()
+    claimed = spool.claim("lost.jsonl")
+    assert claimed is not None and not spool_file.exists()
+    store = await Store.open(cfg.state.database)
+    await store.create_job(claimed.job_id, claimed.name, claimed.rel_path, "inbox")
+    await store.transition(claimed.job_id, JobState.VALIDATING)
+    await store.add_attempt("01ATTEMPTLOST0000000000000", claimed.job_id, 0, claimed.rel_path)
+    await store.update_attempt("01ATTEMPTLOST0000000000000", upload_started_at=1.0)
+    await store.close()
+    async with BatchApi(cfg.api, cfg.api.api_key(), Metrics()) as api:
+        f = await api.upload_file(
+            spool.path(claimed.rel_path), "batchd-01ATTEMPTLOST0000000000000.jsonl"
+        )
+    await run_once(cfg)
+    assert emulator.state.calls["POST /v1/files"] == 1  # adopted, not uploaded again
+    [batch] = emulator.state.batches()
+    assert batch["input_file_id"] == f["id"]
+    assert len(read_jsonl(cfg.spool.dir / "done" / "lost" / "output.jsonl")) == 3

@@ -187,6 +187,15 @@ def create_app(state: EmulatorState) -> web.Application:
 
     st, r = state, _Routes(state)
     simple: list[tuple[str, str, Callable[[web.Request], Json]]] = [
+        (
+            "GET",
+            "/v1/files",
+            lambda q: st.list_files(
+                q.query.get("purpose"),
+                min(10_000, int(q.query.get("limit", "10000"))),
+                q.query.get("after"),
+            ),
+        ),
         ("GET", "/v1/files/{id}", lambda q: st.get_file(oid(q)).to_dict()),
         ("DELETE", "/v1/files/{id}", lambda q: st.delete_file(oid(q))),
         ("POST", "/v1/uploads/{id}/cancel", lambda q: st.cancel_upload(oid(q)).to_dict()),

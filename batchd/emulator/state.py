@@ -268,6 +268,23 @@ class EmulatorState:
             raise ApiError(404, f"No such File object: {fid}", "id")
         return self.files[fid]
 
+    def list_files(self, purpose: str | None, limit: int, after: str | None) -> Json:
+        """``GET /v1/files``: newest first, optional purpose filter, cursor ``after``."""
+        files = [f for f in reversed(self.files.values()) if purpose in (None, f.purpose)]
+        if after is not None:
+            ids = [f.id for f in files]
+            if after not in ids:
+                raise ApiError(400, f"Invalid 'after': no file with id '{after}'.", "after")
+            files = files[ids.index(after) + 1 :]
+        page = [f.to_dict() for f in files[:limit]]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(files) > limit,
+        }
+
     def delete_file(self, fid: str) -> Json:
         """Delete a file and its bytes."""
         f = self.get_file(fid)

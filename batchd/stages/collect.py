@@ -14,7 +14,7 @@ from ulid import ULID
 
 from batchd import pieces
 from batchd.admission import limit_from_message
-from batchd.api import ApiError, InvalidRequest, NotFound
+from batchd.api import ApiError, InvalidRequest, NotFound, Transient
 from batchd.spool import write_json
 from batchd.stages import Context, sync_job, wait_for
 from batchd.states import JobState, is_terminal_status
@@ -132,11 +132,28 @@ async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
     ):
         # Just after `completed` the file ids have been seen missing: re-read once.
         batch = await ctx.api.get_batch(att.batch_id)
-    for key, suffix in (("output_file_id", "output"), ("error_file_id", "errors")):
+    rc = batch.get("request_counts") or {}
+    for key, suffix, count in (
+        ("output_file_id", "output", "completed"),
+        ("error_file_id", "errors", "failed"),
+    ):
         file_id = batch.get(key)
         if file_id:
-            await ctx.api.download(file_id, parts / f"{att.id}.{suffix}.jsonl")
+            dest = parts / f"{att.id}.{suffix}.jsonl"
+            await ctx.api.download(file_id, dest)
+            lines = await asyncio.to_thread(_count_lines, dest)
+            if lines < int(rc.get(count) or 0):
+                dest.unlink()
+                ctx.metrics.retries.labels("short_download").inc()
+                raise Transient(
+                    f"{suffix} file of {att.batch_id} has {lines} lines, "
+                    f"request_counts.{count} says {rc.get(count)}"
+                )
     return batch
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for _ in pieces.iter_lines(path))
 
 
 async def _requeue_refused(ctx: Context, att: Attempt, batch: dict[str, Any], msg: str) -> None:

@@ -86,8 +86,13 @@ async def _upload_while_validating(
         return None  # uploaded before a restart; validate from disk
     if atts:
         att = atts[-1]
+        if att.upload_started_at is not None:
+            await _adopt_lost_upload(ctx, att)
+            if (await ctx.store.attempt(att.id)).file_id is not None:
+                return None
     else:
         att = await ctx.store.attempt(await _new_attempt(ctx, job.id, 0, job.input_path))
+    await ctx.store.update_attempt(att.id, upload_started_at=ctx.clock())
     up = ctx.cfg.upload
     f = await ctx.api.upload(
         path,
@@ -98,6 +103,16 @@ async def _upload_while_validating(
     )
     await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
     return await ctx.store.attempt(att.id)
+
+
+async def _adopt_lost_upload(ctx: Context, att: Attempt) -> None:
+    """An upload started before a crash may have finished: find its file, or forget it."""
+    assert att.upload_started_at is not None
+    found = await ctx.api.find_file(f"batchd-{att.id}.jsonl", att.upload_started_at - 600)
+    if found is not None and found.get("bytes") == ctx.spool.path(att.input_path).stat().st_size:
+        await ctx.store.update_attempt(att.id, "upload_adopted", file_id=found["id"])
+    elif found is not None:  # a partial or foreign file under our name: don't leak it
+        await ctx.api.delete_file(found["id"])
 
 
 async def _discard(ctx: Context, att: Attempt | None) -> None:
@@ -246,7 +261,11 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         if found:
             await _adopt(ctx, att, found, "adopted")
             return
+    if att.file_id is None and att.upload_started_at is not None:
+        await _adopt_lost_upload(ctx, att)
+        att = await ctx.store.attempt(att.id)
     if att.file_id is None:
+        await ctx.store.update_attempt(att.id, upload_started_at=ctx.clock())
         f = await ctx.api.upload(
             ctx.spool.path(att.input_path),
             f"batchd-{att.id}.jsonl",

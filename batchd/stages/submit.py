@@ -249,7 +249,6 @@ async def _adopt(ctx: Context, att: Attempt, batch: dict[str, Any], how: str) ->
     ctx.metrics.drop_to_created.observe(max(0.0, ctx.clock() - job.created_at))
     ctx.log.info("batch_created", job_id=job.id, piece=att.piece, batch_id=batch["id"], how=how)
     await sync_job(ctx, job.id)
-    ctx.wake_track.set()
 
 
 async def submit_attempt(ctx: Context, att: Attempt) -> None:

@@ -9,6 +9,7 @@ calls, 10,000 cost 100. Polling is quicker while a batch is near a transition
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -82,19 +83,27 @@ async def _set_gauges(ctx: Context) -> str | None:
 
 
 def interval(ctx: Context, busy: str | None) -> float:
-    """Seconds to the next sweep: quicker near a transition."""
+    """Seconds to the next full sweep: quicker near a transition; with webhooks on,
+    polling is only the safety net and runs at [webhooks] poll_interval_seconds."""
     base = ctx.cfg.batch.poll_interval_seconds
+    if ctx.webhooks_enabled:
+        base = max(base, ctx.cfg.webhooks.poll_interval_seconds)
+        return base
     return max(min(base, 0.05), base / 5) if busy else base
 
 
 async def run(ctx: Context) -> None:
-    """Loop: sweep, then sleep until the interval passes, a batch is created or a webhook."""
+    """Loop: sweep; sleep until the interval passes, a batch is created, or a webhook
+    names a batch (then only that batch is fetched, at once)."""
+    loop = asyncio.get_running_loop()
+    next_full = 0.0
     while True:
-        pushed = set(ctx.webhook_batches) if hasattr(ctx, "webhook_batches") else set()
+        pushed = set(ctx.webhook_batches)
         if pushed:
             ctx.webhook_batches.difference_update(pushed)
             await sweep(ctx, pushed)
-        else:
+        if not pushed or loop.time() >= next_full:
             await sweep(ctx)
-        busy = await _set_gauges(ctx)
-        await wait_for(ctx.wake_track, interval(ctx, busy))
+            busy = await _set_gauges(ctx)
+            next_full = loop.time() + interval(ctx, busy)
+        await wait_for(ctx.wake_track, max(0.0, next_full - loop.time()))

@@ -1,0 +1,404 @@
+"""The HTTP queue: submit a JSONL file over HTTP, follow its job, fetch its results.
+
+An upload is streamed to a hidden `inbox/.http-ID.jsonl.part` (intake ignores dot
+files), counted against `[http] max_upload_bytes`, fsynced, hard-linked to
+`inbox/NAME.jsonl` (never clobbering: `NAME-2.jsonl`, … when taken) and claimed at
+once, so it takes exactly the path of a dropped file. Whatever goes wrong before
+that, the partial file is removed: nothing partial is ever left in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hmac
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from batchd import jobmeta
+from batchd.spool import SUFFIX
+from batchd.stages import Context
+from batchd.states import JobState
+from batchd.store import Job
+
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+METADATA_HEADER = "X-Batchd-Metadata"
+JSONL_TYPES = frozenset({"application/jsonl", "application/x-ndjson", "text/plain"})
+_PART_PREFIX, _PART_SUFFIX = ".http-", ".jsonl.part"
+_CHUNK = 1 << 16
+_FIELD_MAX = 64 * 1024
+_MAX_LIST = 1000
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Problem(Exception):
+    """An error answered as `{"error": {"message", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def response(self) -> web.Response:
+        """The JSON error response."""
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return json_response(
+            {"error": {"message": self.message, "code": self.code}}, self.status, headers
+        )
+
+
+def json_response(
+    obj: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON response encoded with orjson."""
+    return web.Response(
+        body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def check_name(name: str) -> str:
+    """A job NAME: `[A-Za-z0-9._-]{1,100}`, not hidden; a trailing `.jsonl` is dropped."""
+    name = name.removesuffix(SUFFIX)
+    if not NAME_RE.fullmatch(name) or name.startswith("."):
+        raise Problem(400, "invalid_name", "name must match [A-Za-z0-9._-]{1,100}, no leading '.'")
+    return name
+
+
+def parse_metadata(text: str, fixed: Mapping[str, str]) -> dict[str, str]:
+    """Metadata given as JSON text (form field or header), checked against the API's rules."""
+    try:
+        return jobmeta.check(orjson.loads(text), fixed)
+    except orjson.JSONDecodeError:
+        raise Problem(400, "invalid_metadata", "metadata is not valid JSON") from None
+    except jobmeta.InvalidMetadata as e:
+        raise Problem(400, "invalid_metadata", str(e)) from None
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """The JSON of a job in listings."""
+    counts = {"total": job.requests, "completed": job.completed, "failed": job.failed}
+    return {**job.to_dict(), "request_counts": counts}
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while chunk := await part.read_chunk(_CHUNK):
+        yield chunk
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    data = b""
+    async for chunk in _part_chunks(part):
+        data += chunk
+        if len(data) > _FIELD_MAX:
+            raise Problem(400, "field_too_large", f"form field {part.name!r} is too large")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Problem(400, "invalid_field", f"form field {part.name!r} is not UTF-8") from None
+
+
+def _name_from_filename(filename: str | None) -> str | None:
+    if not filename:
+        return None
+    try:
+        return check_name(Path(filename).name)
+    except Problem:
+        return None
+
+
+def place(inbox: Path, part: Path, name: str) -> str:
+    """Move a finished upload to inbox/NAME.jsonl (NAME-2.jsonl, … if taken); returns it."""
+    n = 1
+    while True:
+        fname = f"{name if n == 1 else f'{name}-{n}'}{SUFFIX}"
+        try:
+            os.link(part, inbox / fname)
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            # No hard links here: reserve the name with O_EXCL, then rename over it.
+            try:
+                os.close(os.open(inbox / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                n += 1
+                continue
+            os.rename(part, inbox / fname)
+            return fname
+        part.unlink()
+        return fname
+
+
+class _Upload:
+    """What one POST /v1/jobs carried besides the file itself."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.metadata: str | None = None
+        self.filename: str | None = None
+        self.size: int | None = None
+
+
+class QueueApi:
+    """Handlers of /v1/jobs; every route checks the bearer token first."""
+
+    def __init__(self, ctx: Context, token: str) -> None:
+        self.ctx = ctx
+        self._token = token.encode()
+        self.max_bytes = ctx.cfg.http.max_upload_bytes
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def _authorize(self, req: web.Request) -> None:
+        scheme, _, cred = req.headers.get("Authorization", "").partition(" ")
+        cred = cred.strip()
+        if scheme.lower() != "bearer" or not cred:
+            raise Problem(
+                401, "unauthorized", "missing or malformed 'Authorization: Bearer' header"
+            )
+        if not hmac.compare_digest(cred.encode(), self._token):
+            raise Problem(403, "forbidden", "invalid token")
+
+    def guarded(self, handler: Handler) -> Handler:
+        """Wrap a handler: token check first, then Problem → JSON error."""
+
+        async def wrapped(req: web.Request) -> web.StreamResponse:
+            try:
+                self._authorize(req)
+                return await handler(req)
+            except Problem as p:
+                return p.response()
+
+        return wrapped
+
+    async def _job(self, req: web.Request) -> Job:
+        ref = req.match_info["ref"]
+        found = await self.ctx.store.find_jobs(ref)
+        if not found:
+            raise Problem(404, "not_found", f"no job matches {ref!r}")
+        if len(found) > 1:
+            ids = ", ".join(j.id for j in found[:5])
+            raise Problem(400, "ambiguous", f"{ref!r} matches {len(found)} jobs: {ids}")
+        return found[0]
+
+    # --- POST /v1/jobs --------------------------------------------------------------------
+
+    async def submit(self, req: web.Request) -> web.StreamResponse:
+        """Stream the body into inbox/, claim it as a job, answer 202 with its id."""
+        up = _Upload()
+        up.name = req.query.get("name")
+        up.metadata = req.headers.get(METADATA_HEADER)
+        fixed = self.ctx.cfg.batch.metadata
+        if up.name is not None:
+            check_name(up.name)  # fail before reading a byte of the body
+        if up.metadata is not None:
+            parse_metadata(up.metadata, fixed)
+        part = self.ctx.spool.inbox / f"{_PART_PREFIX}{secrets.token_hex(8)}{_PART_SUFFIX}"
+        try:
+            if req.content_type == "multipart/form-data":
+                try:
+                    await self._receive_form(req, part, up)
+                except ValueError as e:  # aiohttp's word for a malformed multipart body
+                    raise Problem(400, "invalid_form", f"malformed multipart body: {e}") from None
+            elif req.content_type in JSONL_TYPES:
+                if req.content_length is not None and req.content_length > self.max_bytes:
+                    raise self._too_large()
+                up.size = await self._write(req.content.iter_chunked(_CHUNK), part)
+            else:
+                raise Problem(
+                    415,
+                    "unsupported_media_type",
+                    "send application/jsonl (or application/x-ndjson, text/plain) "
+                    "or multipart/form-data with a 'file' part",
+                )
+            if not up.size:
+                raise Problem(400, "empty_body", "the uploaded file is empty")
+            name = check_name(up.name) if up.name is not None else None
+            name = name or _name_from_filename(up.filename) or f"http-{secrets.token_hex(4)}"
+            meta = parse_metadata(up.metadata, fixed) if up.metadata is not None else {}
+            job = await self._enqueue(part, name, meta, up.size)
+        except (HttpProcessingError, ConnectionError) as e:
+            # The client went away mid-upload; nobody reads this answer.
+            _unlink_quiet(part)
+            self.ctx.log.warning("upload_aborted", error=str(e))
+            return Problem(400, "upload_aborted", "the upload was cut off").response()
+        except BaseException:
+            _unlink_quiet(part)
+            raise
+        location = f"/v1/jobs/{job.id}"
+        body = {"id": job.id, "name": job.name, "state": str(job.state)}
+        return json_response(body, 202, {"Location": location})
+
+    def _too_large(self) -> Problem:
+        return Problem(413, "too_large", f"the upload exceeds {self.max_bytes} bytes")
+
+    async def _write(self, chunks: AsyncIterator[bytes], path: Path) -> int:
+        """Stream chunks into a new file at `path`, fsynced; returns its size."""
+        size = 0
+        with path.open("xb") as f:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise self._too_large()
+                f.write(chunk)
+            f.flush()
+            await asyncio.to_thread(os.fsync, f.fileno())
+        return size
+
+    async def _receive_form(self, req: web.Request, path: Path, up: _Upload) -> None:
+        reader = await req.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise Problem(400, "invalid_form", "nested multipart is not supported")
+            if part.name == "file":
+                if up.size is not None:
+                    raise Problem(400, "invalid_form", "more than one 'file' part")
+                up.filename = part.filename
+                up.size = await self._write(_part_chunks(part), path)
+            elif part.name == "name":
+                up.name = await _read_field(part)
+            elif part.name == "metadata":
+                up.metadata = await _read_field(part)
+            else:
+                await part.release()
+        if up.size is None:
+            raise Problem(400, "missing_file", "multipart/form-data needs a 'file' part")
+
+    async def _enqueue(self, part: Path, name: str, meta: dict[str, str], size: int) -> Job:
+        ctx = self.ctx
+        # No await between placing and claiming: intake cannot take the file first,
+        # so the job id is ours to answer with.
+        fname = place(ctx.spool.inbox, part, name)
+        claimed = ctx.spool.claim(fname)
+        if claimed is None:
+            raise Problem(500, "internal", f"inbox/{fname} vanished before it was claimed")
+        if meta:
+            jobmeta.write(ctx.spool, claimed.job_id, meta)
+        job = await ctx.store.create_job(claimed.job_id, claimed.name, claimed.rel_path, "http")
+        ctx.log.info("job_claimed", job_id=job.id, name=job.name, source="http", bytes=size)
+        ctx.wake_submit.set()
+        return job
+
+    # --- GET ------------------------------------------------------------------------------
+
+    async def list_jobs(self, req: web.Request) -> web.StreamResponse:
+        """Jobs, newest first; `state` (comma-separated), `since` (epoch or ISO), `limit`."""
+        q = req.query
+        states: list[JobState] | None = None
+        if q.get("state"):
+            try:
+                states = [JobState(s.strip()) for s in q["state"].split(",")]
+            except ValueError:
+                known = ", ".join(s.value for s in JobState)
+                raise Problem(400, "invalid_state", f"state: one of {known}") from None
+        since = _parse_since(q["since"]) if q.get("since") else None
+        try:
+            limit = int(q.get("limit", "100"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= _MAX_LIST:
+            raise Problem(400, "invalid_limit", f"limit: an integer 1..{_MAX_LIST}")
+        jobs = await self.ctx.store.jobs(states, since)
+        jobs.reverse()
+        data = [job_view(j) for j in jobs[:limit]]
+        return json_response({"object": "list", "data": data, "has_more": len(jobs) > limit})
+
+    async def show(self, req: web.Request) -> web.StreamResponse:
+        """One job with its counts, batches (attempts), metadata and result dir."""
+        job = await self._job(req)
+        attempts = await self.ctx.store.attempts(job.id)
+        return json_response(
+            {
+                **job_view(job),
+                "metadata": jobmeta.read(self.ctx.spool, job),
+                "batches": [a.to_dict() for a in attempts],
+            }
+        )
+
+    async def output(self, req: web.Request) -> web.StreamResponse:
+        """Stream done/NAME/output.jsonl."""
+        return await self._result_file(req, "output.jsonl")
+
+    async def errors(self, req: web.Request) -> web.StreamResponse:
+        """Stream done/NAME/errors.jsonl."""
+        return await self._result_file(req, "errors.jsonl")
+
+    async def _result_file(self, req: web.Request, fname: str) -> web.StreamResponse:
+        job = await self._job(req)
+        # Only a published result dir is served: it appears complete, in one rename.
+        if job.result_dir:
+            path = self.ctx.spool.path(job.result_dir) / fname
+            if path.is_file():
+                return web.FileResponse(path, headers={"Content-Type": "application/jsonl"})
+        if job.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+            raise Problem(404, "not_found", f"job {job.id} ({job.state}) has no {fname}")
+        raise Problem(404, "not_ready", f"job {job.id} is {job.state}; no {fname} yet")
+
+    # --- POST /v1/jobs/{ref}/cancel -------------------------------------------------------
+
+    async def cancel(self, req: web.Request) -> web.StreamResponse:
+        """Ask the daemon to cancel a live job (its stages act on the flag); 409 once ended."""
+        job = await self._job(req)
+        if not await self.ctx.store.request_cancel(job.id):
+            raise Problem(409, "job_ended", f"job {job.id} has already ended ({job.state})")
+        self.ctx.wake_track.set()
+        self.ctx.wake_collect.set()
+        self.ctx.log.info("cancel_requested", job_id=job.id, source="http")
+        job = await self.ctx.store.job(job.id)
+        return json_response({**job_view(job), "cancel_requested": True}, 202)
+
+
+def _parse_since(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise Problem(400, "invalid_since", "since: epoch seconds or an ISO-8601 time") from None
+    if dt.tzinfo is None:
+        raise Problem(400, "invalid_since", "since: an ISO-8601 time needs a UTC offset")
+    return dt.timestamp()
+
+
+def sweep_partials(ctx: Context) -> int:
+    """Remove uploads cut off by a crash (the daemon holds the spool lock); returns how many."""
+    n = 0
+    for e in os.scandir(ctx.spool.inbox):
+        if e.name.startswith(_PART_PREFIX) and e.name.endswith(_PART_SUFFIX):
+            _unlink_quiet(Path(e.path))
+            n += 1
+    return n
+
+
+def mount(app: web.Application, ctx: Context, token: str) -> None:
+    """Add the /v1/jobs routes (only called when a token is configured)."""
+    n = sweep_partials(ctx)
+    if n:
+        ctx.log.info("partial_uploads_removed", count=n)
+    q = QueueApi(ctx, token)
+    app.router.add_post("/v1/jobs", q.guarded(q.submit))
+    app.router.add_get("/v1/jobs", q.guarded(q.list_jobs))
+    app.router.add_get("/v1/jobs/{ref}", q.guarded(q.show))
+    app.router.add_get("/v1/jobs/{ref}/output", q.guarded(q.output))
+    app.router.add_get("/v1/jobs/{ref}/errors", q.guarded(q.errors))
+    app.router.add_post("/v1/jobs/{ref}/cancel", q.guarded(q.cancel))

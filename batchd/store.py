@@ -235,6 +235,7 @@ class Store:
         self._db = db
         self._clock = clock
         self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, path: Path, clock: Clock = time.time) -> Store:
@@ -275,12 +276,25 @@ class Store:
                 raise
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Finish transactions in flight, then close the connection."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
         await self._db.close()
 
-    async def _tx(
-        self, statements: Iterable[tuple[str, Sequence[Any] | Mapping[str, Any]]]
-    ) -> None:
+    async def _tx(self, statements: Iterable[tuple[str, _Params]]) -> None:
+        """Run statements in one transaction that a cancelled caller cannot cut in half.
+
+        aiosqlite runs each statement in its thread even when the awaiting task is
+        cancelled, so a cancellation mid-way would leave a transaction open or roll
+        back one already committed; the transaction therefore runs in its own task
+        that the caller's cancellation does not reach (close() waits for it).
+        """
+        task = asyncio.create_task(self._run_tx(list(statements)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _run_tx(self, statements: list[tuple[str, _Params]]) -> None:
         async with self._lock:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -288,7 +302,8 @@ class Store:
                     await self._db.execute(sql, params)
                 await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
                 raise
 
     @staticmethod

@@ -71,7 +71,7 @@ async def served(
 
 
 async def test_post_jsonl_poll_until_done_and_stream_output(
-    served: tuple[Config, str, aiohttp.ClientSession],
+    served: tuple[Config, str, aiohttp.ClientSession], emulator: Emulator
 ) -> None:
     cfg, _base, s = served
     data = chat_lines(5)
@@ -93,6 +93,8 @@ async def test_post_jsonl_poll_until_done_and_stream_output(
     done = cfg.spool.dir / "done" / "req"
     assert (done / "input.jsonl").read_bytes() == data
     assert orjson.loads((done / "metadata.json").read_bytes()) == {"team": "search"}
+    [batch] = emulator.state.batches()  # the metadata reached the batch itself
+    assert batch["metadata"]["team"] == "search" and batch["metadata"]["batchd_job"]
 
     async with s.get(f"{location}/output", headers=AUTH) as r:
         assert r.status == 200

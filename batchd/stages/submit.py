@@ -19,7 +19,7 @@ from typing import Any
 
 from ulid import ULID
 
-from batchd import jsonl, pieces
+from batchd import jobmeta, jsonl, pieces
 from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Tap, Transient
 from batchd.stages import Context, sync_job, wait_for
@@ -144,6 +144,16 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         att = await _upload_while_validating(ctx, job, path, consume)
         if att is None:
             summary, sha = await asyncio.to_thread(_validate, path)
+            # The whole file may have been uploaded before a restart: that attempt is
+            # settled below like a fresh one (kept as piece 0, or discarded).
+            att = next(
+                (
+                    a
+                    for a in await ctx.store.attempts(job.id)
+                    if a.open and a.piece == 0 and a.input_path == job.input_path
+                ),
+                None,
+            )
         else:
             summary, sha = v.finish(), h.hexdigest()
     except OSError as e:
@@ -274,7 +284,8 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
         att = await ctx.store.attempt(att.id)
     assert att.file_id is not None
-    metadata = {**ctx.cfg.batch.metadata, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
+    extra = jobmeta.read(ctx.spool, job) if job.source == "http" else {}
+    metadata = {**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
     await ctx.store.update_attempt(att.id, create_sent_at=ctx.clock())
     try:
         batch = await ctx.api.create_batch(

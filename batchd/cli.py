@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
+import re
+import shutil
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +23,8 @@ import orjson
 
 from batchd import __version__, jsonl, logs
 from batchd.config import Config, ConfigError, load
-from batchd.spool import Spool, SpoolLocked
+from batchd.spool import Spool, SpoolLocked, enter_inbox
+from batchd.states import JobState
 from batchd.store import Job, Store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
@@ -88,10 +94,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """List jobs."""
     cfg = _config(args)
 
+    states = [JobState(s) for s in args.state] if args.state else None
+    since = _parse_since(args.since) if args.since else None
+
     async def go() -> list[Job]:
         store = await _with_store(cfg)
         try:
-            return await store.jobs()
+            return await store.jobs(states, since)
         finally:
             await store.close()
 
@@ -257,24 +266,133 @@ def cmd_retry(args: argparse.Namespace) -> int:
             return EXIT_FAIL
         spool = Spool(cfg.spool.dir)
         spool.ensure()
-        name = f"{job.name}-retry"
-        tmp = spool.inbox / f".{name}.jsonl.part"
+        tmp = spool.inbox / f".retry-{job.id}.jsonl.part"
         sub = pieces.write_subset(result / "input.jsonl", todo, tmp)
-        dest = _free_inbox_name(spool, name)
-        tmp.rename(dest)
-        print(f"resubmitted {sub.requests} unfinished request(s) of {job.id} as {dest}")
+        fname = enter_inbox(spool.inbox, tmp, f"{job.name}-retry")
+        print(f"resubmitted {sub.requests} unfinished request(s) of {job.id} as inbox/{fname}")
         return EXIT_OK
 
     return asyncio.run(go())
 
 
-def _free_inbox_name(spool: Spool, name: str) -> Path:
-    n = 1
-    while True:
-        p = spool.inbox / (f"{name}.jsonl" if n == 1 else f"{name}-{n}.jsonl")
-        if not p.exists():
-            return p
-        n += 1
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Copy files into the inbox atomically (temp name, fsync, rename)."""
+    cfg = _config(args)
+    if args.name and len(args.files) > 1:
+        print("batchd: --name needs exactly one FILE", file=sys.stderr)
+        return EXIT_USAGE
+    if args.name and not _NAME.fullmatch(args.name):
+        print("batchd: --name: letters, digits, '.', '_' and '-' only", file=sys.stderr)
+        return EXIT_USAGE
+    spool = Spool(cfg.spool.dir)
+    try:
+        spool.ensure()
+    except OSError as e:
+        print(f"batchd: [spool] dir: {cfg.spool.dir}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAIL
+    bad = 0
+    for name in args.files:
+        src = Path(name)
+        if not args.no_validate:
+            try:
+                summary = jsonl.validate_path(src)
+            except OSError as e:
+                print(f"{name}:0: unreadable: {e.strerror or e}")
+                bad += 1
+                continue
+            if not summary.ok:
+                for p in summary.problems:
+                    print(jsonl.format_problem(name, p))
+                bad += 1
+                continue
+        stem = args.name or src.name.removesuffix(".jsonl")
+        tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"
+        try:
+            with src.open("rb") as fin, tmp.open("wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                fout.flush()
+                os.fsync(fout.fileno())
+            fname = enter_inbox(spool.inbox, tmp, stem)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(f"batchd: {name}: {e.strerror or e}", file=sys.stderr)
+            bad += 1
+            continue
+        print(f"{name} -> {spool.inbox / fname}")
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check config, spool, database and API reachability; one line per check."""
+    results: list[tuple[bool, str, str]] = []
+    try:
+        cfg = _config(args)
+    except ConfigError as e:
+        print(f"FAIL  config    {e}")
+        return EXIT_FAIL
+    results.append((True, "config", str(cfg.source or "")))
+    try:
+        Spool(cfg.spool.dir).ensure()
+        probe = cfg.spool.dir / "inbox" / f".check-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+        results.append((True, "spool", f"{cfg.spool.dir} writable"))
+    except OSError as e:
+        results.append((False, "spool", f"{cfg.spool.dir}: {e.strerror or e}"))
+
+    async def db_and_api() -> list[tuple[bool, str, str]]:
+        out: list[tuple[bool, str, str]] = []
+        try:
+            store = await Store.open(cfg.state.database)
+            try:
+                n = sum((await store.count_by_state()).values())
+            finally:
+                await store.close()
+            out.append((True, "database", f"{cfg.state.database} ({n} jobs)"))
+        except Exception as e:  # any failure is the answer to this check
+            out.append((False, "database", f"{cfg.state.database}: {e}"))
+        key = None
+        try:
+            key = cfg.api.api_key()
+        except OSError as e:
+            out.append((False, "api key", f"[api] api_key_file: {e.strerror or e}"))
+        if key is None:
+            out.append(
+                (
+                    False,
+                    "api key",
+                    f"not set (${cfg.api.api_key_env}, [api] api_key_file"
+                    " or $CREDENTIALS_DIRECTORY/openai_api_key)",
+                )
+            )
+            return out
+        out.append((True, "api key", f"found ({len(key)} characters)"))
+        from batchd.api import ApiError, BatchApi
+        from batchd.metrics import Metrics
+
+        api_cfg = dataclasses.replace(cfg.api, max_retries=1)
+        try:
+            async with BatchApi(api_cfg, key, Metrics()) as api:
+                page = await api.list_batches(1)
+            out.append(
+                (
+                    True,
+                    "api",
+                    f"{cfg.api.base_url} reachable, key accepted "
+                    f"({len(page.get('data') or [])} batch listed)",
+                )
+            )
+        except ApiError as e:
+            out.append((False, "api", f"{cfg.api.base_url}: HTTP {e.status}: {e.message}"))
+        return out
+
+    results += asyncio.run(db_and_api())
+    for ok, what, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {what:9} {detail}")
+    return EXIT_OK if all(ok for ok, _, _ in results) else EXIT_FAIL
 
 
 # --- emulator / demo ------------------------------------------------------------------
@@ -339,6 +457,21 @@ def _config(args: argparse.Namespace) -> Config:
     return load(args.config)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_since(text: str) -> float:
+    """`2h`, `30m`, `7d`, `90s` ago, or an ISO-8601 time; as unix seconds."""
+    if text[:-1].isdigit() and text[-1:] in _UNITS:
+        return time.time() - int(text[:-1]) * _UNITS[text[-1]]
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        msg = f"--since: expected e.g. 2h, 30m, 7d or an ISO-8601 time, got {text!r}"
+        raise ConfigError(msg) from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every sub-command."""
     p = argparse.ArgumentParser(prog="batchd", description=__doc__.split("\n")[0])
@@ -353,12 +486,32 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--once", action="store_true", help="process everything, then exit")
     r.set_defaults(func=cmd_run)
 
+    sm = with_config(sub.add_parser("submit", help="copy files into the inbox atomically"))
+    sm.add_argument("files", nargs="+", metavar="FILE")
+    sm.add_argument("--name", help="job NAME (one FILE only; default: the file name)")
+    sm.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip the local check (the daemon validates anyway)",
+    )
+    sm.set_defaults(func=cmd_submit)
+
+    ck = with_config(sub.add_parser("check", help="check config, spool, database, API"))
+    ck.set_defaults(func=cmd_check)
+
     v = sub.add_parser("validate", help="check JSONL files with the daemon's rules")
     v.add_argument("files", nargs="+", metavar="FILE")
     v.set_defaults(func=cmd_validate)
 
     j = with_config(sub.add_parser("jobs", help="list jobs"))
     j.add_argument("--json", action="store_true")
+    j.add_argument(
+        "--state",
+        action="append",
+        choices=[s.value for s in JobState],
+        help="only jobs in this state (repeatable)",
+    )
+    j.add_argument("--since", help="only jobs claimed since: 2h, 30m, 7d, or ISO-8601 time")
     j.set_defaults(func=cmd_jobs)
 
     s = with_config(sub.add_parser("show", help="show one job"))

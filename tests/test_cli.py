@@ -138,3 +138,54 @@ async def test_sigterm_stops_gracefully_with_store_consistent(
     db = sqlite3.connect(tmp_path / "batchd.db")
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     db.close()
+
+
+async def test_submit_copies_atomically_never_overwrites(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    conf = _write_config(tmp_path, emulator.url)
+    src = tmp_path / "mine.jsonl"
+    src.write_bytes(chat_lines(2))
+    r1 = await asyncio.to_thread(batchd, "submit", str(src), "--config", str(conf))
+    r2 = await asyncio.to_thread(batchd, "submit", str(src), "--name", "mine", "-c", str(conf))
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    inbox = tmp_path / "spool" / "inbox"
+    assert sorted(p.name for p in inbox.iterdir()) == ["mine-2.jsonl", "mine.jsonl"]
+    assert (inbox / "mine.jsonl").read_bytes() == src.read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"{nope\n")
+    r3 = await asyncio.to_thread(batchd, "submit", str(bad), "-c", str(conf))
+    assert r3.returncode == 1 and f"{bad}:1: invalid_json" in r3.stdout
+    assert not (inbox / "bad.jsonl").exists()
+    await run_once(make_config(tmp_path, emulator.url, spool={"dir": str(tmp_path / "spool")}))
+    assert (tmp_path / "spool" / "done" / "mine-2" / "output.jsonl").exists()
+    r4 = await asyncio.to_thread(
+        batchd, "jobs", "--state", "done", "--since", "1h", "-c", str(conf)
+    )
+    assert r4.stdout.count("done") == 2
+    r5 = await asyncio.to_thread(batchd, "jobs", "--state", "failed", "-c", str(conf))
+    assert "mine" not in r5.stdout
+
+
+async def test_check_reports_each_thing(tmp_path: Path, emulator: Emulator) -> None:
+    conf = _write_config(tmp_path, emulator.url)
+    env = {**os.environ, KEY_ENV: "sk-test-0123456789abcdefSECRET"}
+    ok = await asyncio.to_thread(batchd, "check", "-c", str(conf), env=env)
+    assert ok.returncode == 0, ok.stdout
+    assert [line.split()[:2] for line in ok.stdout.splitlines()] == [
+        ["ok", "config"],
+        ["ok", "spool"],
+        ["ok", "database"],
+        ["ok", "api"],
+        ["ok", "api"],
+    ]
+    wrong = await asyncio.to_thread(
+        batchd, "check", "-c", str(conf), env={**env, KEY_ENV: "sk-wrong-key-000000000000"}
+    )
+    assert wrong.returncode == 1
+    assert "FAIL  api" in wrong.stdout and "401" in wrong.stdout
+    assert "sk-wrong-key-000000000000" not in wrong.stdout
+    nokey = await asyncio.to_thread(
+        batchd, "check", "-c", str(conf), env={k: v for k, v in env.items() if k != KEY_ENV}
+    )
+    assert nokey.returncode == 1 and "FAIL  api key" in nokey.stdout

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -70,6 +70,32 @@ class Daemon:
     async def _wait_stop(self) -> None:
         await self.stop_event.wait()
         raise _Stop
+
+    async def _supervised(
+        self, name: str, stage: Callable[[Context], Awaitable[None]], ctx: Context
+    ) -> None:
+        """Run a stage for ever; if it fails (disk full, database locked, a bug), log it
+        and start it again after a backoff. Every stage is level-triggered, so a
+        restart picks up exactly where the store says things are."""
+        failures = 0
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                await stage(ctx)
+            except Exception as e:
+                if asyncio.get_running_loop().time() - started > 60:
+                    failures = 0
+                failures += 1
+                delay = min(60.0, 0.5 * 2 ** min(failures, 7))
+                self.metrics.stage_restarts.labels(name).inc()
+                self.log.error(
+                    "stage_failed",
+                    stage=name,
+                    error=f"{type(e).__name__}: {e}",
+                    retry_in=delay,
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog from the event loop, so a hung loop gets restarted."""
@@ -155,10 +181,13 @@ class Daemon:
                     listen=cfg.http.listen if self.serve_http else None,
                 )
                 async with asyncio.TaskGroup() as tg:
-                    tg.create_task(watch.run(ctx), name="intake")
-                    tg.create_task(submit.run(ctx), name="submit")
-                    tg.create_task(track.run(ctx), name="track")
-                    tg.create_task(collect.run(ctx), name="collect")
+                    for name, stage in (
+                        ("intake", watch.run),
+                        ("submit", submit.run),
+                        ("track", track.run),
+                        ("collect", collect.run),
+                    ):
+                        tg.create_task(self._supervised(name, stage, ctx), name=name)
                     tg.create_task(self._wait_stop(), name="stop")
                     tg.create_task(self._watchdog(), name="watchdog")
                     tg.create_task(self._status(ctx), name="status")

@@ -126,6 +126,14 @@ class Metrics:
             "Unix time of the last poll cycle that reached the API",
             registry=r,
         )
+        self.stage_restarts = Counter(
+            "batchd_stage_restarts",
+            "Stages restarted after an unexpected error (disk full, database locked, ...)",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("intake", "submit", "track", "collect"):
+            self.stage_restarts.labels(stage)
         self.validation_failures = Counter(
             "batchd_validation_failures", "Input files rejected by local validation", registry=r
         )

@@ -143,6 +143,26 @@ async def test_api_4xx_fails_job_with_message(tmp_path: Path) -> None:
         emu.state.close()
 
 
+async def _dump(db: Path) -> str:
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        rows = [
+            con.execute(q).fetchall()
+            for q in (
+                "SELECT id, state, reason FROM jobs",
+                "SELECT id, piece, file_id, batch_id, create_sent_at, status, collected, abandoned,"
+                " outcome, upload_started_at FROM attempts",
+                "SELECT * FROM pieces",
+                "SELECT kind, old_state, new_state, detail FROM events",
+            )
+        ]
+    finally:
+        con.close()
+    return "\n".join(map(str, rows))
+
+
 async def test_restart_while_in_flight_creates_no_second_batch(tmp_path: Path) -> None:
     emu, runner = await start_emulator(time_scale=0.2)  # ~1 s in flight
     try:
@@ -150,8 +170,12 @@ async def test_restart_while_in_flight_creates_no_second_batch(tmp_path: Path) -
         drop(cfg, "r.jsonl", chat_lines(5))
         d = Daemon(cfg)
         task = asyncio.create_task(d.run())
-        while emu.state.batches_created == 0:
+        for _ in range(1000):
+            if emu.state.batches_created:
+                break
             await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"no batch created; calls={dict(emu.state.calls)}")
         d.request_stop()
         await asyncio.wait_for(task, 10)
         store = await Store.open(cfg.state.database)
@@ -160,7 +184,10 @@ async def test_restart_while_in_flight_creates_no_second_batch(tmp_path: Path) -
         # Stopped right after the create: either recorded, or its outcome unknown
         # (then the restart finds the batch by its attempt id instead of creating again).
         assert job.state in (JobState.SUBMITTING, JobState.TRACKING)
-        await run_once(cfg)
+        try:
+            await run_once(cfg, timeout=30)
+        except TimeoutError:
+            raise AssertionError(await _dump(cfg.state.database)) from None
         assert emu.state.batches_created == 1
         assert len(read_jsonl(cfg.spool.dir / "done" / "r" / "output.jsonl")) == 5
     finally:

@@ -141,7 +141,10 @@ class LimitsConfig:
 class UploadConfig:
     """[upload]: when to use the Uploads API (parts) instead of one multipart request."""
 
-    uploads_api_threshold_bytes: int = 100_000_000
+    # Above the largest batch input (200 MB), so by default every piece goes in one
+    # request: over a fast link the Uploads API's parts and server-side assembly cost
+    # ~50 % more time for a 190 MB file (bench/big_submit.py); lower it for a flaky link.
+    uploads_api_threshold_bytes: int = 200 * 1024 * 1024
     part_bytes: int = 64 * 1024 * 1024
 
 
@@ -349,7 +352,7 @@ def _pieces(data: Mapping[str, Any]) -> dict[str, Any]:
             _int(lim, "limits", "max_embedding_inputs_per_batch", 50_000, 1, 50_000),
         ),
         "upload": UploadConfig(
-            _int(up, "upload", "uploads_api_threshold_bytes", 100 * mb, 1, 1 << 40),
+            _int(up, "upload", "uploads_api_threshold_bytes", 200 << 20, 1, 1 << 40),
             _int(up, "upload", "part_bytes", 64 << 20, 1024, 64 << 20),
         ),
         "retry": RetryConfig(

@@ -10,7 +10,6 @@ that, the partial file is removed: nothing partial is ever left in the spool.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hmac
 import os
 import re
@@ -25,7 +24,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batchd import jobmeta
-from batchd.spool import SUFFIX
+from batchd.spool import SUFFIX, enter_inbox
 from batchd.stages import Context
 from batchd.states import JobState
 from batchd.store import Job
@@ -120,31 +119,6 @@ def _name_from_filename(filename: str | None) -> str | None:
         return check_name(Path(filename).name)
     except Problem:
         return None
-
-
-def place(inbox: Path, part: Path, name: str) -> str:
-    """Move a finished upload to inbox/NAME.jsonl (NAME-2.jsonl, … if taken); returns it."""
-    n = 1
-    while True:
-        fname = f"{name if n == 1 else f'{name}-{n}'}{SUFFIX}"
-        try:
-            os.link(part, inbox / fname)
-        except FileExistsError:
-            n += 1
-            continue
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise
-            # No hard links here: reserve the name with O_EXCL, then rename over it.
-            try:
-                os.close(os.open(inbox / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            except FileExistsError:
-                n += 1
-                continue
-            os.rename(part, inbox / fname)
-            return fname
-        part.unlink()
-        return fname
 
 
 class _Upload:
@@ -286,7 +260,7 @@ class QueueApi:
         ctx = self.ctx
         # No await between placing and claiming: intake cannot take the file first,
         # so the job id is ours to answer with.
-        fname = place(ctx.spool.inbox, part, name)
+        fname = enter_inbox(ctx.spool.inbox, part, name)
         claimed = ctx.spool.claim(fname)
         if claimed is None:
             raise Problem(500, "internal", f"inbox/{fname} vanished before it was claimed")

@@ -8,6 +8,7 @@ A job's results are assembled in `processing/JOB.d/` and published into
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -109,11 +110,13 @@ class Spool:
         ready = [e for e in entries if is_candidate(e.name)]
         return [e.name for e in sorted(ready, key=_mtime)]
 
-    def claim(self, filename: str) -> Claimed | None:
+    def claim(self, filename: str, sync: bool = True) -> Claimed | None:
         """Rename inbox/FILE to processing/JOB--NAME.jsonl; None if it vanished meanwhile.
 
         The rename moves whatever the entry is (a symlink is moved, never followed);
-        validation later rejects anything that is not a regular file.
+        validation later rejects anything that is not a regular file. With
+        sync=False the caller makes it durable with `sync_claims()` (one pair of
+        fsyncs for a whole burst) before recording the job.
         """
         job_id = str(ULID())
         name = filename[: -len(SUFFIX)]
@@ -122,9 +125,14 @@ class Spool:
             os.rename(self.inbox / filename, self.root / rel)
         except FileNotFoundError:
             return None
+        if sync:
+            self.sync_claims()
+        return Claimed(job_id, name, rel)
+
+    def sync_claims(self) -> None:
+        """fsync processing/ and inbox/: every claim rename so far is durable."""
         fsync_dir(self.processing)
         fsync_dir(self.inbox)
-        return Claimed(job_id, name, rel)
 
     def orphans(self, known: set[str]) -> Iterator[Claimed]:
         """Claimed files with no job record (a crash between rename and insert)."""
@@ -178,3 +186,34 @@ def _mtime(e: os.DirEntry[str]) -> float:
         return e.stat(follow_symlinks=False).st_mtime
     except OSError:
         return 0.0
+
+
+def enter_inbox(inbox: Path, part: Path, name: str) -> str:
+    """Move a finished file (written and fsynced elsewhere on the same filesystem) to
+    inbox/NAME.jsonl, or NAME-2.jsonl, … when taken; returns the name it got.
+
+    A hard link never replaces an existing name, so concurrent writers (the HTTP
+    queue, `batchd submit` from other users) cannot clobber each other.
+    """
+    n = 1
+    while True:
+        fname = f"{name if n == 1 else f'{name}-{n}'}{SUFFIX}"
+        try:
+            os.link(part, inbox / fname)
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+                raise
+            # No hard links on this filesystem: check, then rename (racy only between
+            # two writers choosing the same name in the same instant).
+            if os.path.lexists(inbox / fname):
+                n += 1
+                continue
+            os.rename(part, inbox / fname)
+            fsync_dir(inbox)
+            return fname
+        part.unlink()
+        fsync_dir(inbox)
+        return fname

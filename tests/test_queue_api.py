@@ -16,7 +16,7 @@ import pytest
 
 from batchd.config import Config, ConfigError
 from batchd.daemon import Daemon
-from batchd.queue_api import place
+from batchd.spool import enter_inbox
 from tests.conftest import Emulator, chat_lines, make_config, start_emulator
 from tests.daemon_http import free_port, running_daemon, until
 
@@ -171,7 +171,7 @@ def test_place_never_clobbers(
     (tmp_path / "x-2.jsonl").write_bytes(b"theirs too")
     part = tmp_path / ".http-1.jsonl.part"
     part.write_bytes(b"mine")
-    assert place(tmp_path, part, "x") == "x-3.jsonl"
+    assert enter_inbox(tmp_path, part, "x") == "x-3.jsonl"
     assert (tmp_path / "x.jsonl").read_bytes() == b"theirs"
     assert (tmp_path / "x-2.jsonl").read_bytes() == b"theirs too"
     assert (tmp_path / "x-3.jsonl").read_bytes() == b"mine"

@@ -15,15 +15,17 @@ import functools
 import hashlib
 import heapq
 import itertools
+import os
 import random
 import secrets
+import shutil
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -200,16 +202,33 @@ def _output_ttl(spec: Any) -> int:
     return secs
 
 
-def concat_parts(paths: Sequence[Path], dest: Path) -> str:
-    """Concatenate ``paths`` into ``dest`` (blocking); return the md5 hex digest."""
-    md5 = hashlib.md5(usedforsecurity=False)
+def _copy(src: BinaryIO, out: BinaryIO) -> None:
+    """Append all of `src` to `out`, in the kernel where it can (no copies through Python)."""
+    try:
+        out.flush()
+        while os.copy_file_range(src.fileno(), out.fileno(), 1 << 30):
+            pass
+    except (AttributeError, OSError):  # not Linux, or not between these two files
+        shutil.copyfileobj(src, out, 8 << 20)
+
+
+def concat_parts(paths: Sequence[Path], dest: Path, md5: bool = True) -> str | None:
+    """Concatenate ``paths`` into ``dest`` (blocking); return the md5 hex digest, if asked.
+
+    Hashing 200 MB costs ~0.4 s of CPU on the path of the upload's completion: only a
+    client that sent an md5 to check is made to wait for it.
+    """
+    h = hashlib.md5(usedforsecurity=False) if md5 else None
     with dest.open("wb") as out:
         for p in paths:
             with p.open("rb") as src:
+                if h is None:
+                    _copy(src, out)
+                    continue
                 while chunk := src.read(1 << 20):
-                    md5.update(chunk)
+                    h.update(chunk)
                     out.write(chunk)
-    return md5.hexdigest()
+    return h.hexdigest() if h else None
 
 
 class EmulatorState:
@@ -338,7 +357,7 @@ class EmulatorState:
             raise ApiError(400, msg, "bytes")
         fid = new_id("file-")
         digest = await asyncio.to_thread(
-            concat_parts, [u.parts[p][0] for p in ids], self.data_dir / fid
+            concat_parts, [u.parts[p][0] for p in ids], self.data_dir / fid, md5 is not None
         )
         if u.status != "pending" or (md5 is not None and md5 != digest):
             (self.data_dir / fid).unlink(missing_ok=True)

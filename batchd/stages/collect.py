@@ -6,6 +6,7 @@ publish done/NAME or failed/NAME.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,17 @@ async def _requeue_refused(ctx: Context, att: Attempt, batch: dict[str, Any], ms
     await ctx.store.settle_attempt(att.id, "requeue", batch, nxt, detail={"limit": limit})
 
 
+def _batch_failed(att: Attempt, batch: dict[str, Any]) -> dict[str, Any]:
+    """The report of a job whose batch the API failed."""
+    return {
+        "reason": "batch_failed",
+        "message": "the Batch API rejected the batch",
+        "batch_id": batch.get("id"),
+        "piece": att.piece,
+        "errors": (batch.get("errors") or {}).get("data") or [],
+    }
+
+
 async def settle(ctx: Context, att: Attempt) -> None:
     """Download an ended attempt's results and decide what comes next for its piece."""
     job = await ctx.store.job(att.job_id)
@@ -206,17 +218,7 @@ async def settle(ctx: Context, att: Attempt) -> None:
             await sync_job(ctx, job.id)
             return
         await ctx.store.settle_attempt(att.id, "failed", batch, piece_done=True)
-        await fail_job(
-            ctx,
-            job,
-            {
-                "reason": "batch_failed",
-                "message": "the Batch API rejected the batch",
-                "batch_id": batch.get("id"),
-                "piece": att.piece,
-                "errors": errors,
-            },
-        )
+        await fail_job(ctx, job, _batch_failed(att, batch))
         return
     out_f, err_f = parts / f"{att.id}.output.jsonl", parts / f"{att.id}.errors.jsonl"
     outcome = await asyncio.to_thread(pieces.read_outcome, out_f, err_f)
@@ -265,8 +267,39 @@ async def settle(ctx: Context, att: Attempt) -> None:
 # --- finishing a job ------------------------------------------------------------------
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def _input_sha256(ctx: Context, job: Job, staging: Path) -> str | None:
+    """The input's SHA-256, hashed now if not yet (submission leaves it to this stage,
+    off the path to the batch); recorded before the input moves into the result."""
+    if job.sha256 is not None:
+        return job.sha256
+    path = ctx.spool.path(job.input_path)
+    if not path.exists():
+        path = staging / "input.jsonl"  # moved in by a publish a crash interrupted
+    if not path.exists():
+        return None
+    sha = await asyncio.to_thread(_sha256, path)
+    await ctx.store.update_job(job.id, sha256=sha)
+    return sha
+
+
 async def finish(ctx: Context, job: Job) -> None:
     """Merge every attempt's results into done/NAME/ and end the job."""
+    new_state = JobState.CANCELLED if job.cancel_requested else JobState.DONE
+    staged = (ctx.spool.processing / f"{job.id}.d").exists()
+    rd = job.result_dir
+    if rd and rd.startswith("done/") and ctx.spool.path(rd).exists() and not staged:
+        # Published just before a crash: building the staging dir again would make the
+        # publish rename fail for ever. Only the end is left to record.
+        await publish(ctx, job, "done", new_state, {})
+        return
     atts = [a for a in await ctx.store.attempts(job.id) if a.batch_id and a.collected]
     parts = _parts(ctx, job.id)
     staging = ctx.spool.staging(job.id)
@@ -295,7 +328,6 @@ async def finish(ctx: Context, job: Job) -> None:
         else 0
     )
     usage = sum_usage(batches)
-    new_state = JobState.CANCELLED if job.cancel_requested else JobState.DONE
     await ctx.store.update_job(job.id, completed=completed, failed=failed, usage=usage)
     m = ctx.metrics
     m.requests_completed.inc(completed)
@@ -319,7 +351,7 @@ async def finish(ctx: Context, job: Job) -> None:
         "model": job.model,
         "request_counts": {"total": job.requests or 0, "completed": completed, "failed": failed},
         "usage": usage,
-        "sha256": job.sha256,
+        "sha256": await _input_sha256(ctx, job, staging),
         "timestamps": {
             "claimed_at": job.created_at,
             "finished_at": ctx.clock(),
@@ -370,6 +402,18 @@ async def cancel_requested(ctx: Context) -> None:
         await sync_job(ctx, job.id)
 
 
+async def _reconcile(ctx: Context, job: Job) -> None:
+    """Move on a job whose pieces were all settled before a crash stopped the move."""
+    ps = await ctx.store.pieces(job.id)
+    if not ps or not all(p.done for p in ps):
+        return
+    failed = [a for a in await ctx.store.attempts(job.id) if a.outcome == "failed"]
+    if failed:
+        await fail_job(ctx, job, _batch_failed(failed[-1], failed[-1].batch or {}))
+    else:
+        await sync_job(ctx, job.id)
+
+
 async def run(ctx: Context) -> None:
     """Loop: settle ended attempts, act on cancels, finish jobs whose pieces are all done."""
     while True:
@@ -385,6 +429,11 @@ async def run(ctx: Context) -> None:
                 await fail_job(ctx, job, {"reason": "download_failed", **e.to_dict()})
             except (ApiError, OSError) as e:
                 ctx.log.warning("collect_retry", job_id=att.job_id, error=str(e))
+        for job in await ctx.store.jobs([JobState.SUBMITTING, JobState.TRACKING]):
+            try:
+                await _reconcile(ctx, job)
+            except (ApiError, OSError) as e:
+                ctx.log.warning("reconcile_retry", job_id=job.id, error=str(e))
         for job in await ctx.store.jobs([JobState.COLLECTING]):
             try:
                 if job.reason and job.result_dir and job.result_dir.startswith("failed/"):

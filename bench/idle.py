@@ -1,0 +1,93 @@
+"""Idle cost: CPU and RSS of a daemon with nothing to do.
+
+    python -m bench.idle [--smoke] [--seconds S]
+
+A ready daemon (default config, empty spool) is watched for S seconds (60; smoke
+3): CPU time of its process tree over wall time, and its RSS. Baseline, in the
+same window: the SDK script waiting on one in-flight batch (poll `retrieve` every
+30 s, the daemon's default poll interval). Target: <= 0.5 % of one core, <= 80 MB.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from bench.common import (
+    PY,
+    ROOT,
+    Daemon,
+    Emulator,
+    Row,
+    _env,
+    fmt_ratio,
+    mb,
+    parser,
+    print_table,
+    small_chat,
+    tree_cpu,
+    tree_rss,
+    wait_until,
+    workdir,
+)
+
+
+def main() -> int:
+    """Measure and print the table."""
+    p = parser(__doc__)
+    p.add_argument("--seconds", type=float, help="window (default 60; smoke 3)")
+    a = p.parse_args()
+    window = a.seconds or (3.0 if a.smoke else 60.0)
+    with (
+        workdir("idle") as tmp,
+        Emulator(time_scale=10_000) as emu,
+        Daemon(tmp / "d", emu.url) as d,
+    ):
+        src = tmp / "one.jsonl"
+        src.write_bytes(small_chat(3))
+        sdk = subprocess.Popen(
+            [PY, "-m", "bench.sdk_submit", str(src), "--base-url", emu.url, "--poll", "30"],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: emu.stats()["batches_created"] >= 1, 60, every=0.05)
+            time.sleep(2.0)  # both settled: start-up work done
+            c0, s0, t0 = tree_cpu(d.proc.pid), tree_cpu(sdk.pid), time.monotonic()
+            rss_d, rss_s = [], []
+            while time.monotonic() - t0 < window:
+                rss_d.append(tree_rss(d.proc.pid))
+                rss_s.append(tree_rss(sdk.pid))
+                time.sleep(min(1.0, window / 10))
+            wall = time.monotonic() - t0
+            cpu_d = (tree_cpu(d.proc.pid) - c0) / wall * 100
+            cpu_s = (tree_cpu(sdk.pid) - s0) / wall * 100
+        finally:
+            sdk.terminate()
+            sdk.wait()
+    rows = [
+        Row(
+            f"CPU over {window:g} s (% of one core)",
+            f"{cpu_d:.2f} %",
+            f"{cpu_s:.2f} %",
+            fmt_ratio(cpu_d, cpu_s) if cpu_s >= 0.01 else "-",
+            "<= 0.5 %",
+            cpu_d <= 0.5,
+        ),
+        Row(
+            "RSS, max over the window",
+            mb(max(rss_d)),
+            mb(max(rss_s)),
+            fmt_ratio(max(rss_d), max(rss_s)),
+            "<= 80 MB",
+            max(rss_d) <= 80e6,
+        ),
+    ]
+    notes = ["baseline = the SDK script polling one in-flight batch every 30 s"]
+    print_table("Idle cost (bench.idle)", rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""Every benchmark still runs: each script in --smoke mode (tiny sizes, a few seconds).
+
+Only that it finishes and prints its table is checked here, never a timing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import TABLE_HEADER
+from bench.run_all import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_in_smoke_mode(name: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert TABLE_HEADER in proc.stdout, proc.stdout[-3000:]

@@ -264,12 +264,8 @@ class BatchApi:
         """
         size = path.stat().st_size
         if size < threshold:
-            f = await self.upload_file(path, filename, tap)
-        else:
-            f = await self.upload_parts(path, filename, size, part_bytes, tap)
-        if tap is not None:
-            await tap.drain()  # a retried request's body writer may have left bytes in flight
-        return f
+            return await self.upload_file(path, filename, tap)
+        return await self.upload_parts(path, filename, size, part_bytes, tap)
 
     async def upload_parts(
         self, path: Path, filename: str, size: int, part_bytes: int, tap: Tap | None = None
@@ -484,10 +480,6 @@ class Tap:
         if new:
             self._consume(new)
             self.fed += len(new)
-
-    async def drain(self) -> None:
-        """Wait until every byte fed so far has been consumed (feeding is synchronous,
-        so nothing is ever in flight)."""
 
 
 async def _file_slice(

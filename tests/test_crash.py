@@ -547,3 +547,27 @@ async def test_crash_after_uploading_while_validating(
     assert sorted(ids) == sorted(f"req-{i}" for i in range(len(data.splitlines())))
     assert len(sent) == emulator.state.batches_created == (3 if case == "split" else 1)
     assert all(a.requests and a.est_tokens > 0 and a.model for a in sent)
+
+
+async def test_crash_between_moving_input_and_publishing_with_input_order(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    """Regression: with order = "input", a crash after the input moved into the staging
+    dir but before the publish rename made every later finish read the old path."""
+    from batchd.spool import Spool
+
+    cfg = make_config(
+        tmp_path, emulator.url, output={"order": "input"}, limits={"max_requests_per_batch": 3}
+    )
+    drop(cfg, "ordered.jsonl", chat_lines(7))
+    publish = Spool.publish
+
+    def crashing(self: Spool, job_id: str, result_rel: str) -> bool:
+        raise Crash
+
+    await crash_once(cfg, Spool, "publish", crashing)
+    assert Spool.publish is publish
+    job, _ = await one_job(cfg)
+    assert job.state == JobState.DONE
+    out = read_jsonl(cfg.spool.dir / "done" / "ordered" / "output.jsonl")
+    assert [r["custom_id"] for r in out] == [f"req-{i}" for i in range(7)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -275,14 +276,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _input_file(ctx: Context, job: Job, staging: Path) -> Path:
+    """Where the job's input is now: processing/, or already moved into its staging dir
+    by a publish that a crash interrupted."""
+    path = ctx.spool.path(job.input_path)
+    return path if os.path.lexists(path) else staging / "input.jsonl"
+
+
 async def _input_sha256(ctx: Context, job: Job, staging: Path) -> str | None:
     """The input's SHA-256, hashed now if not yet (submission leaves it to this stage,
     off the path to the batch); recorded before the input moves into the result."""
     if job.sha256 is not None:
         return job.sha256
-    path = ctx.spool.path(job.input_path)
-    if not path.exists():
-        path = staging / "input.jsonl"  # moved in by a publish a crash interrupted
+    path = _input_file(ctx, job, staging)
     if not path.exists():
         return None
     sha = await asyncio.to_thread(_sha256, path)
@@ -312,7 +318,7 @@ async def finish(ctx: Context, job: Job) -> None:
     ]
     await asyncio.to_thread(pieces.concat, outs, staging / "output.jsonl")
     if ctx.cfg.output.order == "input":
-        order = await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(job.input_path))
+        order = await asyncio.to_thread(pieces.custom_ids, _input_file(ctx, job, staging))
         await asyncio.to_thread(
             pieces.reorder, staging / "output.jsonl", order, staging / "output.jsonl"
         )

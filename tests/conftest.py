@@ -132,3 +132,21 @@ async def run_once(cfg: Config, timeout: float = 60) -> Daemon:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Parse a JSONL file."""
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def config_file(
+    tmp_path: Path,
+    base_url: str,
+    listen: str = "127.0.0.1:0",
+    poll: float = 0.1,
+    extra: str = "",
+    name: str = "batchd.toml",
+) -> Path:
+    """A TOML config file for subprocess tests (spool and database beside it)."""
+    p = tmp_path / name
+    p.write_text(
+        f'[api]\nbase_url = "{base_url}"\napi_key_env = "{KEY_ENV}"\n'
+        '[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
+        f'[batch]\npoll_interval_seconds = {poll}\n[http]\nlisten = "{listen}"\n' + extra
+    )
+    return p

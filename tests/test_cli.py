@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import KEY_ENV, Emulator, chat_lines, drop, make_config, run_once
+from tests.conftest import KEY_ENV, Emulator, chat_lines, config_file, drop, make_config, run_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,14 +49,7 @@ def test_validate_missing_file(tmp_path: Path) -> None:
     assert "nope.jsonl:0: unreadable" in r.stdout
 
 
-def _write_config(tmp_path: Path, base_url: str, listen: str = "127.0.0.1:0") -> Path:
-    p = tmp_path / "batchd.toml"
-    p.write_text(
-        f'[api]\nbase_url = "{base_url}"\napi_key_env = "{KEY_ENV}"\n'
-        f'[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
-        f'[batch]\npoll_interval_seconds = 0.1\n[http]\nlisten = "{listen}"\n'
-    )
-    return p
+_write_config = config_file
 
 
 async def test_jobs_and_show(tmp_path: Path, emulator: Emulator) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from batchd.logs import REDACTED, redact
-from tests.conftest import KEY_ENV, chat_lines, drop, make_config, start_emulator
+from tests.conftest import KEY_ENV, chat_lines, config_file, drop, make_config, start_emulator
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-proj-SUPERSECRETKEY0123456789abcdefXYZ"
@@ -39,13 +39,8 @@ async def test_key_is_nowhere(tmp_path: Path) -> None:
         port_cfg = make_config(tmp_path, emu.url)
         drop(port_cfg, "ok.jsonl", chat_lines(3, fail=[1]))
         drop(port_cfg, "bad.jsonl", b'{"custom_id": 1}\n')
-        conf = tmp_path / "c.toml"
-        conf.write_text(
-            f'[api]\nbase_url = "{emu.url}"\napi_key_env = "{KEY_ENV}"\n'
-            '[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
-            '[batch]\npoll_interval_seconds = 0.1\n[http]\nlisten = "127.0.0.1:0"\n'
-            '[log]\nlevel = "debug"\nformat = "json"\n'
-        )
+        extra = '[log]\nlevel = "debug"\nformat = "json"\n'
+        conf = config_file(tmp_path, emu.url, extra=extra, name="c.toml")
         env = {**os.environ, KEY_ENV: KEY}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import API_KEY, KEY_ENV, Emulator
+from tests.conftest import API_KEY, KEY_ENV, Emulator, config_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +33,8 @@ async def test_notify_watchdog_reload_and_stop(tmp_path: Path, emulator: Emulato
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
     sock.settimeout(0.2)
-    conf = tmp_path / "c.toml"
-    conf.write_text(
-        f'[api]\nbase_url = "{emulator.url}"\napi_key_env = "{KEY_ENV}"\n'
-        '[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
-        '[batch]\npoll_interval_seconds = 0.5\n[http]\nlisten = "127.0.0.1:0"\n'
-        '[log]\nlevel = "info"\nformat = "json"\n'
-    )
+    extra = '[log]\nlevel = "info"\nformat = "json"\n'
+    conf = config_file(tmp_path, emulator.url, poll=0.5, extra=extra, name="c.toml")
     env = {
         **os.environ,
         KEY_ENV: API_KEY,

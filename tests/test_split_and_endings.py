@@ -16,6 +16,7 @@ from tests.conftest import (
     KEY_ENV,
     Emulator,
     chat_lines,
+    config_file,
     drop,
     embedding_lines,
     make_config,
@@ -188,14 +189,7 @@ def _batchd(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _conf_file(tmp_path: Path, url: str) -> Path:
-    p = tmp_path / "batchd.toml"
-    p.write_text(
-        f'[api]\nbase_url = "{url}"\napi_key_env = "{KEY_ENV}"\n'
-        f'[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
-        '[batch]\npoll_interval_seconds = 0.1\n[http]\nlisten = "127.0.0.1:0"\n'
-    )
-    return p
+_conf_file = config_file
 
 
 async def test_cancel_collects_partial_results_then_retry(tmp_path: Path) -> None:

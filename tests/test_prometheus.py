@@ -68,6 +68,20 @@ async def test_prometheus_scrapes_batchd(tmp_path: Path, emulator: Emulator) -> 
             assert float(str(up[0]["value"][1])) == 1  # type: ignore[index]
             info = await _query(http, base, "batchd_build_info")
             assert info and info[0]["metric"]["version"]  # type: ignore[index]
+            # promtool's lint of the live exposition, as Prometheus scraped it
+            async with http.get(f"http://127.0.0.1:{bport}/metrics") as resp:
+                body = await resp.read()
+            if shutil.which("promtool"):
+                lint = await asyncio.create_subprocess_exec(
+                    "promtool",
+                    "check",
+                    "metrics",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+                out, _ = await lint.communicate(body)
+                assert lint.returncode == 0, out.decode()
     finally:
         prom.terminate()
         await prom.wait()

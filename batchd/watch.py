@@ -10,47 +10,16 @@ Elsewhere watchfiles is the fallback. The rescan catches anything an event misse
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import os
-from pathlib import Path
 
+from inotify_simple import INotify, flags
 from watchfiles import awatch
 
 from batchd.stages import Context, wait_for
 
 RESCAN_SECONDS = 5.0
-# inotify(7): a file created, written and closed, or renamed in; queue overflow is
-# always reported (then the rescan on wake-up finds everything anyway).
-_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x08, 0x80, 0x100
-_MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE
-
-
-class _Inotify:
-    """A non-blocking inotify descriptor watching one directory."""
-
-    def __init__(self, path: Path) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        if int(libc.inotify_add_watch(fd, os.fsencode(path), _MASK)) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, f"inotify_add_watch {path} failed")
-        self.fd = fd
-
-    def drain(self) -> None:
-        """Discard the queued events (the directory is scanned instead)."""
-        try:
-            while os.read(self.fd, 65536):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        """Close the descriptor."""
-        os.close(self.fd)
+# A file created, written and closed, or renamed into inbox/. A queue overflow is
+# always reported; the directory scan on every wake-up finds everything anyway.
+_MASK = flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
 
 
 async def adopt_orphans(ctx: Context) -> int:
@@ -106,7 +75,8 @@ async def run(ctx: Context) -> None:
     await adopt_orphans(ctx)
     await claim_waiting(ctx)
     try:
-        ino = _Inotify(ctx.spool.inbox)
+        ino = INotify(nonblocking=True)
+        ino.add_watch(ctx.spool.inbox, _MASK)
     except (OSError, AttributeError) as e:  # no inotify here (or no watches left)
         ctx.log.info("inotify_unavailable", error=str(e))
         await _run_watchfiles(ctx)
@@ -115,7 +85,7 @@ async def run(ctx: Context) -> None:
     wake = asyncio.Event()
 
     def readable() -> None:
-        ino.drain()  # level-triggered: read now so the loop does not spin
+        ino.read(timeout=0)  # level-triggered: drain now so the loop does not spin
         wake.set()
 
     loop.add_reader(ino.fd, readable)

@@ -99,21 +99,23 @@ async def run(n: int, tmp: Path, interval: float, intervals: int) -> list[Row]:
             # The tracker's own loop for a few poll intervals (its sweeps counted).
             sweeps = 0
             real_sweep = track.sweep
+            before = Counter(state.calls)
+            at_last_sweep = 0
 
             async def counted(ctx: Context, only: set[str] | None = None) -> None:
-                nonlocal sweeps
+                nonlocal sweeps, at_last_sweep
                 await real_sweep(ctx, only)
-                sweeps += 1  # completed ones only (the last may be cut short)
+                sweeps += 1  # completed ones only (the last may be cut short) ...
+                at_last_sweep = sum(_delta(state, before).values())  # ... and their calls
 
             track.sweep = counted  # type: ignore[assignment]
-            before = Counter(state.calls)
             task = asyncio.create_task(track.run(ctx))
             await asyncio.sleep((interval + sweep_s) * intervals + interval / 2)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             track.sweep = real_sweep  # type: ignore[assignment]
-            loop_calls = sum(_delta(state, before).values())
+            loop_calls = at_last_sweep  # a sweep cut short by the end is not counted
             per_interval = loop_calls / max(1, sweeps)  # one sweep per poll interval
 
             # Baseline: one GET per batch (what the user's script does each poll).

@@ -42,38 +42,30 @@ async def test_key_is_nowhere(tmp_path: Path) -> None:
         extra = '[log]\nlevel = "debug"\nformat = "json"\n'
         conf = config_file(tmp_path, emu.url, extra=extra, name="c.toml")
         env = {**os.environ, KEY_ENV: KEY}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "batchd",
-            "run",
-            "--once",
-            "--config",
-            str(conf),
-            cwd=ROOT,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode == 0, err.decode()[-2000:]
+
+        async def run_once_subprocess() -> tuple[int | None, bytes, bytes]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "batchd",
+                "run",
+                "--once",
+                "--config",
+                str(conf),
+                cwd=ROOT,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            return proc.returncode, out, err
+
+        rc, out, err = await run_once_subprocess()
+        assert rc == 0, err.decode()[-2000:]
         # a second run against a server that rejects the key: the 401 lands in a report
         conf.write_text(conf.read_text().replace(emu.url, bad_emu.url))
         drop(port_cfg, "denied.jsonl", chat_lines(1))
-        proc2 = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "batchd",
-            "run",
-            "--once",
-            "--config",
-            str(conf),
-            cwd=ROOT,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out2, err2 = await asyncio.wait_for(proc2.communicate(), 60)
+        _, out2, err2 = await run_once_subprocess()
         assert (tmp_path / "spool" / "failed" / "denied" / "report.json").exists()
         blobs = [out, err, out2, err2]
         for p in tmp_path.rglob("*"):

@@ -53,9 +53,7 @@ class Daemon:
         counts = await ctx.store.count_by_state()
         for s in JobState:
             self.metrics.jobs.labels(s.value).set(counts.get(s.value, 0))
-        live = [s for s in JobState if s not in TERMINAL_JOB_STATES]
-        jobs = await ctx.store.jobs(live)
-        oldest = min((j.created_at for j in jobs), default=None)
+        oldest = await ctx.store.oldest_live_created_at()
         self.metrics.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
         self.metrics.inbox_files.set(len(ctx.spool.waiting()))
 
@@ -108,14 +106,18 @@ class Daemon:
 
     async def _status(self, ctx: Context) -> None:
         """Keep `systemctl status` showing a one-line summary."""
+        if not sdnotify.enabled():
+            return
         while True:
-            counts = await ctx.store.count_by_state()
-            live = sum(n for s, n in counts.items() if s not in TERMINAL_JOB_STATES)
-            batches = len(await ctx.store.live_attempts())
-            sdnotify.status(
-                f"{live} job(s) in progress, {batches} batch(es) in flight, "
-                f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
-            )
+            try:
+                counts = await ctx.store.count_by_state()
+                live = sum(n for s, n in counts.items() if s not in TERMINAL_JOB_STATES)
+                sdnotify.status(
+                    f"{live} job(s) in progress, {counts.get('tracking', 0)} tracking, "
+                    f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
+                )
+            except Exception as e:  # a status line is not worth stopping the daemon for
+                self.log.warning("status_failed", error=str(e))
             await asyncio.sleep(5)
 
     def reload(self) -> None:

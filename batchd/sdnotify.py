@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_interval"]
+__all__ = ["enabled", "notify", "ready", "status", "stopping", "watchdog", "watchdog_interval"]
 
 
 def _address(raw: str) -> str | bytes:
@@ -33,6 +33,12 @@ def notify(message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def enabled() -> bool:
+    """True when running under systemd with a notification socket."""
+    raw = os.environ.get("NOTIFY_SOCKET") or ""
+    return raw[:1] in ("/", "@")
 
 
 def ready() -> bool:

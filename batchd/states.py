@@ -35,12 +35,11 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.VALIDATING: frozenset({JobState.SUBMITTING, JobState.FAILED}),
     JobState.SUBMITTING: frozenset({JobState.TRACKING, JobState.FAILED, JobState.COLLECTING}),
     JobState.TRACKING: frozenset({JobState.COLLECTING, JobState.SUBMITTING, JobState.FAILED}),
-    JobState.COLLECTING: frozenset(
-        {JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.SUBMITTING}
-    ),
+    JobState.COLLECTING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    # Ended for good: `batchd retry` makes a new job of what is left.
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset({JobState.SUBMITTING}),  # `batchd retry`
-    JobState.CANCELLED: frozenset({JobState.SUBMITTING}),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
 }
 assert set(TRANSITIONS) == _ANY_LIVE | TERMINAL_JOB_STATES
 
@@ -92,8 +91,9 @@ def desired_job_state(
     if current not in (JobState.SUBMITTING, JobState.TRACKING):
         return current
     if cancel_requested:
-        live = [a for a in open_attempts if a[0]]
-        return JobState.COLLECTING if not live else JobState.TRACKING
+        # Wait for every open attempt: batches being cancelled, and creates whose answer
+        # is still on its way (the cancel handler gives up the others).
+        return JobState.TRACKING if open_attempts else JobState.COLLECTING
     if pieces_done and all(pieces_done):
         return JobState.COLLECTING
     if any(not has_batch for has_batch, _ in open_attempts):

@@ -16,7 +16,12 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from batchd.states import TERMINAL_BATCH_STATUSES, JobState, check_transition
+from batchd.states import (
+    TERMINAL_BATCH_STATUSES,
+    TERMINAL_JOB_STATES,
+    JobState,
+    check_transition,
+)
 
 Clock = Callable[[], float]
 
@@ -195,6 +200,7 @@ class Event:
 
 
 _Params = Sequence[Any] | Mapping[str, Any]
+_ENDED = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL_JOB_STATES))  # for SQL IN (...)
 _JSON_COLS = {"usage", "reason", "batch", "detail"}
 _BOOL_COLS = {"cancel_requested", "collected", "abandoned", "done"}
 
@@ -236,6 +242,7 @@ class Store:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task[None]] = set()
+        self._transitions = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, clock: Clock = time.time) -> Store:
@@ -412,10 +419,15 @@ class Store:
         **values: Any,
     ) -> Job:
         """Move a job to `new` (checked against the table), updating columns, with an event."""
-        job = await self.job(job_id)
-        check_transition(job.state, new)
-        await self.update_job(job_id, kind or str(new), detail, _old=job.state, state=new, **values)
-        return await self.job(job_id)
+        async with self._transitions:  # read, check and write as one step
+            job = await self.job(job_id)
+            if job.state == new:  # two stages decided the same move at once
+                return job
+            check_transition(job.state, new)
+            await self.update_job(
+                job_id, kind or str(new), detail, _old=job.state, state=new, **values
+            )
+            return await self.job(job_id)
 
     async def update_job(
         self,
@@ -555,9 +567,11 @@ class Store:
         next_attempt: Mapping[str, Any] | None = None,
         piece_done: bool = False,
         detail: Mapping[str, Any] | None = None,
+        reason: Mapping[str, Any] | None = None,
     ) -> None:
         """Mark an ended attempt collected with its outcome, and in the same transaction
-        either queue the next attempt for its piece or mark the piece done."""
+        either queue the next attempt for its piece or mark the piece done (and, with
+        `reason`, record that the job fails, so a crash cannot forget it)."""
         att = await self.attempt(attempt_id)
         now = self._clock()
         stmts: list[tuple[str, _Params]] = [
@@ -581,20 +595,19 @@ class Store:
             stmts.append(
                 ("UPDATE pieces SET done = 1 WHERE job_id = ? AND idx = ?", (att.job_id, att.piece))
             )
+        if reason is not None:
+            stmts.append(
+                (
+                    "UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?",
+                    (orjson.dumps(reason).decode(), now, att.job_id),
+                )
+            )
         await self._tx(stmts)
 
-    async def pending_attempts(self) -> list[Attempt]:
-        """Open attempts with no batch yet, across all jobs (for admission), oldest first."""
-        rows = await self._all(
-            "SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.batch_id IS NULL"
-            " AND a.collected = 0 AND a.abandoned = 0 AND j.state IN ('submitting', 'tracking')"
-            " AND j.cancel_requested = 0 ORDER BY a.created_at, a.id"
-        )
-        return [Attempt(**_load(r)) for r in rows]
-
     async def pending_keys(self) -> list[tuple[str, str, int, float, float]]:
-        """(id, model or '', est_tokens, created_at, not_before) of pending_attempts(): what
-        admission decides on, without decoding whole rows on every submit wake-up."""
+        """(id, model or '', est_tokens, created_at, not_before) of every open attempt with
+        no batch yet, across jobs, oldest first: what admission decides on, without
+        decoding whole rows on every submit wake-up."""
         rows = await self._all(
             "SELECT a.id, COALESCE(a.model, ''), a.est_tokens, a.created_at, a.not_before"
             " FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE a.batch_id IS NULL"
@@ -607,12 +620,51 @@ class Store:
         """Attempts whose batch reached a terminal status but are not collected yet."""
         terminal = [st.value for st in TERMINAL_BATCH_STATUSES]
         rows = await self._all(
-            "SELECT * FROM attempts WHERE batch_id IS NOT NULL AND collected = 0"
-            f" AND abandoned = 0 AND status IN ({','.join('?' * len(terminal))})"
-            " ORDER BY updated_at",
+            "SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id"
+            " WHERE a.batch_id IS NOT NULL AND a.collected = 0 AND a.abandoned = 0"
+            f" AND a.status IN ({','.join('?' * len(terminal))})"
+            f" AND j.state NOT IN ({_ENDED}) ORDER BY a.updated_at",
             terminal,
         )
         return [Attempt(**_load(r)) for r in rows]
+
+    async def cancelling_jobs(self) -> list[Job]:
+        """Submitted jobs a cancel was asked for."""
+        rows = await self._all(
+            "SELECT * FROM jobs WHERE cancel_requested = 1 AND state IN ('submitting', 'tracking')"
+            " ORDER BY created_at"
+        )
+        return [_job(r) for r in rows]
+
+    async def failing_jobs(self) -> list[Job]:
+        """Jobs whose failure was decided (a reason recorded) but not yet published."""
+        rows = await self._all(
+            f"SELECT * FROM jobs WHERE reason IS NOT NULL AND state NOT IN ({_ENDED})"
+            " ORDER BY created_at"
+        )
+        return [_job(r) for r in rows]
+
+    async def settled_jobs(self) -> list[Job]:
+        """Submitted jobs whose pieces are all done but which have not moved on yet."""
+        rows = await self._all(
+            "SELECT * FROM jobs j WHERE state IN ('submitting', 'tracking')"
+            " AND EXISTS (SELECT 1 FROM pieces p WHERE p.job_id = j.id)"
+            " AND NOT EXISTS (SELECT 1 FROM pieces p WHERE p.job_id = j.id AND p.done = 0)"
+        )
+        return [_job(r) for r in rows]
+
+    async def result_dirs(self, prefix: str) -> set[str]:
+        """Result dirs already given to jobs that start with `prefix` (to pick a free NAME)."""
+        esc = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = await self._all(
+            "SELECT result_dir FROM jobs WHERE result_dir LIKE ? ESCAPE '\\'", (esc + "%",)
+        )
+        return {r[0] for r in rows}
+
+    async def oldest_live_created_at(self) -> float | None:
+        """Claim time of the oldest job not yet ended."""
+        rows = await self._all(f"SELECT MIN(created_at) FROM jobs WHERE state NOT IN ({_ENDED})")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # --- learned limits ---------------------------------------------------------------
 

@@ -54,5 +54,6 @@ def test_desired_job_state() -> None:
     assert desired_job_state(t, [False, False], [(True, "x"), (False, None)], False) == s
     assert desired_job_state(t, [True, True], [], False) == JobState.COLLECTING
     assert desired_job_state(t, [False], [(True, "cancelling")], True) == t
-    assert desired_job_state(s, [False], [(False, None)], True) == JobState.COLLECTING
+    assert desired_job_state(s, [False], [(False, None)], True) == t  # a create in flight
+    assert desired_job_state(s, [False], [], True) == JobState.COLLECTING
     assert desired_job_state(JobState.QUEUED, [], [], True) == JobState.QUEUED

@@ -226,3 +226,96 @@ async def test_cancel_collects_partial_results_then_retry(tmp_path: Path) -> Non
     finally:
         await runner.cleanup()
         emu.state.close()
+
+
+async def test_batch_created_during_a_cancel_is_cancelled_and_collected(tmp_path: Path) -> None:
+    # Regression: a create in flight when the cancel arrived made a batch that nobody
+    # cancelled or collected (billed, results never fetched).
+    from batchd.emulator.faults import FaultConfig
+
+    faults = FaultConfig(slow=1.0, slow_seconds=0.4, routes=frozenset({"POST /v1/batches"}))
+    emu, runner = await start_emulator(time_scale=0.5, faults=faults)
+    try:
+        cfg = make_config(tmp_path, emu.url, limits={"max_requests_per_batch": 2})
+        drop(cfg, "racy.jsonl", chat_lines(6))
+        d = Daemon(cfg)
+        task = asyncio.create_task(d.run())
+        while emu.state.calls["POST /v1/batches"] == 0:
+            await asyncio.sleep(0.01)
+        store = await Store.open(cfg.state.database)
+        try:
+            [job] = await store.jobs()
+            assert await store.request_cancel(job.id)
+            d.ctx.wake_collect.set()  # type: ignore[union-attr]
+            for _ in range(1500):
+                if (await store.job(job.id)).state.value == "cancelled":
+                    break
+                await asyncio.sleep(0.02)
+            assert (await store.job(job.id)).state.value == "cancelled"
+        finally:
+            await store.close()
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+        batches = emu.state.batches()
+        assert batches, "the slow create should have made a batch"
+        assert {b["status"] for b in batches} <= {"cancelled", "cancelling"}
+        info = orjson.loads((cfg.spool.dir / "done" / "racy" / "job.json").read_bytes())
+        assert sorted(info["batch_ids"]) == sorted(b["id"] for b in batches)
+    finally:
+        await runner.cleanup()
+        emu.state.close()
+
+
+async def test_failed_job_keeps_results_of_finished_pieces(tmp_path: Path) -> None:
+    # Regression: failing a job deleted the output its finished pieces had produced.
+    line_tokens = len(orjson.dumps(orjson.loads(chat_lines(1))["body"])) // 4
+    emu, runner = await start_emulator(
+        time_scale=0.01, token_limits={"gpt-4o-mini": line_tokens * 3}
+    )
+    try:
+        cfg = make_config(
+            tmp_path,
+            emu.url,
+            limits={"max_requests_per_batch": 4},
+            admission={"refusal_backoff_seconds": 0.01},
+        )
+        drop(cfg, "partly.jsonl", chat_lines(10))  # pieces of 4, 4, 2: only 2 lines fit
+        await run_once(cfg)
+        failed = cfg.spool.dir / "failed" / "partly"
+        report = orjson.loads((failed / "report.json").read_bytes())
+        assert report["reason"] == "token_limit" and "max_requests_per_batch" in report["message"]
+        out = read_jsonl(failed / "output.jsonl")
+        assert sorted(r["custom_id"] for r in out) == ["req-8", "req-9"]
+        assert not list((cfg.spool.dir / "processing").iterdir())
+    finally:
+        await runner.cleanup()
+        emu.state.close()
+
+
+async def test_key_rejected_for_a_while_does_not_fail_the_job(tmp_path: Path) -> None:
+    # A rotated key (401 on polls and downloads) is retried, never a job failure.
+    emu, runner = await start_emulator(time_scale=0.05)
+    try:
+        cfg = make_config(tmp_path, emu.url)
+        drop(cfg, "rotated.jsonl", chat_lines(3))
+        d = Daemon(cfg)
+        task = asyncio.create_task(d.run())
+        while not emu.state.batches():
+            await asyncio.sleep(0.01)
+        good = emu.state.config.api_key
+        emu.state.config.api_key = "sk-rotated-elsewhere-0000000000"
+        while emu.state.calls["GET /v1/batches/{id}"] + emu.state.calls["GET /v1/batches"] < 5:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert not (cfg.spool.dir / "failed" / "rotated").exists()
+        emu.state.config.api_key = good
+        for _ in range(1000):
+            if (cfg.spool.dir / "done" / "rotated").exists():
+                break
+            await asyncio.sleep(0.02)
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+        assert len(read_jsonl(cfg.spool.dir / "done" / "rotated" / "output.jsonl")) == 3
+    finally:
+        await runner.cleanup()
+        emu.state.close()

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,10 @@ from ulid import ULID
 
 from batchd import pieces
 from batchd.admission import limit_from_message
-from batchd.api import ApiError, InvalidRequest, NotFound, Transient
+from batchd.api import ApiError, AuthError, InvalidRequest, NotFound, Transient
 from batchd.spool import write_json
-from batchd.stages import Context, sync_job, wait_for
-from batchd.states import JobState, is_terminal_status
+from batchd.stages import Backoff, Context, sync_job, wait_for
+from batchd.states import TERMINAL_JOB_STATES, JobState, is_terminal_status
 from batchd.store import Attempt, Job
 
 _USAGE_KEYS = (
@@ -78,7 +79,7 @@ async def publish(
             spool.adopt_input(job.input_path, staging)
             result_dir = job.result_dir
             if result_dir is None or not result_dir.startswith(kind + "/"):
-                taken = {j.result_dir for j in await store.jobs() if j.result_dir}
+                taken = await store.result_dirs(f"{kind}/{job.name}")
                 result_dir = spool.choose_result_dir(kind, job.name, taken)
                 await store.update_job(job.id, result_dir=result_dir)
             spool.publish(job.id, result_dir)
@@ -96,13 +97,36 @@ async def publish(
     )
 
 
+def failure_report(job: Job, report: dict[str, Any]) -> dict[str, Any]:
+    """report.json of a failed job."""
+    return {"job_id": job.id, "name": job.name, **report}
+
+
 async def fail_job(ctx: Context, job: Job, report: dict[str, Any]) -> None:
-    """End a job in failed/NAME/ with `report` as report.json (and its input)."""
-    report = {"job_id": job.id, "name": job.name, **report}
-    await _cancel_live(ctx, job.id)
-    await ctx.store.update_job(job.id, "failing", {"reason": report.get("reason")}, reason=report)
-    ctx.log.warning("job_failed", job_id=job.id, name=job.name, reason=report.get("reason"))
-    await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report})
+    """End a job in failed/NAME/: report.json, its input, and whatever results its
+    finished pieces already produced (paid for; `batchd retry` skips them).
+
+    The decision is recorded first, so a crash in between cannot forget it: the
+    collect stage finishes every job that has a reason but has not ended.
+    """
+    async with ctx.fail_lock:
+        job = await ctx.store.job(job.id)
+        if job.state in TERMINAL_JOB_STATES:
+            return
+        report = failure_report(job, report)
+        if job.reason != report:
+            await ctx.store.update_job(
+                job.id, "failing", {"reason": report.get("reason")}, reason=report
+            )
+            ctx.log.warning("job_failed", job_id=job.id, name=job.name, reason=report.get("reason"))
+        await _cancel_live(ctx, job.id)
+        for a in await ctx.store.attempts(job.id):
+            if a.open:
+                await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
+        staging = ctx.spool.staging(job.id)
+        if (ctx.spool.processing / f"{job.id}.parts").exists():
+            await _merge(ctx, job, staging)
+        await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report})
 
 
 async def _cancel_live(ctx: Context, job_id: str) -> None:
@@ -158,7 +182,12 @@ def _count_lines(path: Path) -> int:
     return sum(1 for _ in pieces.iter_lines(path))
 
 
-async def _requeue_refused(ctx: Context, att: Attempt, batch: dict[str, Any], msg: str) -> None:
+MAX_REFUSALS = 20
+
+
+async def _requeue_refused(
+    ctx: Context, job: Job, att: Attempt, batch: dict[str, Any], msg: str
+) -> None:
     """A token_limit_exceeded refusal: learn the limit, back off, queue the piece again."""
     refusals = (
         sum(
@@ -171,6 +200,20 @@ async def _requeue_refused(ctx: Context, att: Attempt, batch: dict[str, Any], ms
     limit = limit_from_message(msg)
     if limit and att.model:
         await ctx.store.learn_limit(att.model, limit)
+    too_big = limit is not None and att.est_tokens > limit and refusals >= 3
+    if too_big or refusals > MAX_REFUSALS:
+        why = (
+            f"piece {att.piece} needs ~{att.est_tokens} tokens but the enqueued-token limit "
+            f"of {att.model} is {limit}; lower [limits] max_requests_per_batch or "
+            "max_bytes_per_batch"
+            if too_big
+            else f"refused {refusals} times for the enqueued-token limit"
+        )
+        report = {"reason": "token_limit", "message": why, "batch_id": batch.get("id")}
+        await ctx.store.settle_attempt(
+            att.id, "failed", batch, piece_done=True, reason=failure_report(job, report)
+        )
+        return
     adm = ctx.cfg.admission
     delay = min(adm.max_refusal_backoff_seconds, adm.refusal_backoff_seconds * 2 ** (refusals - 1))
     ctx.metrics.retries.labels("token_limit").inc()
@@ -215,12 +258,12 @@ async def settle(ctx: Context, att: Attempt) -> None:
     if status == "failed":
         errors = (batch.get("errors") or {}).get("data") or []
         if errors and errors[0].get("code") == "token_limit_exceeded" and not job.cancel_requested:
-            await _requeue_refused(ctx, att, batch, str(errors[0].get("message") or ""))
+            await _requeue_refused(ctx, job, att, batch, str(errors[0].get("message") or ""))
             await sync_job(ctx, job.id)
             return
-        await ctx.store.settle_attempt(att.id, "failed", batch, piece_done=True)
-        await fail_job(ctx, job, _batch_failed(att, batch))
-        return
+        report = failure_report(job, _batch_failed(att, batch))
+        await ctx.store.settle_attempt(att.id, "failed", batch, piece_done=True, reason=report)
+        return  # the failure is published by the loop (fail_job), crash or not
     out_f, err_f = parts / f"{att.id}.output.jsonl", parts / f"{att.id}.errors.jsonl"
     outcome = await asyncio.to_thread(pieces.read_outcome, out_f, err_f)
     asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path)))
@@ -228,7 +271,7 @@ async def settle(ctx: Context, att: Attempt) -> None:
     tries = sum(
         1
         for a in await ctx.store.attempts(job.id)
-        if a.piece == att.piece and a.outcome != "requeue"
+        if a.piece == att.piece and a.outcome != "requeue" and not a.abandoned
     )
     again = (outcome.retryable | missing) & asked
     stop = job.cancel_requested or status == "cancelled"
@@ -296,6 +339,32 @@ async def _input_sha256(ctx: Context, job: Job, staging: Path) -> str | None:
     return sha
 
 
+async def _merge(ctx: Context, job: Job, staging: Path) -> tuple[list[Attempt], int, int]:
+    """Merge the collected attempts' results into staging/output.jsonl and errors.jsonl
+    (absent when empty); returns the attempts and the completed and failed counts."""
+    atts = [a for a in await ctx.store.attempts(job.id) if a.batch_id and a.collected]
+    parts = _parts(ctx, job.id)
+    outs = [p for a in atts if (p := parts / f"{a.id}.output.jsonl").exists()]
+    errs = [
+        p
+        for a in atts
+        for k in ("errors", "missing")
+        if (p := parts / f"{a.id}.{k}.jsonl").exists()
+    ]
+    out_f, err_f = staging / "output.jsonl", staging / "errors.jsonl"
+    await asyncio.to_thread(pieces.concat, outs, out_f)
+    if ctx.cfg.output.order == "input":
+        order = await asyncio.to_thread(pieces.custom_ids, _input_file(ctx, job, staging))
+        await asyncio.to_thread(pieces.reorder, out_f, order, out_f)
+    failed = 0
+    if errs:
+        await asyncio.to_thread(pieces.concat, errs, err_f)
+        failed = await asyncio.to_thread(_count_lines, err_f)
+        if failed == 0:
+            err_f.unlink()
+    return atts, await asyncio.to_thread(_count_lines, out_f), failed
+
+
 async def finish(ctx: Context, job: Job) -> None:
     """Merge every attempt's results into done/NAME/ and end the job."""
     new_state = JobState.CANCELLED if job.cancel_requested else JobState.DONE
@@ -306,33 +375,9 @@ async def finish(ctx: Context, job: Job) -> None:
         # publish rename fail for ever. Only the end is left to record.
         await publish(ctx, job, "done", new_state, {})
         return
-    atts = [a for a in await ctx.store.attempts(job.id) if a.batch_id and a.collected]
-    parts = _parts(ctx, job.id)
     staging = ctx.spool.staging(job.id)
-    outs = [p for a in atts if (p := parts / f"{a.id}.output.jsonl").exists()]
-    errs = [
-        p
-        for a in atts
-        for k in ("errors", "missing")
-        if (p := parts / f"{a.id}.{k}.jsonl").exists()
-    ]
-    await asyncio.to_thread(pieces.concat, outs, staging / "output.jsonl")
-    if ctx.cfg.output.order == "input":
-        order = await asyncio.to_thread(pieces.custom_ids, _input_file(ctx, job, staging))
-        await asyncio.to_thread(
-            pieces.reorder, staging / "output.jsonl", order, staging / "output.jsonl"
-        )
-    if errs:
-        await asyncio.to_thread(pieces.concat, errs, staging / "errors.jsonl")
-        if (staging / "errors.jsonl").stat().st_size == 0:
-            (staging / "errors.jsonl").unlink()
+    atts, completed, failed = await _merge(ctx, job, staging)
     batches = [a.batch or {} for a in atts]
-    completed = sum(1 for _ in pieces.iter_lines(staging / "output.jsonl"))
-    failed = (
-        sum(1 for _ in pieces.iter_lines(staging / "errors.jsonl"))
-        if (staging / "errors.jsonl").exists()
-        else 0
-    )
     usage = sum_usage(batches)
     await ctx.store.update_job(job.id, completed=completed, failed=failed, usage=usage)
     m = ctx.metrics
@@ -386,11 +431,13 @@ async def finish(ctx: Context, job: Job) -> None:
 
 async def cancel_requested(ctx: Context) -> None:
     """Act on `batchd cancel`: cancel remote batches, drop attempts not yet created."""
-    for job in await ctx.store.jobs([JobState.SUBMITTING, JobState.TRACKING]):
-        if not job.cancel_requested:
-            continue
+    for job in await ctx.store.cancelling_jobs():
         for a in await ctx.store.attempts(job.id):
             if a.open and a.batch_id is None:
+                if a.create_sent_at is not None and (
+                    ctx.clock() - a.create_sent_at < ctx.cfg.api.request_timeout_seconds + 5
+                ):
+                    continue  # its create may still be in flight: wait for its answer
                 found = None
                 if a.create_sent_at is not None:
                     found = await ctx.api.find_batch(a.id, not_before=a.create_sent_at - 600)
@@ -408,44 +455,50 @@ async def cancel_requested(ctx: Context) -> None:
         await sync_job(ctx, job.id)
 
 
-async def _reconcile(ctx: Context, job: Job) -> None:
-    """Move on a job whose pieces were all settled before a crash stopped the move."""
-    ps = await ctx.store.pieces(job.id)
-    if not ps or not all(p.done for p in ps):
-        return
-    failed = [a for a in await ctx.store.attempts(job.id) if a.outcome == "failed"]
-    if failed:
-        await fail_job(ctx, job, _batch_failed(failed[-1], failed[-1].batch or {}))
-    else:
-        await sync_job(ctx, job.id)
-
-
 async def run(ctx: Context) -> None:
-    """Loop: settle ended attempts, act on cancels, finish jobs whose pieces are all done."""
-    while True:
+    """Loop: act on cancels, settle ended attempts, publish decided failures, finish jobs
+    whose pieces are all done. Each item backs off on its own when it fails."""
+    backoff = Backoff(ctx.clock)
+
+    async def each(key: str, job_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        if not backoff.ready(key):
+            coro.close()
+            return
         try:
-            await cancel_requested(ctx)
-        except ApiError as e:
-            ctx.log.warning("cancel_retry", error=str(e))
+            await coro
+            backoff.ok(key)
+        except AuthError as e:  # a key rotated or revoked: results stay, try again later
+            n, delay = backoff.failed(key)
+            ctx.log.error("collect_auth_failed", job_id=job_id, error=e.message, failures=n)
+        except (NotFound, InvalidRequest) as e:  # the results are gone: fail, keep the rest
+            job = await ctx.store.job(job_id)
+            await ctx.store.update_job(
+                job_id,
+                "failing",
+                None,
+                reason=failure_report(job, {"reason": "download_failed", **e.to_dict()}),
+            )
+        except Exception as e:
+            n, delay = backoff.failed(key)
+            ctx.log.warning(
+                "collect_retry",
+                job_id=job_id,
+                error=f"{type(e).__name__}: {e}",
+                failures=n,
+                retry_in=round(delay, 2),
+                exc_info=not isinstance(e, ApiError | OSError),
+            )
+
+    while True:
+        await each("cancel", "-", cancel_requested(ctx))
         for att in await ctx.store.ended_attempts():
-            try:
-                await settle(ctx, att)
-            except (NotFound, InvalidRequest) as e:
-                job = await ctx.store.job(att.job_id)
-                await fail_job(ctx, job, {"reason": "download_failed", **e.to_dict()})
-            except (ApiError, OSError) as e:
-                ctx.log.warning("collect_retry", job_id=att.job_id, error=str(e))
-        for job in await ctx.store.jobs([JobState.SUBMITTING, JobState.TRACKING]):
-            try:
-                await _reconcile(ctx, job)
-            except (ApiError, OSError) as e:
-                ctx.log.warning("reconcile_retry", job_id=job.id, error=str(e))
+            await each(att.id, att.job_id, settle(ctx, att))
+        for job in await ctx.store.failing_jobs():
+            assert job.reason is not None
+            await each(job.id, job.id, fail_job(ctx, job, job.reason))
+        for job in await ctx.store.settled_jobs():  # a crash stopped the move on
+            await each(job.id, job.id, sync_job(ctx, job.id))
         for job in await ctx.store.jobs([JobState.COLLECTING]):
-            try:
-                if job.reason and job.result_dir and job.result_dir.startswith("failed/"):
-                    await publish(ctx, job, "failed", JobState.FAILED, {"report.json": job.reason})
-                else:
-                    await finish(ctx, job)
-            except (ApiError, OSError) as e:
-                ctx.log.warning("finish_retry", job_id=job.id, error=str(e))
+            if job.reason is None:
+                await each(job.id, job.id, finish(ctx, job))
         await wait_for(ctx.wake_collect, ctx.cfg.batch.poll_interval_seconds)

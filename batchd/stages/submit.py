@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections import defaultdict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +20,12 @@ from ulid import ULID
 from batchd import jobmeta, jsonl, pieces
 from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Tap, Transient
-from batchd.stages import Context, sync_job, wait_for
-from batchd.stages.collect import fail_job, publish
-from batchd.states import JobState
+from batchd.stages import Backoff, Context, sync_job, wait_for
+from batchd.stages.collect import fail_job
+from batchd.states import TERMINAL_JOB_STATES, JobState
 from batchd.store import Attempt, Job, Piece
 
 JOB_KEY = "batchd_job"
-_UNBOUNDED = jsonl.Limits(max_requests=1 << 62, max_bytes=1 << 62, max_embedding_inputs=1 << 62)
-
-
-def _validate(path: Path) -> jsonl.Summary:
-    """Validate in one streaming pass; never follows a symlink.
-
-    The input's SHA-256 is left to the collect stage: it costs about as much CPU as
-    validating (no SHA extensions: ~0.8 s for 200 MB) and no batch needs it.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as f:
-        v = jsonl.Validator(_UNBOUNDED)
-        while chunk := f.read(1 << 20):
-            v.feed(chunk)
-    return v.finish()
 
 
 def _not_regular(path: Path) -> str | None:
@@ -134,11 +118,13 @@ async def _validate_job(ctx: Context, job: Job) -> None:
     if why:
         await _reject(ctx, job, [{"line": 0, "code": "not_a_file", "message": why}])
         return
-    v = jsonl.Validator(_UNBOUNDED)
+    v = jsonl.Validator(jsonl.UNBOUNDED)
     try:
         att = await _upload_while_validating(ctx, job, path, v.feed)
         if att is None:
-            summary = await asyncio.to_thread(_validate, path)
+            summary = await asyncio.to_thread(
+                jsonl.validate_path, path, jsonl.UNBOUNDED, nofollow=True
+            )
             # The whole file may have been uploaded before a restart: that attempt is
             # settled below like a fresh one (kept as piece 0, or discarded).
             att = next(
@@ -244,11 +230,30 @@ async def ensure_attempts(ctx: Context, job: Job) -> None:
             )
 
 
+def _unwanted(job: Job, att: Attempt) -> bool:
+    """The attempt was given up, or its job cancelled or ended, while it was submitted."""
+    return att.abandoned or job.cancel_requested or job.state in TERMINAL_JOB_STATES
+
+
 async def _adopt(ctx: Context, att: Attempt, batch: dict[str, Any], how: str) -> None:
+    job, now = await ctx.store.job(att.job_id), await ctx.store.attempt(att.id)
+    late = _unwanted(job, now)
+    # A batch created while a cancel (or a failure) was being handled: record it so it
+    # is cancelled, and collected with the job's partial results unless the job ended.
     await ctx.store.update_attempt(
-        att.id, how, batch_id=batch["id"], status=batch.get("status"), batch=batch
+        att.id,
+        how,
+        batch_id=batch["id"],
+        status=batch.get("status"),
+        batch=batch,
+        abandoned=int(job.state in TERMINAL_JOB_STATES),
     )
-    job = await ctx.store.job(att.job_id)
+    if late:
+        ctx.log.warning("late_batch_cancelled", job_id=job.id, batch_id=batch["id"])
+        try:
+            await ctx.api.cancel_batch(batch["id"])
+        except ApiError as e:
+            ctx.log.warning("cancel_failed", job_id=job.id, batch_id=batch["id"], error=str(e))
     ctx.metrics.batches_created.inc()
     ctx.metrics.drop_to_created.observe(max(0.0, ctx.clock() - job.created_at))
     ctx.log.info("batch_created", job_id=job.id, piece=att.piece, batch_id=batch["id"], how=how)
@@ -278,7 +283,11 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
         att = await ctx.store.attempt(att.id)
     assert att.file_id is not None
-    extra = jobmeta.read(ctx.spool, job) if job.source == "http" else {}
+    job, att = await ctx.store.job(att.job_id), await ctx.store.attempt(att.id)
+    if _unwanted(job, att):  # cancelled or failed while this attempt was uploading
+        return
+    assert att.file_id is not None and job.endpoint is not None
+    extra = jobmeta.read(ctx.spool, job)  # {} unless the job came with metadata (HTTP)
     metadata = {**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
     await ctx.store.update_attempt(att.id, create_sent_at=ctx.clock())
     try:
@@ -332,8 +341,8 @@ async def choose(ctx: Context, skip: Container[str] = ()) -> list[Attempt]:
 
 async def advance(ctx: Context, job: Job) -> None:
     """Take one queued/validating job to SUBMITTING with its pieces and first attempts."""
-    if job.reason and job.result_dir and job.result_dir.startswith("failed/"):
-        await publish(ctx, job, "failed", JobState.FAILED, {"report.json": job.reason})
+    if job.reason is not None:  # failing was decided before a crash: finish it
+        await fail_job(ctx, job, job.reason)
         return
     if job.state == JobState.QUEUED:
         job = await ctx.store.transition(job.id, JobState.VALIDATING)
@@ -347,33 +356,45 @@ async def advance(ctx: Context, job: Job) -> None:
 async def run(ctx: Context) -> None:
     """Loop: validate new jobs; submit admitted attempts, a few at a time."""
     busy: set[str] = set()
-    failures: dict[str, int] = defaultdict(int)
+    backoff = Backoff(ctx.clock)
     sem = asyncio.Semaphore(ctx.cfg.batch.max_concurrent_submits)
 
-    async def guarded(key: str, job_id: str, coro: Any) -> None:
-        async with sem:
-            try:
-                await coro
-                failures.pop(key, None)
-            except InvalidRequest as e:
-                job = await ctx.store.job(job_id)
-                report = {"reason": "api_rejected", "message": e.message, "api_error": e.to_dict()}
-                await fail_job(ctx, job, report)
-            except (ApiError, OSError) as e:
-                failures[key] += 1
-                n = failures[key]
-                ctx.log.warning("submit_retry", job_id=job_id, error=str(e), failures=n)
-                await asyncio.sleep(min(60.0, 0.5 * 2 ** min(n, 7)))
-            finally:
-                busy.discard(key)
-                ctx.wake_submit.set()
+    async def guarded(key: str, job_id: str, coro: Coroutine[Any, Any, None]) -> None:
+        # Any error stays with its own job or attempt: it backs off (without holding a
+        # submit slot) while the rest go on.
+        try:
+            async with sem:
+                try:
+                    await coro
+                    backoff.ok(key)
+                except InvalidRequest as e:
+                    job = await ctx.store.job(job_id)
+                    report = {
+                        "reason": "api_rejected",
+                        "message": e.message,
+                        "api_error": e.to_dict(),
+                    }
+                    await fail_job(ctx, job, report)
+        except Exception as e:
+            n, delay = backoff.failed(key)
+            ctx.log.warning(
+                "submit_retry",
+                job_id=job_id,
+                error=f"{type(e).__name__}: {e}",
+                failures=n,
+                retry_in=round(delay, 2),
+                exc_info=not isinstance(e, ApiError | OSError),
+            )
+        finally:
+            busy.discard(key)
+            ctx.wake_submit.set()
 
     async with asyncio.TaskGroup() as tg:
         while True:
             # Each pass costs what is new, not what is already under way (a burst of
             # 1,000 files wakes this loop thousands of times).
             for job_id in await ctx.store.job_ids([JobState.QUEUED, JobState.VALIDATING]):
-                if job_id not in busy:
+                if job_id not in busy and backoff.ready(job_id):
                     busy.add(job_id)
                     job = await ctx.store.job(job_id)
                     tg.create_task(guarded(job_id, job_id, advance(ctx, job)))
@@ -382,7 +403,7 @@ async def run(ctx: Context) -> None:
                 if job_id not in busy:
                     await ensure_attempts(ctx, await ctx.store.job(job_id))
             for att in await choose(ctx, busy):
-                if att.id not in busy:
+                if att.id not in busy and backoff.ready(att.id):
                     busy.add(att.id)
                     tg.create_task(guarded(att.id, att.job_id, submit_attempt(ctx, att)))
             await wait_for(ctx.wake_submit, ctx.cfg.batch.poll_interval_seconds)

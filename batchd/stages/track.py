@@ -49,8 +49,10 @@ async def sweep(ctx: Context, only: set[str] | None = None) -> None:
             try:
                 page = await ctx.api.list_batches(100, after)
             except ApiError as e:
+                # The API is not answering: fetching every batch one by one would only
+                # multiply the calls. Try again at the next sweep.
                 ctx.log.warning("poll_failed", error=str(e))
-                break
+                return
             reached = True
             data = page.get("data") or []
             for b in data:

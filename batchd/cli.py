@@ -10,10 +10,8 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import re
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,9 +20,9 @@ from typing import Any
 import orjson
 
 from batchd import __version__, jsonl, logs
-from batchd.config import Config, ConfigError, load
-from batchd.spool import Spool, SpoolLocked, enter_inbox
-from batchd.states import JobState
+from batchd.config import Config, ConfigError, load, parse_since
+from batchd.spool import Spool, SpoolLocked, check_name, enter_inbox
+from batchd.states import TERMINAL_JOB_STATES, JobState
 from batchd.store import Job, Store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
@@ -185,22 +183,82 @@ def _one_job(store_jobs: list[Job], ref: str) -> Job | None:
     return None
 
 
-def _daemon_running(cfg: Config) -> bool:
-    spool = Spool(cfg.spool.dir)
-    if not (spool.root / ".lock").exists():
-        return False
-    try:
-        spool.lock()
-    except SpoolLocked:
-        return True
-    spool.unlock()
-    return False
+_UNSUBMITTED = frozenset({JobState.QUEUED, JobState.VALIDATING})
+
+
+async def _drive_cancel(cfg: Config, store: Store, job_id: str, deadline: float) -> Job:
+    """With no daemon running (the caller holds the spool lock): carry out this job's
+    cancellation, and nothing else of the spool's work, until it ends or `deadline`.
+
+    Each round does for this one job what the collect stage does: cancel its remote
+    batches (attempts not yet created are dropped), refresh its batches, settle the
+    ended ones, publish a decided failure, and publish the job (`cancelled`, with
+    the partial results) once it is collecting. The inbox is not touched and no
+    other job is submitted, tracked or collected.
+    """
+    from batchd.api import ApiError, AuthError, BatchApi, InvalidRequest
+    from batchd.metrics import Metrics
+    from batchd.stages import Context, collect, sync_job, track
+
+    live = (JobState.SUBMITTING, JobState.TRACKING)
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    async with BatchApi(cfg.api, cfg.api.api_key(), metrics) as api:
+        ctx = Context(cfg, store, Spool(cfg.spool.dir), api, metrics, logs.get("batchd"))
+        while True:
+            job = await store.job(job_id)
+            if job.state in TERMINAL_JOB_STATES or job.state in _UNSUBMITTED:
+                return job
+            try:
+                # Acts on every cancel-requested job, i.e. only on cancels already asked.
+                await collect.cancel_requested(ctx)
+                mine = {a.batch_id for a in await store.attempts(job_id) if a.batch_id and a.open}
+                if mine:
+                    await track.sweep(ctx, only=mine)
+                for att in await store.ended_attempts():
+                    if att.job_id != job_id:
+                        continue
+                    try:
+                        await collect.settle(ctx, att)
+                    except AuthError:
+                        raise
+                    except InvalidRequest as e:  # as collect.run: the results are gone
+                        report = {"reason": "download_failed", **e.to_dict()}
+                        await collect.fail_job(ctx, await store.job(job_id), report)
+                job = await store.job(job_id)
+                if job.reason is not None and job.state not in TERMINAL_JOB_STATES:
+                    await collect.fail_job(ctx, job, job.reason)
+                elif job.state in live:
+                    await sync_job(ctx, job_id)
+                job = await store.job(job_id)
+                if job.state == JobState.COLLECTING and job.reason is None:
+                    await collect.finish(ctx, job)
+            except (ApiError, OSError) as e:
+                ctx.log.warning("cancel_retry", job_id=job_id, error=str(e))
+            job = await store.job(job_id)
+            left = deadline - loop.time()
+            if job.state in TERMINAL_JOB_STATES or left <= 0:
+                return job
+            await asyncio.sleep(min(track.interval(ctx, "cancelling"), left))
+
+
+async def _await_end(store: Store, job_id: str, deadline: float) -> Job:
+    """A running daemon carries out the cancellation: watch the store until it ends."""
+    loop = asyncio.get_running_loop()
+    while True:
+        job = await store.job(job_id)
+        if job.state in TERMINAL_JOB_STATES or loop.time() >= deadline:
+            return job
+        await asyncio.sleep(0.2)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Cancel a job's batches, wait for `cancelled`, collect partial results."""
-    from batchd.daemon import Daemon
+    """Cancel a job's batches, wait for `cancelled`, collect partial results.
 
+    A running daemon is only asked (the flag in the database). With none running, this
+    command takes the spool lock (so no daemon starts meanwhile) and carries out just
+    this job's cancellation itself; the inbox and other jobs are left alone.
+    """
     cfg = _config(args)
     logs.setup(cfg.log.level, "console")
 
@@ -214,19 +272,43 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                 print(f"batchd: job {job.id} already ended ({job.state.value})", file=sys.stderr)
                 return EXIT_FAIL
             print(f"cancelling {job.id} ({job.name})")
-            if not _daemon_running(cfg):  # drive it ourselves
-                await Daemon(cfg, once=True, serve_http=False).run()
             deadline = asyncio.get_running_loop().time() + args.wait
-            while asyncio.get_running_loop().time() < deadline:
-                job = await store.job(job.id)
-                if job.state.value in ("done", "failed", "cancelled"):
-                    where = cfg.spool.dir / job.result_dir if job.result_dir else "-"
-                    print(
-                        f"{job.state.value}: {job.completed} completed, {job.failed} failed;"
-                        f" results in {where}"
-                    )
-                    return EXIT_OK
-                await asyncio.sleep(0.2)
+            spool = Spool(cfg.spool.dir)
+            try:
+                spool.ensure()
+                spool.lock()
+            except SpoolLocked:
+                job = await _await_end(store, job.id, deadline)
+            except OSError as e:
+                print(f"batchd: [spool] dir: {cfg.spool.dir}: {e.strerror or e}", file=sys.stderr)
+                return EXIT_FAIL
+            else:
+                try:
+                    if cfg.api.api_key() is None:
+                        print(
+                            f"batchd: no API key (${cfg.api.api_key_env}, [api] api_key_file or"
+                            " $CREDENTIALS_DIRECTORY/openai_api_key) and no daemon running;"
+                            " the cancellation is recorded for the daemon",
+                            file=sys.stderr,
+                        )
+                        return EXIT_USAGE
+                    job = await _drive_cancel(cfg, store, job.id, deadline)
+                finally:
+                    spool.unlock()
+            if job.state in TERMINAL_JOB_STATES:
+                where = cfg.spool.dir / job.result_dir if job.result_dir else "-"
+                print(
+                    f"{job.state.value}: {job.completed} completed, {job.failed} failed;"
+                    f" results in {where}"
+                )
+                return EXIT_OK
+            if job.state in _UNSUBMITTED:
+                print(
+                    f"batchd: job {job.id} is {job.state.value} (no batch yet) and no daemon"
+                    " runs; the cancellation is recorded for the daemon to carry out",
+                    file=sys.stderr,
+                )
+                return EXIT_FAIL
             print(f"batchd: still {job.state.value} after {args.wait}s", file=sys.stderr)
             return EXIT_FAIL
         finally:
@@ -275,17 +357,34 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+def _submit_names(args: argparse.Namespace) -> list[str] | None:
+    """The job NAME of each FILE (`--name`, else the file name without `.jsonl`), all
+    checked before anything is copied: a NAME intake would ignore (`.hidden`) or that
+    is not `[A-Za-z0-9._-]{1,100}` is refused, never renamed. None after the message."""
+    if args.name is not None:
+        try:
+            return [check_name(args.name)]
+        except ValueError as e:
+            print(f"batchd: --name: {e}", file=sys.stderr)
+            return None
+    names = []
+    for name in args.files:
+        try:
+            names.append(check_name(Path(name).name))
+        except ValueError as e:
+            print(f"batchd: {name}: file name is not a job NAME: {e}; pass --name", file=sys.stderr)
+            return None
+    return names
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Copy files into the inbox atomically (temp name, fsync, rename)."""
     cfg = _config(args)
-    if args.name and len(args.files) > 1:
+    if args.name is not None and len(args.files) > 1:
         print("batchd: --name needs exactly one FILE", file=sys.stderr)
         return EXIT_USAGE
-    if args.name and not _NAME.fullmatch(args.name):
-        print("batchd: --name: letters, digits, '.', '_' and '-' only", file=sys.stderr)
+    stems = _submit_names(args)
+    if stems is None:
         return EXIT_USAGE
     spool = Spool(cfg.spool.dir)
     try:
@@ -294,7 +393,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"batchd: [spool] dir: {cfg.spool.dir}: {e.strerror or e}", file=sys.stderr)
         return EXIT_FAIL
     bad = 0
-    for name in args.files:
+    for name, stem in zip(args.files, stems, strict=True):
         src = Path(name)
         if not args.no_validate:
             try:
@@ -308,7 +407,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     print(jsonl.format_problem(name, p))
                 bad += 1
                 continue
-        stem = args.name or src.name.removesuffix(".jsonl")
         tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"
         try:
             with src.open("rb") as fin, tmp.open("wb") as fout:
@@ -457,19 +555,11 @@ def _config(args: argparse.Namespace) -> Config:
     return load(args.config)
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def _parse_since(text: str) -> float:
-    """`2h`, `30m`, `7d`, `90s` ago, or an ISO-8601 time; as unix seconds."""
-    if text[:-1].isdigit() and text[-1:] in _UNITS:
-        return time.time() - int(text[:-1]) * _UNITS[text[-1]]
     try:
-        dt = datetime.fromisoformat(text)
-    except ValueError:
-        msg = f"--since: expected e.g. 2h, 30m, 7d or an ISO-8601 time, got {text!r}"
-        raise ConfigError(msg) from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+        return parse_since(text)
+    except ValueError as e:
+        raise ConfigError(f"--since: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import math
 import os
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from batchd.jobmeta import API_MAX_PAIRS, BATCHD_PAIRS
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -279,8 +284,12 @@ def _batch(t: Mapping[str, Any]) -> BatchConfig:
     if window != "24h":
         raise ConfigError(f'[batch] completion_window: only "24h" is supported, got {window!r}')
     meta = _get(t, s, "metadata", dict, {})
-    if len(meta) > 15:  # one pair is batchd's own
-        raise ConfigError("[batch] metadata: at most 15 pairs (batchd adds its own)")
+    room = API_MAX_PAIRS - BATCHD_PAIRS
+    if len(meta) > room:
+        raise ConfigError(
+            f"[batch] metadata: at most {room} pairs (the API takes {API_MAX_PAIRS};"
+            f" batchd adds {BATCHD_PAIRS} of its own), got {len(meta)}"
+        )
     for k, v in meta.items():
         if not isinstance(v, str) or len(k) > 64 or len(v) > 512:
             raise ConfigError(
@@ -402,6 +411,35 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         log=_log(data.get("log", {})),
         **_pieces(data),
     )
+
+
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """A point in time as unix seconds, for `batchd jobs --since` and `GET /v1/jobs?since=`.
+
+    Accepts an age (`90s`, `30m`, `2h`, `7d` before `now`), epoch seconds, or an
+    ISO-8601 time (`Z` or an offset; without one it is UTC). Raises ValueError.
+    """
+    text = text.strip()
+    if text[:-1].isdigit() and text[-1:] in _SINCE_UNITS:
+        return (time.time() if now is None else now) - int(text[:-1]) * _SINCE_UNITS[text[-1]]
+    try:
+        epoch = float(text)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(epoch):
+            return epoch
+        raise ValueError(f"expected a finite number of epoch seconds, got {text!r}")
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"expected an age (90s, 30m, 2h, 7d), epoch seconds or an ISO-8601 time, got {text!r}"
+        ) from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
 def load(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:

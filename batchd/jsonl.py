@@ -15,6 +15,7 @@ import orjson
 
 __all__ = [
     "ENDPOINTS",
+    "UNBOUNDED",
     "Limits",
     "Problem",
     "Summary",
@@ -50,6 +51,10 @@ class Limits:
     max_requests: int = 50_000
     max_bytes: int = 200 * 1024 * 1024
     max_embedding_inputs: int = 50_000
+
+
+# No per-file limit: for a file that is split into pieces, each within the limits.
+UNBOUNDED: Final = Limits(1 << 62, 1 << 62, 1 << 62)
 
 
 @dataclass(frozen=True)
@@ -290,12 +295,25 @@ def _json_type(value: object) -> str:
     return "null" if value is None else "object"
 
 
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def validate_path(
-    path: str | os.PathLike[str], limits: Limits = Limits(), max_problems: int = 100
+    path: str | os.PathLike[str],
+    limits: Limits = Limits(),
+    max_problems: int = 100,
+    *,
+    nofollow: bool = False,
 ) -> Summary:
-    """Stream the file through a Validator (1 MiB chunks)."""
+    """Stream the file through a Validator (1 MiB chunks).
+
+    With ``nofollow`` a symbolic link is never followed: opening one raises OSError
+    (ELOOP).
+    """
     validator = Validator(limits, max_problems)
-    with open(path, "rb", buffering=0) as f:
+    opener = _open_nofollow if nofollow else None
+    with open(path, "rb", buffering=0, opener=opener) as f:
         while chunk := f.read(_CHUNK):
             validator.feed(chunk)
     return validator.finish()

@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +22,13 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batchd import jobmeta
-from batchd.spool import SUFFIX, enter_inbox
+from batchd.config import parse_since
+from batchd.spool import check_name as spool_check_name
+from batchd.spool import enter_inbox
 from batchd.stages import Context
-from batchd.states import JobState
+from batchd.states import TERMINAL_JOB_STATES, JobState
 from batchd.store import Job
 
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 METADATA_HEADER = "X-Batchd-Metadata"
 JSONL_TYPES = frozenset({"application/jsonl", "application/x-ndjson", "text/plain"})
 _PART_PREFIX, _PART_SUFFIX = ".http-", ".jsonl.part"
@@ -65,11 +64,11 @@ def json_response(
 
 
 def check_name(name: str) -> str:
-    """A job NAME: `[A-Za-z0-9._-]{1,100}`, not hidden; a trailing `.jsonl` is dropped."""
-    name = name.removesuffix(SUFFIX)
-    if not NAME_RE.fullmatch(name) or name.startswith("."):
-        raise Problem(400, "invalid_name", "name must match [A-Za-z0-9._-]{1,100}, no leading '.'")
-    return name
+    """A job NAME (see `spool.check_name`); a bad one is a 400."""
+    try:
+        return spool_check_name(name)
+    except ValueError as e:
+        raise Problem(400, "invalid_name", str(e)) from None
 
 
 def parse_metadata(text: str, fixed: Mapping[str, str]) -> dict[str, str]:
@@ -322,7 +321,7 @@ class QueueApi:
             path = self.ctx.spool.path(job.result_dir) / fname
             if path.is_file():
                 return web.FileResponse(path, headers={"Content-Type": "application/jsonl"})
-        if job.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+        if job.state in TERMINAL_JOB_STATES:
             raise Problem(404, "not_found", f"job {job.id} ({job.state}) has no {fname}")
         raise Problem(404, "not_ready", f"job {job.id} is {job.state}; no {fname} yet")
 
@@ -342,16 +341,9 @@ class QueueApi:
 
 def _parse_since(text: str) -> float:
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise Problem(400, "invalid_since", "since: epoch seconds or an ISO-8601 time") from None
-    if dt.tzinfo is None:
-        raise Problem(400, "invalid_since", "since: an ISO-8601 time needs a UTC offset")
-    return dt.timestamp()
+        return parse_since(text)
+    except ValueError as e:
+        raise Problem(400, "invalid_since", f"since: {e}") from None
 
 
 def sweep_partials(ctx: Context) -> int:

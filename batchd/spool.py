@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,18 @@ from ulid import ULID
 
 SUFFIX = ".jsonl"
 _SEP = "--"
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def check_name(name: str) -> str:
+    """A job NAME as given (`batchd submit`, the HTTP queue): a trailing `.jsonl` is
+    dropped, the rest must be `[A-Za-z0-9._-]{1,100}` and must not start with `.`
+    (intake ignores dot files: such a file would never be taken). Raises ValueError."""
+    stem = name.removesuffix(SUFFIX)
+    if not NAME_RE.fullmatch(stem) or stem.startswith("."):
+        rule = "1..100 of A-Z a-z 0-9 . _ -, not starting with '.'"
+        raise ValueError(f"invalid name {name!r}: {rule}")
+    return stem
 
 
 def is_candidate(name: str) -> bool:

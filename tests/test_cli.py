@@ -13,8 +13,22 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
-from tests.conftest import KEY_ENV, Emulator, chat_lines, config_file, drop, make_config, run_once
+from batchd.daemon import Daemon
+from batchd.spool import check_name
+from batchd.store import Store
+from tests.conftest import (
+    KEY_ENV,
+    Emulator,
+    chat_lines,
+    config_file,
+    drop,
+    make_config,
+    run_once,
+    start_emulator,
+)
+from tests.daemon_http import until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,3 +196,94 @@ async def test_check_reports_each_thing(tmp_path: Path, emulator: Emulator) -> N
         batchd, "check", "-c", str(conf), env={k: v for k, v in env.items() if k != KEY_ENV}
     )
     assert nokey.returncode == 1 and "FAIL  api key" in nokey.stdout
+
+
+def _inbox(tmp_path: Path) -> list[str]:
+    inbox = tmp_path / "spool" / "inbox"
+    return sorted(p.name for p in inbox.iterdir()) if inbox.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"), [("nightly", "nightly"), ("nightly.jsonl", "nightly"), ("a.b-c_1", "a.b-c_1")]
+)
+def test_check_name_accepts(name: str, stem: str) -> None:
+    assert check_name(name) == stem
+
+
+@pytest.mark.parametrize("name", [".hidden", ".x.jsonl", "", ".jsonl", "../x", "sp ace", "a" * 101])
+def test_check_name_refuses(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid name"):
+        check_name(name)
+
+
+def test_submit_refuses_names_intake_would_ignore(tmp_path: Path) -> None:
+    # Before the fix `--name .hidden` (or a source `.x.jsonl`) became inbox/.hidden.jsonl,
+    # which intake never takes, and submit still reported success.
+    conf = _write_config(tmp_path, "http://127.0.0.1:9/v1")
+    src = tmp_path / "good.jsonl"
+    src.write_bytes(chat_lines(2))
+    r = batchd("submit", str(src), "--name", ".hidden", "-c", str(conf))
+    assert r.returncode == 2 and "--name" in r.stderr and "invalid name '.hidden'" in r.stderr
+    hidden = tmp_path / ".x.jsonl"
+    hidden.write_bytes(chat_lines(2))
+    r = batchd("submit", str(src), str(hidden), "-c", str(conf))
+    assert r.returncode == 2 and "pass --name" in r.stderr, r.stderr
+    assert _inbox(tmp_path) == []  # checked before anything is copied
+    r = batchd("submit", str(hidden), "--name", "x", "-c", str(conf))
+    assert r.returncode == 0, r.stderr
+    r = batchd("submit", str(src), "--name", "nightly.jsonl", "-c", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert _inbox(tmp_path) == ["nightly.jsonl", "x.jsonl"]
+
+
+async def test_jobs_since_takes_epoch_seconds_and_zoneless_iso(tmp_path: Path) -> None:
+    conf = _write_config(tmp_path, "http://127.0.0.1:9/v1")
+    await (await Store.open(tmp_path / "batchd.db")).close()
+    for since in ("1700000000", "2023-11-14T22:13:20", "2023-11-14T22:13:20Z", "2h"):
+        r = await asyncio.to_thread(batchd, "jobs", "--since", since, "-c", str(conf))
+        assert r.returncode == 0, (since, r.stderr)
+    r = await asyncio.to_thread(batchd, "jobs", "--since", "yesterday", "-c", str(conf))
+    assert r.returncode == 2 and "--since" in r.stderr
+
+
+def _job_state(db: Path) -> str | None:
+    con = sqlite3.connect(db)
+    try:
+        row = con.execute("SELECT state FROM jobs").fetchone()
+    except sqlite3.OperationalError:
+        return None
+    finally:
+        con.close()
+    return None if row is None else str(row[0])
+
+
+async def test_cancel_without_a_daemon_leaves_the_inbox_alone(tmp_path: Path) -> None:
+    # Before the fix, `cancel` with no daemon ran `Daemon(once=True)`: it claimed and
+    # submitted every file waiting in the inbox and waited for all of them.
+    emu, runner = await start_emulator(
+        time_scale=1.0, validating_seconds=0.0, in_progress_seconds=600.0, cancelling_seconds=0.2
+    )
+    try:
+        cfg = make_config(tmp_path, emu.url)
+        conf = _write_config(tmp_path, emu.url)
+        drop(cfg, "slow.jsonl", chat_lines(4))
+        d = Daemon(cfg, serve_http=False)
+        task = asyncio.create_task(d.run())
+        await until(lambda: _job_state(tmp_path / "batchd.db") == "tracking", timeout=30)
+        d.request_stop()
+        await asyncio.wait_for(task, 10)
+        drop(cfg, "other.jsonl", chat_lines(2))
+        r = await asyncio.to_thread(batchd, "cancel", "slow", "--wait", "30", "-c", str(conf))
+        assert r.returncode == 0, r.stderr
+        assert "\ncancelled: " in r.stdout
+        assert _inbox(tmp_path) == ["other.jsonl"]  # untouched
+        assert not list((tmp_path / "spool" / "processing").glob("*other*"))
+        [batch] = emu.state.batches()
+        assert batch["status"] == "cancelled"
+        info = orjson.loads((tmp_path / "spool" / "done" / "slow" / "job.json").read_bytes())
+        assert info["status"] == "cancelled"
+        again = await asyncio.to_thread(batchd, "cancel", "slow", "-c", str(conf))
+        assert again.returncode == 1 and "already ended" in again.stderr
+    finally:
+        await runner.cleanup()
+        emu.state.close()

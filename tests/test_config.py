@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchd import config
+from batchd import config, jobmeta
 from batchd.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,3 +90,43 @@ def test_run_with_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "[batch] poll_interval_seconds" in r.stderr
+
+
+def _metadata(n: int) -> str:
+    return "[batch.metadata]\n" + "".join(f'k{i} = "v"\n' for i in range(n))
+
+
+def test_batch_metadata_leaves_room_for_batchds_own_pairs(tmp_path: Path) -> None:
+    # The API takes 16 pairs and batchd adds 2 (batchd_job, batchd_attempt): a 15th
+    # configured pair used to pass here and then make every batch create a 400.
+    room = jobmeta.API_MAX_PAIRS - jobmeta.BATCHD_PAIRS
+    assert room == 14
+    cfg = config.load(write(tmp_path, _metadata(room)), env={})
+    assert len(cfg.batch.metadata) == room
+    assert jobmeta.check({}, cfg.batch.metadata) == {}  # and the batch still fits
+    with pytest.raises(ConfigError, match=r"\[batch\] metadata: at most 14 pairs"):
+        config.load(write(tmp_path, _metadata(room + 1)), env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90s", 1_000_000 - 90),
+        ("30m", 1_000_000 - 1800),
+        ("2h", 1_000_000 - 7200),
+        ("7d", 1_000_000 - 7 * 86400),
+        ("1700000000", 1_700_000_000),
+        ("1700000000.5", 1_700_000_000.5),
+        ("2023-11-14T22:13:20", 1_700_000_000),  # no zone: UTC
+        ("2023-11-14T22:13:20Z", 1_700_000_000),
+        ("2023-11-15T00:13:20+02:00", 1_700_000_000),
+    ],
+)
+def test_parse_since(text: str, expected: float) -> None:
+    assert config.parse_since(text, now=1_000_000) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "", "2x", "h", "nan", "inf", "2023-13-01"])
+def test_parse_since_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="got"):
+        config.parse_since(text, now=1_000_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from batchd.jsonl import (
     ENDPOINTS,
+    UNBOUNDED,
     Limits,
     Problem,
     Summary,
@@ -189,6 +191,28 @@ def test_file_too_large(tmp_path: Path) -> None:
     s = check(tmp_path, data, limits=Limits(max_bytes=100))
     assert codes(s) == [("file_too_large", 0)]
     assert str(len(data)) in s.problems[0].message and "100" in s.problems[0].message
+
+
+def test_unbounded_limits_report_no_limit_problem(tmp_path: Path) -> None:
+    assert UNBOUNDED == Limits(1 << 62, 1 << 62, 1 << 62)
+    path = tmp_path / "many.jsonl"
+    path.write_bytes(lines(*(req(f"r{i}") for i in range(50_001))))
+    assert codes(validate_path(path, max_problems=1)) == [("too_many_requests", 50_001)]
+    s = validate_path(path, UNBOUNDED)
+    assert s.ok and s.requests == 50_001
+
+
+def test_nofollow_never_follows_a_symlink(tmp_path: Path) -> None:
+    real = tmp_path / "real.jsonl"
+    real.write_bytes(lines(req()))
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(real)
+    assert validate_path(link).ok  # followed by default, as `batchd validate` does
+    with pytest.raises(OSError) as e:
+        validate_path(link, nofollow=True)
+    assert e.value.errno == errno.ELOOP
+    s = validate_path(real, UNBOUNDED, nofollow=True)  # a regular file reads as usual
+    assert s.ok and s.requests == 1
 
 
 def test_embedding_inputs_counted(tmp_path: Path) -> None:

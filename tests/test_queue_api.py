@@ -218,6 +218,18 @@ async def test_errors_are_json(served: tuple[Config, str, aiohttp.ClientSession]
     assert leftovers(cfg) == []
 
 
+async def test_since_takes_ages_epoch_and_iso_with_or_without_zone(
+    served: tuple[Config, str, aiohttp.ClientSession],
+) -> None:
+    # The same parser as `batchd jobs --since`: a zone-less ISO time is UTC (it was a 400).
+    _cfg, _base, s = served
+    for since in ("2h", "1700000000", "2023-11-14T22:13:20", "2023-11-14T22:13:20%2B00:00"):
+        async with s.get(f"/v1/jobs?since={since}", headers=AUTH) as r:
+            assert r.status == 200, (since, await r.text())
+    async with s.get("/v1/jobs?since=2023-11-14T22:13:20x", headers=AUTH) as r:
+        await assert_error(r, 400, "invalid_since")
+
+
 async def test_too_large_is_413_and_leaves_nothing(
     served: tuple[Config, str, aiohttp.ClientSession],
 ) -> None:

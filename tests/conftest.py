@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,17 +71,23 @@ def make_config(tmp_path: Path, base_url: str, **sections: dict[str, Any]) -> Co
     return config.parse(data, tmp_path, env={})
 
 
-def chat_lines(n: int, model: str = "gpt-4o-mini", fail: Iterable[int] = ()) -> bytes:
-    """n chat-completions request lines; indexes in `fail` are made to fail with HTTP 400."""
-    failing = set(fail)
+def chat_lines(
+    n: int,
+    model: str = "gpt-4o-mini",
+    fail: Iterable[int] = (),
+    hooks: Mapping[int, dict[str, Any]] | None = None,
+) -> bytes:
+    """n chat-completions request lines; indexes in `fail` are made to fail with HTTP 400,
+    `hooks` gives other lines an emulator hook (e.g. {"expire": True}, {"status": 500})."""
+    emulated = {i: {"status": 400} for i in fail} | dict(hooks or {})
     out = []
     for i in range(n):
         body: dict[str, Any] = {
             "model": model,
             "messages": [{"role": "user", "content": f"question {i}"}],
         }
-        if i in failing:
-            body["x_emulator"] = {"status": 400}
+        if i in emulated:
+            body["x_emulator"] = emulated[i]
         out.append(
             orjson.dumps(
                 {
@@ -150,3 +158,15 @@ def config_file(
         f'[batch]\npoll_interval_seconds = {poll}\n[http]\nlisten = "{listen}"\n' + extra
     )
     return p
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m batchd ARGS` as a real subprocess (the test's environment by default)."""
+    return subprocess.run(
+        [sys.executable, "-m", "batchd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=None if env is None else dict(env),
+    )

@@ -4,8 +4,6 @@ request retries, cancel and retry — the real daemon against the emulator."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import orjson
@@ -13,7 +11,6 @@ import orjson
 from batchd.daemon import Daemon
 from batchd.store import Store
 from tests.conftest import (
-    KEY_ENV,
     Emulator,
     chat_lines,
     config_file,
@@ -21,33 +18,12 @@ from tests.conftest import (
     embedding_lines,
     make_config,
     read_jsonl,
+    run_cli,
     run_once,
     start_emulator,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def lines_with(n: int, extra: dict[int, dict[str, object]]) -> bytes:
-    out = []
-    for i in range(n):
-        body: dict[str, object] = {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": f"q{i}"}],
-        }
-        if i in extra:
-            body["x_emulator"] = extra[i]
-        out.append(
-            orjson.dumps(
-                {
-                    "custom_id": f"req-{i}",
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": body,
-                }
-            )
-        )
-    return b"\n".join(out) + b"\n"
 
 
 async def test_split_merge_in_input_order(tmp_path: Path, emulator: Emulator) -> None:
@@ -102,7 +78,7 @@ async def test_expired_batch_keeps_results_and_resubmits_the_rest(tmp_path: Path
     emu, runner = await start_emulator(time_scale=0.01, expire_after_seconds=1.0)
     try:
         cfg = make_config(tmp_path, emu.url)
-        drop(cfg, "exp.jsonl", lines_with(10, {3: {"expire": True}, 8: {"expire": True}}))
+        drop(cfg, "exp.jsonl", chat_lines(10, hooks={3: {"expire": True}, 8: {"expire": True}}))
         d = Daemon(cfg, once=True)
         task = asyncio.create_task(d.run())
         while not any(b["status"] == "expired" for b in emu.state.batches()):
@@ -126,7 +102,9 @@ async def test_retryable_failures_resubmitted_non_retryable_kept(
 ) -> None:
     cfg = make_config(tmp_path, emulator.url, retry={"max_attempts_per_piece": 3})
     drop(
-        cfg, "rf.jsonl", lines_with(6, {1: {"status": 500}, 2: {"status": 400}, 4: {"status": 429}})
+        cfg,
+        "rf.jsonl",
+        chat_lines(6, hooks={1: {"status": 500}, 2: {"status": 400}, 4: {"status": 429}}),
     )
     await run_once(cfg)
     done = cfg.spool.dir / "done" / "rf"
@@ -175,34 +153,17 @@ async def test_token_limit_refusal_requeues_then_admission_respects_learned_limi
         emu.state.close()
 
 
-def _batchd(*args: str) -> subprocess.CompletedProcess[str]:
-    import os
-
-    env = {**os.environ, KEY_ENV: "sk-test-0123456789abcdefSECRET"}
-    return subprocess.run(
-        [sys.executable, "-m", "batchd", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=env,
-    )
-
-
-_conf_file = config_file
-
-
 async def test_cancel_collects_partial_results_then_retry(tmp_path: Path) -> None:
     emu, runner = await start_emulator(time_scale=0.5)  # ~1.5 s in progress
     try:
         cfg = make_config(tmp_path, emu.url)
-        conf = _conf_file(tmp_path, emu.url)
+        conf = config_file(tmp_path, emu.url)
         drop(cfg, "slow.jsonl", chat_lines(10))
         d = Daemon(cfg)
         task = asyncio.create_task(d.run())
         while not any(b["status"] == "in_progress" for b in emu.state.batches()):
             await asyncio.sleep(0.02)
-        r = await asyncio.to_thread(_batchd, "cancel", "slow", "--config", str(conf))
+        r = await asyncio.to_thread(run_cli, "cancel", "slow", "--config", str(conf))
         assert r.returncode == 0, r.stderr
         assert "cancelled" in r.stdout
         d.request_stop()
@@ -215,7 +176,7 @@ async def test_cancel_collects_partial_results_then_retry(tmp_path: Path) -> Non
         partial = read_jsonl(done / "output.jsonl")
         assert 0 < len(partial) < 10
         # retry: the unfinished requests become a new job
-        r = await asyncio.to_thread(_batchd, "retry", "slow", "--config", str(conf))
+        r = await asyncio.to_thread(run_cli, "retry", "slow", "--config", str(conf))
         assert r.returncode == 0, r.stderr
         emu.state.config.time_scale = 0.01
         await run_once(cfg)

@@ -1,0 +1,141 @@
+"""The SQLite backend: one aiosqlite connection (WAL), transactions in one thread hop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from batchd.store.queries import Conflict, Params, Stmt, migrations
+
+
+class SqliteBackend:
+    """Runs statements for the store; nothing here knows what the tables mean."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteBackend:
+        """Open (creating and migrating if needed) the database at `path`."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            # Only takes effect on a new, empty database: retention then hands freed
+            # pages back with PRAGMA incremental_vacuum (older files reuse them).
+            await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await db._execute(_migrate, db._conn)  # type: ignore[no-untyped-call]
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db)
+
+    async def close(self) -> None:
+        """Finish transactions in flight, then close the connection."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._db.close()
+
+    async def tx(self, statements: Sequence[Stmt]) -> None:
+        """Run statements in one transaction that a cancelled caller cannot cut in half.
+
+        aiosqlite runs each statement in its thread even when the awaiting task is
+        cancelled, so a cancellation mid-way would leave a transaction open or roll
+        back one already committed; the transaction therefore runs in its own task
+        that the caller's cancellation does not reach (close() waits for it).
+        """
+        task = asyncio.create_task(self._run_tx(list(statements)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _run_tx(self, statements: list[Stmt]) -> None:
+        async with self._lock:
+            # The whole transaction is one call into aiosqlite's thread: one hop instead
+            # of one per statement.
+            await self._db._execute(_tx_in_thread, self._db._conn, statements)  # type: ignore[no-untyped-call]
+
+    async def fetch(self, sql: str, params: Params | None = None) -> list[sqlite3.Row]:
+        """Every row of one query, in one hop to aiosqlite's thread."""
+        return list(await self._db.execute_fetchall(sql, params or {}))
+
+    async def data_version(self) -> int:
+        """Changes whenever another connection (a CLI command) commits."""
+        rows = await self.fetch("PRAGMA data_version")
+        return int(rows[0][0])
+
+    async def vacuum_step(self, pages: int) -> None:
+        """Hand up to `pages` free pages back to the file system."""
+        async with self._lock:
+            await self._db.execute(f"PRAGMA incremental_vacuum({int(pages)})")
+
+
+def _tx_in_thread(conn: sqlite3.Connection, statements: list[Stmt]) -> None:
+    """BEGIN … COMMIT on the connection; runs in aiosqlite's thread."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for st in statements:
+            if isinstance(st.params, list):
+                cur = conn.executemany(st.sql, st.params)
+            else:
+                cur = conn.execute(st.sql, st.params)
+            if st.must_change and cur.rowcount == 0:
+                raise Conflict(st.sql.split("\n", 1)[0])
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to the newest version, one transaction per migration. The
+    version is read inside each transaction: two processes opening a new database at
+    once (a daemon and a CLI) never both apply a migration."""
+    scripts = migrations()
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(scripts):
+                raise RuntimeError(
+                    f"database schema version {version} is newer than this batchd "
+                    f"({len(scripts)}); refusing to touch it"
+                )
+            if version == len(scripts):
+                conn.execute("COMMIT")
+                return
+            for stmt in _statements(scripts[version]):
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements, split where SQLite says one is complete (a trigger body
+    holds several `;`)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip().strip(";").strip():
+                out.append(buf)
+            buf = ""
+    if buf.strip():
+        out.append(buf)
+    return out

@@ -78,12 +78,28 @@ class InvalidRequest(ApiError):
     """400 and other 4xx not listed below: retrying would not help."""
 
 
-class AuthError(InvalidRequest):
+class AccessDenied(InvalidRequest):
+    """The operator's problem, not a job's: no job can get through until it is fixed
+    (a missing, wrong or revoked key; an API root that is not one). Jobs wait."""
+
+
+class AuthError(AccessDenied):
     """401/403: the key is missing, wrong, or lacks permission."""
+
+
+class WrongEndpoint(AccessDenied):
+    """404 from a route that always exists: `[api] base_url` does not point at the API
+    (typically a missing `/v1`)."""
 
 
 class NotFound(InvalidRequest):
     """404: unknown id."""
+
+
+# Operations on routes without an id: a 404 there means the base URL is wrong.
+_FIXED_ROUTES = frozenset(
+    {"upload_file", "create_upload", "create_batch", "list_batches", "list_files"}
+)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -102,7 +118,9 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
-def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> ApiError:
+def _error_from(
+    status: int, body: bytes, headers: Mapping[str, str], op: str = "", url: str = ""
+) -> ApiError:
     err: dict[str, Any] = {}
     try:
         parsed = orjson.loads(body)
@@ -123,6 +141,9 @@ def _error_from(status: int, body: bytes, headers: Mapping[str, str]) -> ApiErro
         return Transient(msg, **kw)
     if status in (401, 403):
         return AuthError(msg, **kw)
+    if status == 404 and op in _FIXED_ROUTES:
+        hint = f"{url} answered 404 ({msg}); does [api] base_url end in /v1?"
+        return WrongEndpoint(hint, **kw)
     if status == 404:
         return NotFound(msg, **kw)
     return InvalidRequest(msg, **kw)
@@ -151,6 +172,16 @@ class BatchApi:
         self._metrics = metrics
         self._max_backoff = max_backoff_seconds
         self._session: aiohttp.ClientSession | None = None
+
+    def set_key(self, api_key: str | None) -> None:
+        """Use another API key from now on (re-read after a rotation or an outage)."""
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        else:
+            self._headers.pop("Authorization", None)
+        if self._session is not None:
+            self._session.headers.clear()
+            self._session.headers.update(self._headers)
 
     async def __aenter__(self) -> BatchApi:
         t = self._cfg.request_timeout_seconds
@@ -216,7 +247,7 @@ class BatchApi:
                 code = str(resp.status)
                 if resp.status >= 400:
                     body = await resp.read()
-                    raise _error_from(resp.status, body, resp.headers)
+                    raise _error_from(resp.status, body, resp.headers, op, f"{method} {resp.url}")
                 yield resp
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
             raise Transient(f"{op}: {type(e).__name__}: {e}") from None

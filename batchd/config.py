@@ -177,6 +177,40 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class IntakeConfig:
+    """[intake]: when a file written in place counts as complete; duplicate drops."""
+
+    # A file still open for writing is never taken; one that was not renamed into
+    # inbox/ is taken only after this long without a change (writers that pause).
+    settle_seconds: float = 1.0
+    # The same content (SHA-256) dropped again within this window is held in
+    # failed/NAME/ as duplicate_of JOB (0 = never).
+    duplicate_window_seconds: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """[retention]: what is deleted, when; applied in small bounded steps."""
+
+    # Delete the provider's copies: an input file once its batch ended, output and
+    # error files once they are verified and fsynced on disk.
+    delete_remote_files: bool = True
+    # Delete finished jobs' rows (and their events) after this many days (0 = keep).
+    jobs_days: float = 180.0
+    # Delete done/NAME and failed/NAME directories after this many days (0 = keep).
+    results_days: float = 0.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: process behaviour."""
+
+    # At SIGTERM, work in flight (an upload, a create, a download) gets this long to
+    # finish before it is cancelled (it is picked up again at the next start).
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -190,6 +224,9 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     source: Path | None = None
 
 
@@ -221,7 +258,28 @@ _SECTIONS = {
     "retry": {"max_attempts_per_piece"},
     "admission": {"token_budgets", "refusal_backoff_seconds", "max_refusal_backoff_seconds"},
     "output": {"order"},
+    "intake": {"settle_seconds", "duplicate_window"},
+    "retention": {"delete_remote_files", "jobs_days", "results_days"},
+    "daemon": {"shutdown_grace_seconds"},
 }
+# Keys SIGHUP applies to a running daemon; any other change needs a restart.
+RELOADABLE = frozenset(
+    {
+        "log.level",
+        "log.format",
+        "batch.poll_interval_seconds",
+        "batch.metadata",
+        "api.api_key_env",
+        "api.api_key_file",
+        "intake.settle_seconds",
+        "intake.duplicate_window",
+        "retention.delete_remote_files",
+        "retention.jobs_days",
+        "retention.results_days",
+        "admission.token_budgets",
+        "webhooks.poll_interval_seconds",
+    }
+)
 
 
 def _get(table: Mapping[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
@@ -384,6 +442,73 @@ def _pieces(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _duration(t: Mapping[str, Any], section: str, key: str, default: float) -> float:
+    """Seconds, given as a number or as `90s`, `30m`, `2h`, `7d`; must be >= 0."""
+    if key not in t:
+        return default
+    v = t[key]
+    if isinstance(v, str) and v.isdigit():
+        return float(v)
+    if isinstance(v, str) and v[:-1].isdigit() and v[-1:] in _SINCE_UNITS:
+        return float(int(v[:-1]) * _SINCE_UNITS[v[-1]])
+    if isinstance(v, int | float) and not isinstance(v, bool) and v >= 0:
+        return float(v)
+    raise ConfigError(f"[{section}] {key}: seconds or an age like 90s, 30m, 2h, 7d; got {v!r}")
+
+
+def _days(t: Mapping[str, Any], section: str, key: str, default: float) -> float:
+    v = _get(t, section, key, float, default)
+    if v < 0:
+        raise ConfigError(f"[{section}] {key}: days >= 0 (0 = keep for ever), got {v!r}")
+    return float(v)
+
+
+def _retention(t: Mapping[str, Any]) -> RetentionConfig:
+    jobs = _days(t, "retention", "jobs_days", 180.0)
+    results = _days(t, "retention", "results_days", 0.0)
+    if jobs and results > jobs:
+        raise ConfigError(
+            f"[retention] results_days: at most jobs_days ({jobs:g}): a job's row is how "
+            f"batchd finds its result dir, got {results:g}"
+        )
+    return RetentionConfig(
+        delete_remote_files=_get(t, "retention", "delete_remote_files", bool, True),
+        jobs_days=jobs,
+        results_days=results,
+    )
+
+
+def _sections(data: Mapping[str, Any]) -> dict[str, Any]:
+    """[intake], [retention], [daemon]."""
+    it, rt, dm = data.get("intake", {}), data.get("retention", {}), data.get("daemon", {})
+    return {
+        "intake": IntakeConfig(
+            settle_seconds=_duration(it, "intake", "settle_seconds", 1.0),
+            duplicate_window_seconds=_duration(it, "intake", "duplicate_window", 7 * 86400.0),
+        ),
+        "retention": _retention(rt),
+        "daemon": DaemonConfig(
+            shutdown_grace_seconds=_duration(dm, "daemon", "shutdown_grace_seconds", 10.0)
+        ),
+    }
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """`section.key` names whose values differ between two configs."""
+    out = []
+    for f in dataclasses.fields(Config):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if not dataclasses.is_dataclass(a) or a == b:
+            continue
+        for g in dataclasses.fields(a):
+            if getattr(a, g.name) != getattr(b, g.name):
+                out.append(f"{f.name}.{_KEY_NAMES.get(g.name, g.name)}")
+    return out
+
+
+_KEY_NAMES = {"duplicate_window_seconds": "duplicate_window"}
+
+
 def _log(t: Mapping[str, Any]) -> LogConfig:
     level = _get(t, "log", "level", str, "info").lower()
     if level not in _LEVELS:
@@ -410,6 +535,7 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         webhooks=_webhooks(data.get("webhooks", {}), base),
         log=_log(data.get("log", {})),
         **_pieces(data),
+        **_sections(data),
     )
 
 

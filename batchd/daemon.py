@@ -1,30 +1,40 @@
-"""The daemon: builds the parts, runs the stages in a TaskGroup, stops on signals."""
+"""The daemon: builds the parts, supervises the stages, stops cleanly.
+
+Shutdown drains: at SIGTERM intake stops claiming, no stage starts new work, work in
+flight gets `[daemon] shutdown_grace_seconds` to finish, and only then is the rest
+cancelled (every store transaction completes even then; whatever was cut off is
+taken up again at the next start).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from batchd import logs, sdnotify, watch
+from batchd import logs, sdnotify
 from batchd.api import BatchApi
-from batchd.config import Config, ConfigError, load
+from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.metrics import Metrics
 from batchd.spool import Spool
-from batchd.stages import Context, collect, submit, track
-from batchd.states import TERMINAL_JOB_STATES, JobState
-from batchd.store import Store
+from batchd.stages import Context, collect, health, intake, retention, submit, track
+from batchd.states import JobState
+from batchd.store import LIVE_STATES, Store
 from batchd.web import READY, create_app
 
 IDLE_CHECK_SECONDS = 0.05
+DATA_VERSION_SECONDS = 0.25  # how soon a CLI's change (cancel, retry) is acted on
+STATUS_SECONDS = 5.0
 
 
-class _Stop(Exception):
-    """Raised inside the TaskGroup to end it."""
+class StartupError(Exception):
+    """Something the operator must fix before the daemon can start (one line)."""
 
 
 class Daemon:
@@ -45,6 +55,9 @@ class Daemon:
         self.log = logs.get("batchd")
         self.stop_event = asyncio.Event()
         self.ctx: Context | None = None
+        self.outcomes: Counter[str] = Counter()  # jobs ended while this daemon ran
+        self.listen: str | None = None  # the address actually bound
+        self.exit_code: int | None = None
 
     async def _refresh_gauges(self) -> None:
         ctx = self.ctx
@@ -58,25 +71,40 @@ class Daemon:
         self.metrics.inbox_files.set(len(ctx.spool.waiting()))
 
     async def _idle_watch(self, ctx: Context) -> None:
-        """In --once mode: stop when the inbox is empty and every job has ended."""
-        live = [s for s in JobState if s not in TERMINAL_JOB_STATES]
+        """In --once mode: stop when the inbox is empty and every job has ended, or when
+        the API refuses access (nothing could get further; the jobs wait)."""
         while True:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
-            if not ctx.spool.waiting() and not await ctx.store.jobs(live):
-                raise _Stop
+            if ctx.hold.blocked:
+                self.log.error(
+                    "once_stopped_held", reason=ctx.hold.reason, message=ctx.hold.message
+                )
+                self.stop_event.set()
+                return
+            if ctx.claiming or ctx.spool.waiting():
+                continue
+            if not await ctx.store.live_count() and not ctx.claiming:
+                self.stop_event.set()
+                return
 
-    async def _wait_stop(self) -> None:
-        await self.stop_event.wait()
-        raise _Stop
+    async def _watch_store(self, ctx: Context) -> None:
+        """Another process (`batchd retry`, `cancel`) changed the store: look at once."""
+        version = await ctx.store.data_version()
+        while True:
+            await asyncio.sleep(DATA_VERSION_SECONDS)
+            now = await ctx.store.data_version()
+            if now != version:
+                version = now
+                ctx.wake_all()
 
     async def _supervised(
         self, name: str, stage: Callable[[Context], Awaitable[None]], ctx: Context
     ) -> None:
-        """Run a stage for ever; if it fails (disk full, database locked, a bug), log it
-        and start it again after a backoff. Every stage is level-triggered, so a
+        """Run a stage until shutdown; if it fails (disk full, database locked, a bug),
+        log it and start it again after a backoff. Every stage is level-triggered, so a
         restart picks up exactly where the store says things are."""
         failures = 0
-        while True:
+        while not ctx.stopping:
             started = asyncio.get_running_loop().time()
             try:
                 await stage(ctx)
@@ -111,17 +139,19 @@ class Daemon:
         while True:
             try:
                 counts = await ctx.store.count_by_state()
-                live = sum(n for s, n in counts.items() if s not in TERMINAL_JOB_STATES)
+                live = sum(counts.get(s.value, 0) for s in LIVE_STATES)
+                held = f"; HELD: {ctx.hold.message}" if ctx.hold.blocked else ""
                 sdnotify.status(
                     f"{live} job(s) in progress, {counts.get('tracking', 0)} tracking, "
-                    f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed"
+                    f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed{held}"
                 )
             except Exception as e:  # a status line is not worth stopping the daemon for
                 self.log.warning("status_failed", error=str(e))
-            await asyncio.sleep(5)
+            await asyncio.sleep(STATUS_SECONDS)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; apply log level/format, poll interval, metadata."""
+        """SIGHUP: re-read the config and the API key; apply what can change live and
+        say which changed keys need a restart."""
         ctx = self.ctx
         try:
             new = load(self.cfg.source) if self.cfg.source else None
@@ -131,78 +161,162 @@ class Daemon:
         if new is None or ctx is None:
             self.log.warning("reload_skipped", reason="no config file to re-read")
             return
+        changed = changed_keys(ctx.cfg, new)
+        restart = sorted(k for k in changed if k not in RELOADABLE)
         batch = dataclasses.replace(
             ctx.cfg.batch,
             poll_interval_seconds=new.batch.poll_interval_seconds,
             metadata=new.batch.metadata,
         )
-        self.cfg = ctx.cfg = dataclasses.replace(ctx.cfg, batch=batch, log=new.log)
+        api = dataclasses.replace(
+            ctx.cfg.api, api_key_env=new.api.api_key_env, api_key_file=new.api.api_key_file
+        )
+        admission = dataclasses.replace(
+            ctx.cfg.admission, token_budgets=new.admission.token_budgets
+        )
+        webhooks = dataclasses.replace(
+            ctx.cfg.webhooks, poll_interval_seconds=new.webhooks.poll_interval_seconds
+        )
+        self.cfg = ctx.cfg = dataclasses.replace(
+            ctx.cfg,
+            api=api,
+            batch=batch,
+            log=new.log,
+            intake=new.intake,
+            retention=new.retention,
+            admission=admission,
+            webhooks=webhooks,
+        )
         logs.setup(new.log.level, new.log.format)
-        ctx.wake_track.set()
+        try:
+            ctx.api.set_key(ctx.cfg.api.api_key())
+        except OSError as e:
+            self.log.error("reload_key_failed", error=str(e))
+        ctx.hold.changed.set()  # a held daemon probes with the new key at once
+        ctx.admission_version += 1
+        ctx.wake_all()
         self.log.info(
             "reloaded",
+            applied=sorted(k for k in changed if k in RELOADABLE),
             log_level=new.log.level,
             poll_interval_seconds=batch.poll_interval_seconds,
-            metadata_keys=sorted(batch.metadata),
         )
+        if restart:
+            self.log.warning("reload_needs_restart", keys=restart)
 
     def request_stop(self) -> None:
         """Ask the daemon to stop (signal handlers call this)."""
         sdnotify.stopping()
         self.stop_event.set()
 
+    def _open_spool(self) -> Spool:
+        spool = Spool(self.cfg.spool.dir)
+        try:
+            spool.ensure()
+        except OSError as e:
+            raise StartupError(f"[spool] dir: {spool.root}: {_why(e)}") from None
+        spool.lock()
+        return spool
+
+    async def _serve(self, ctx: Context, token: str | None, secret: bytes | None) -> web.AppRunner:
+        cfg = self.cfg
+        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, cfg.http.host, cfg.http.port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise StartupError(f"[http] listen: {cfg.http.listen}: {_why(e)}") from None
+        host, port = runner.addresses[0][:2]
+        self.listen = f"{host}:{port}"
+        app[READY]["ready"] = True
+        return runner
+
+    async def _stopper(
+        self, ctx: Context, stages: list[asyncio.Task[None]], side: list[asyncio.Task[None]]
+    ) -> None:
+        """At stop: no new work, a grace period for what is in flight, then cancel."""
+        await self.stop_event.wait()
+        ctx.stopping = True
+        ctx.wake_all()
+        ctx.hold.changed.set()
+        grace = self.cfg.daemon.shutdown_grace_seconds
+        _done, pending = await asyncio.wait(stages, timeout=grace + 1.0)
+        if pending:
+            self.log.warning("shutdown_cancelling", stages=sorted(t.get_name() for t in pending))
+        for t in (*pending, *side):
+            t.cancel()
+
     async def run(self) -> int:
-        """Run until stopped (or, with once=True, until idle). Returns an exit code."""
+        """Run until stopped (or, with once=True, until idle). Returns an exit code:
+        with once=True, 1 when a job failed during the run."""
         cfg = self.cfg
         # Read secrets before touching anything: a bad one is a config error (exit 2).
         token = cfg.http.token() if self.serve_http else None
         webhook_secret = cfg.webhooks.secret() if self.serve_http else None
-        spool = Spool(cfg.spool.dir)
-        spool.ensure()
-        spool.lock()
+        try:
+            key = cfg.api.api_key()
+        except OSError as e:
+            raise StartupError(f"[api] api_key_file: {cfg.api.api_key_file}: {_why(e)}") from None
+        spool = self._open_spool()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        store = await Store.open(cfg.state.database, self.clock)
         runner: web.AppRunner | None = None
         try:
-            async with BatchApi(cfg.api, cfg.api.api_key(), self.metrics) as api:
+            async with (
+                Store.connect(cfg.state.database, self.clock) as store,
+                BatchApi(cfg.api, key, self.metrics) as api,
+            ):
                 ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)
+                ctx.outcomes = self.outcomes
+                if key is None:
+                    await ctx.hold.block(ctx, reason="api_key", message=health.no_key_message(ctx))
+                else:
+                    await store.set_setting(health.SETTING, None)  # a stale hold
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, self.request_stop)
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
                 if self.serve_http:
-                    app = create_app(self.metrics, self._refresh_gauges, ctx, token, webhook_secret)
-                    runner = web.AppRunner(app, access_log=None)
-                    await runner.setup()
-                    await web.TCPSite(runner, cfg.http.host, cfg.http.port).start()
-                    app[READY]["ready"] = True
+                    runner = await self._serve(ctx, token, webhook_secret)
                 sdnotify.ready()
-                self.log.info(
-                    "started",
-                    spool=str(spool.root),
-                    once=self.once,
-                    listen=cfg.http.listen if self.serve_http else None,
-                )
-                async with asyncio.TaskGroup() as tg:
-                    for name, stage in (
-                        ("intake", watch.run),
-                        ("submit", submit.run),
-                        ("track", track.run),
-                        ("collect", collect.run),
-                    ):
-                        tg.create_task(self._supervised(name, stage, ctx), name=name)
-                    tg.create_task(self._wait_stop(), name="stop")
-                    tg.create_task(self._watchdog(), name="watchdog")
-                    tg.create_task(self._status(ctx), name="status")
-                    if self.once:
-                        tg.create_task(self._idle_watch(ctx), name="idle")
-        except* _Stop:
-            pass
+                self.log.info("started", spool=str(spool.root), once=self.once, listen=self.listen)
+                await self._run_stages(ctx)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             if runner is not None:
                 await runner.cleanup()
-            await store.close()
             spool.unlock()
-            self.log.info("stopped")
-        return 0
+            if self.listen is not None or not self.serve_http:
+                self.log.info("stopped")
+        held = self.ctx is not None and self.ctx.hold.blocked
+        self.exit_code = 1 if self.once and (self.outcomes["failed"] or held) else 0
+        return self.exit_code
+
+    async def _run_stages(self, ctx: Context) -> None:
+        async with asyncio.TaskGroup() as tg:
+            stages = [
+                tg.create_task(self._supervised(name, fn, ctx), name=name)
+                for name, fn in (
+                    ("intake", intake.run),
+                    ("submit", submit.run),
+                    ("track", track.run),
+                    ("collect", collect.run),
+                    ("retention", retention.run),
+                    ("health", health.run),
+                )
+            ]
+            side = [
+                tg.create_task(self._watchdog(), name="watchdog"),
+                tg.create_task(self._status(ctx), name="status"),
+                tg.create_task(self._watch_store(ctx), name="store-watch"),
+            ]
+            if self.once:
+                side.append(tg.create_task(self._idle_watch(ctx), name="idle"))
+            tg.create_task(self._stopper(ctx, stages, side), name="stopper")
+
+
+def _why(e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return "address already in use (another batchd, or another program, listens there)"
+    return (e.strerror or str(e)).lower()

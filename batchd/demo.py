@@ -80,7 +80,7 @@ async def run_demo(workdir: Path | None = None) -> int:
         watcher = await Store.open(cfg.state.database)  # a reader of its own (WAL)
         try:
             while not task.done():
-                for job in await watcher.jobs():
+                for job in await watcher.list_jobs():
                     atts = await watcher.attempts(job.id)
                     now = (job.state.value, atts[-1].status if atts else None)
                     if now != seen:

@@ -132,8 +132,51 @@ class Metrics:
             ["stage"],
             registry=r,
         )
-        for stage in ("intake", "submit", "track", "collect"):
+        for stage in ("intake", "submit", "track", "collect", "retention", "health"):
             self.stage_restarts.labels(stage)
         self.validation_failures = Counter(
             "batchd_validation_failures", "Input files rejected by local validation", registry=r
         )
+        self.api_access_denied = Gauge(
+            "batchd_api_access_denied",
+            "1 while the API refuses access (api_key: missing, wrong or revoked key; "
+            "endpoint: [api] base_url is not the API); jobs wait meanwhile",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("api_key", "endpoint"):
+            self.api_access_denied.labels(reason)
+        self.inbox_ignored = Gauge(
+            "batchd_inbox_ignored_files",
+            "Entries in inbox/ that will never be taken (wrong suffix, directories)",
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "batchd_requests_in_flight",
+            "Requests of batches in flight by progress (request_counts as last polled)",
+            ["progress"],
+            registry=r,
+        )
+        for progress in ("completed", "failed", "pending"):
+            self.requests_in_flight.labels(progress)
+        self.duplicates = Counter(
+            "batchd_duplicate_inputs",
+            "Inputs held in failed/ because the same content was submitted recently",
+            registry=r,
+        )
+        self.remote_files_deleted = Counter(
+            "batchd_remote_files_deleted",
+            "Provider copies deleted by retention, by kind (input, output, error)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("input", "output", "error"):
+            self.remote_files_deleted.labels(kind)
+        self.retention_deleted = Counter(
+            "batchd_retention_deleted",
+            "Local data removed by retention, by what (job rows, result dirs)",
+            ["what"],
+            registry=r,
+        )
+        for what in ("jobs", "results"):
+            self.retention_deleted.labels(what)

@@ -59,16 +59,89 @@ def _atomic(dest: Path) -> Iterator[IO[bytes]]:
     tmp.replace(dest)
 
 
+def decompress(src: Path, dest: Path) -> int:
+    """Stream a .gz or .zst file into `dest` (temp name, fsync, rename); returns its size.
+
+    Raises ValueError naming the problem when the data is not valid for its format.
+    """
+    import gzip
+    import zlib
+
+    import zstandard
+
+    n = 0
+    try:
+        with src.open("rb") as raw, _atomic(dest) as out:
+            if src.name.endswith(".gz"):
+                reader: IO[bytes] = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+            else:
+                reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            with reader:
+                while chunk := reader.read(_CHUNK):
+                    out.write(chunk)
+                    n += len(chunk)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a real I/O error, not corrupt data
+        dest.with_name(f".{dest.name}.tmp").unlink(missing_ok=True)
+        kind = "gzip" if src.name.endswith(".gz") else "zstd"
+        raise ValueError(f"not valid {kind} data: {e}") from None
+    return n
+
+
 def est_tokens(line: bytes) -> int:
     """Prompt-token estimate of one input line (the same measure for every piece)."""
     return len(line) // 4
+
+
+class _Packer:
+    """Where pieces are cut: a line starts a new piece when it would not fit the limits."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.n = self.size = self.inputs = self.tokens = 0
+
+    def full(self, size: int, inputs: int) -> bool:
+        lim = self.limits
+        return self.n > 0 and (
+            self.n + 1 > lim.max_requests
+            or self.size + size > lim.max_bytes
+            or self.inputs + inputs > lim.max_embedding_inputs
+        )
+
+    def add(self, size: int, inputs: int, tokens: int) -> None:
+        self.n += 1
+        self.size += size
+        self.inputs += inputs
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.n = self.size = self.inputs = self.tokens = 0
+
+
+def _lines(src: Path, embeddings: bool) -> Iterator[tuple[bytes, int]]:
+    for line in iter_lines(src):
+        yield line, count_embedding_inputs(orjson.loads(line)) if embeddings else 0
+
+
+def plan(src: Path, limits: Limits, embeddings: bool) -> list[int]:
+    """Requests per piece that `split` would write (nothing written)."""
+    packer, out = _Packer(limits), []
+    for line, n_inputs in _lines(src, embeddings):
+        if packer.full(len(line) + 1, n_inputs):
+            out.append(packer.n)
+            packer.reset()
+        packer.add(len(line) + 1, n_inputs, 0)
+    if packer.n:
+        out.append(packer.n)
+    return out
 
 
 def split(src: Path, out_dir: Path, limits: Limits, embeddings: bool) -> list[PieceFile]:
     """Cut `src` into pieces that each fit `limits`; deterministic, so a redo is identical."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pieces: list[PieceFile] = []
-    n = size = inputs = tokens = 0
+    packer = _Packer(limits)
     out: IO[bytes] | None = None
     tmp = dest = out_dir
 
@@ -78,28 +151,20 @@ def split(src: Path, out_dir: Path, limits: Limits, embeddings: bool) -> list[Pi
         os.fsync(out.fileno())
         out.close()
         tmp.replace(dest)
-        pieces.append(PieceFile(dest, n, size, tokens))
+        pieces.append(PieceFile(dest, packer.n, packer.size, packer.tokens))
 
-    for line in iter_lines(src):
+    for line, n_inputs in _lines(src, embeddings):
         data = line + b"\n"
-        n_inputs = count_embedding_inputs(orjson.loads(line)) if embeddings else 0
-        if out is not None and (
-            n + 1 > limits.max_requests
-            or size + len(data) > limits.max_bytes
-            or inputs + n_inputs > limits.max_embedding_inputs
-        ):
+        if out is not None and packer.full(len(data), n_inputs):
             close()
             out = None
         if out is None:
             dest = out_dir / f"piece-{len(pieces):04d}.jsonl"
             tmp = dest.with_name(f".{dest.name}.tmp")
             out = tmp.open("wb")
-            n = size = inputs = tokens = 0
+            packer.reset()
         out.write(data)
-        n += 1
-        size += len(data)
-        inputs += n_inputs
-        tokens += est_tokens(line)
+        packer.add(len(data), n_inputs, est_tokens(line))
     if out is not None:
         close()
     return pieces
@@ -157,6 +222,16 @@ def read_outcome(output: Path | None, errors: Path | None) -> Outcome:
                 continue
             (out.retryable if _is_retryable(rec) else out.failed).add(cid)
     return out
+
+
+def first_record(path: Path) -> dict[str, Any] | None:
+    """The first line of a JSONL file, parsed (None when absent or empty)."""
+    if not path.exists():
+        return None
+    for line in iter_lines(path):
+        rec = orjson.loads(line)
+        return rec if isinstance(rec, dict) else None
+    return None
 
 
 def filter_lines(src: Path, dest: Path, drop: set[str]) -> None:

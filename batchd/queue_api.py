@@ -289,8 +289,7 @@ class QueueApi:
             limit = 0
         if not 1 <= limit <= _MAX_LIST:
             raise Problem(400, "invalid_limit", f"limit: an integer 1..{_MAX_LIST}")
-        jobs = await self.ctx.store.jobs(states, since)
-        jobs.reverse()
+        jobs = await self.ctx.store.list_jobs(states, since, limit + 1)
         data = [job_view(j) for j in jobs[:limit]]
         return json_response({"object": "list", "data": data, "has_more": len(jobs) > limit})
 

@@ -22,6 +22,19 @@ from ulid import ULID
 SUFFIX = ".jsonl"
 _SEP = "--"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
+# What intake takes (case-insensitive): plain JSONL under either usual name, or compressed
+# (decompressed while streaming before validation). -> the suffix it has in processing/.
+INPUT_SUFFIXES: dict[str, str] = {
+    ".jsonl": ".jsonl",
+    ".ndjson": ".jsonl",
+    ".jsonl.gz": ".jsonl.gz",
+    ".ndjson.gz": ".jsonl.gz",
+    ".jsonl.zst": ".jsonl.zst",
+    ".ndjson.zst": ".jsonl.zst",
+}
+COMPRESSED = (".jsonl.gz", ".jsonl.zst")
+_IN_PROGRESS = (".part", ".tmp", ".swp", "~")
+F_SETLEASE, F_RDLCK, F_UNLCK = 1024, 0, 2  # <fcntl.h> (Linux)
 
 
 def check_name(name: str) -> str:
@@ -35,9 +48,54 @@ def check_name(name: str) -> str:
     return stem
 
 
+def input_suffix(name: str) -> str | None:
+    """The accepted suffix `name` ends with (as written), or None."""
+    low = name.lower()
+    for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
+        if low.endswith(suffix) and len(name) > len(suffix):
+            return name[len(name) - len(suffix) :]
+    return None
+
+
 def is_candidate(name: str) -> bool:
-    """Only `*.jsonl` is taken; dot-files and `.tmp`/`.part` names are being written."""
-    return name.endswith(SUFFIX) and not name.startswith(".") and name != SUFFIX
+    """An input file to take: an accepted suffix, not a dot file (dot files and
+    `.part`/`.tmp` names are being written)."""
+    return not name.startswith(".") and input_suffix(name) is not None
+
+
+def ignored_why(name: str, is_dir: bool) -> str | None:
+    """Why an inbox entry that is not a candidate will never be taken (None for files
+    that are being written by convention: dot files, `.part`, `.tmp`, …)."""
+    if name.startswith(".") or name.endswith(_IN_PROGRESS):
+        return None
+    if is_dir:
+        return "a directory (only files directly in inbox/ are taken)"
+    return "not a .jsonl, .ndjson, .jsonl.gz or .jsonl.zst file"
+
+
+def no_writer(path: Path) -> bool | None:
+    """True when no process has the file open for writing; None when this cannot be told
+    here (a file system without leases, or a file owned by another user without
+    CAP_LEASE). A read lease is refused (EAGAIN) while any writer holds the file open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, F_RDLCK)
+    except OSError as e:
+        return False if e.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        fcntl.fcntl(fd, F_SETLEASE, F_UNLCK)
+        return True
+    finally:
+        os.close(fd)
+
+
+def fingerprint(path: Path) -> str:
+    """Size, modification time and inode: changes whenever the file is written."""
+    st = os.stat(path, follow_symlinks=False)
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -70,8 +128,17 @@ class Claimed:
     """A file moved from inbox/ into processing/ under a new job id."""
 
     job_id: str
-    name: str
+    name: str  # the NAME as dropped (file name without its suffix)
     rel_path: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file waiting in inbox/."""
+
+    name: str
+    mtime: float
+    size: int
 
 
 class SpoolLocked(Exception):
@@ -114,26 +181,47 @@ class Spool:
         """Absolute path of a spool-relative path."""
         return self.root / rel
 
-    def waiting(self) -> list[str]:
-        """Names in inbox/ that are ready to be claimed, oldest first."""
+    def scan(self) -> tuple[list[Entry], dict[str, str]]:
+        """Candidates in inbox/ (oldest first) and the entries that will never be taken,
+        with why."""
         try:
-            entries = list(os.scandir(self.inbox))
+            it = os.scandir(self.inbox)
         except FileNotFoundError:
-            return []
-        ready = [e for e in entries if is_candidate(e.name)]
-        return [e.name for e in sorted(ready, key=_mtime)]
+            return [], {}
+        ready: list[Entry] = []
+        ignored: dict[str, str] = {}
+        with it:
+            for e in it:
+                if is_candidate(e.name):
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    ready.append(Entry(e.name, st.st_mtime, st.st_size))
+                elif (why := ignored_why(e.name, e.is_dir(follow_symlinks=False))) is not None:
+                    ignored[e.name] = why
+        ready.sort(key=lambda en: (en.mtime, en.name))
+        return ready, ignored
+
+    def waiting(self) -> list[str]:
+        """Names in inbox/ that intake would take, oldest first."""
+        return [e.name for e in self.scan()[0]]
 
     def claim(self, filename: str, sync: bool = True) -> Claimed | None:
-        """Rename inbox/FILE to processing/JOB--NAME.jsonl; None if it vanished meanwhile.
+        """Rename inbox/FILE to processing/JOB--NAME.jsonl (.jsonl.gz, .jsonl.zst); None if
+        it vanished meanwhile.
 
         The rename moves whatever the entry is (a symlink is moved, never followed);
         validation later rejects anything that is not a regular file. With
         sync=False the caller makes it durable with `sync_claims()` (one pair of
         fsyncs for a whole burst) before recording the job.
         """
+        suffix = input_suffix(filename)
+        if suffix is None:
+            raise ValueError(f"{filename}: not an input file name")
         job_id = str(ULID())
-        name = filename[: -len(SUFFIX)]
-        rel = f"processing/{job_id}{_SEP}{filename}"
+        name = filename[: -len(suffix)]
+        rel = f"processing/{job_id}{_SEP}{name}{INPUT_SUFFIXES[suffix.lower()]}"
         try:
             os.rename(self.inbox / filename, self.root / rel)
         except FileNotFoundError:
@@ -147,13 +235,37 @@ class Spool:
         fsync_dir(self.processing)
         fsync_dir(self.inbox)
 
-    def orphans(self, known: set[str]) -> Iterator[Claimed]:
-        """Claimed files with no job record (a crash between rename and insert)."""
-        for e in os.scandir(self.processing):
-            rel = f"processing/{e.name}"
-            if _SEP in e.name and e.name.endswith(SUFFIX) and rel not in known:
-                job_id, _, filename = e.name.partition(_SEP)
-                yield Claimed(job_id, filename[: -len(SUFFIX)], rel)
+    def claimed_files(self) -> Iterator[Claimed]:
+        """Every claimed input in processing/ (`JOB--NAME.jsonl`, `.jsonl.gz`, `.jsonl.zst`);
+        those whose job id has no record are orphans of a crash."""
+        with os.scandir(self.processing) as it:
+            names = [e.name for e in it]
+        for name in names:
+            job_id, sep, rest = name.partition(_SEP)
+            if not sep or name.startswith("."):
+                continue
+            suffix = next((s for s in (*COMPRESSED, SUFFIX) if rest.endswith(s)), None)
+            if suffix is not None:
+                yield Claimed(job_id, rest[: -len(suffix)], f"processing/{name}")
+
+    def partial_files(self) -> Iterator[tuple[str, Path]]:
+        """(job id, path) of half-written `JOB--….part` files in processing/ (a `batchd
+        retry` or a decompression cut off); those of unrecorded jobs can go."""
+        with os.scandir(self.processing) as it:
+            found = [(e.name, e.path) for e in it]
+        for name, path in found:
+            job_id, sep, _ = name.partition(_SEP)
+            if sep and name.endswith(".part"):
+                yield job_id, Path(path)
+
+    def dir_taken(self, name: str) -> bool:
+        """True when done/NAME or failed/NAME exists (a job must not be given NAME)."""
+        return os.path.lexists(self.done / name) or os.path.lexists(self.failed / name)
+
+    def allow_marker(self, sha256: str) -> Path:
+        """A file whose presence lets one job with this content through the duplicate check
+        (`batchd submit --allow-duplicate`)."""
+        return self.root / ".allow-duplicate" / sha256
 
     def staging(self, job_id: str) -> Path:
         """The directory where a job's results are assembled before publishing."""
@@ -192,13 +304,6 @@ class Spool:
         fsync_dir(dst.parent)
         fsync_dir(self.processing)
         return True
-
-
-def _mtime(e: os.DirEntry[str]) -> float:
-    try:
-        return e.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return 0.0
 
 
 def enter_inbox(inbox: Path, part: Path, name: str) -> str:

@@ -33,7 +33,10 @@ _ANY_LIVE = {
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.VALIDATING, JobState.FAILED}),
     JobState.VALIDATING: frozenset({JobState.SUBMITTING, JobState.FAILED}),
-    JobState.SUBMITTING: frozenset({JobState.TRACKING, JobState.FAILED, JobState.COLLECTING}),
+    # Back to VALIDATING: the input changed before any of its batches was created.
+    JobState.SUBMITTING: frozenset(
+        {JobState.TRACKING, JobState.FAILED, JobState.COLLECTING, JobState.VALIDATING}
+    ),
     JobState.TRACKING: frozenset({JobState.COLLECTING, JobState.SUBMITTING, JobState.FAILED}),
     JobState.COLLECTING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
     # Ended for good: `batchd retry` makes a new job of what is left.

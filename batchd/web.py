@@ -39,6 +39,9 @@ def create_app(
 
     async def readyz(req: web.Request) -> web.Response:
         ok = bool(req.app[READY]["ready"])
+        held = ctx.hold.view() if ctx is not None else None
+        if held is not None:  # jobs wait for the operator: not ready, and why
+            return web.json_response({"ready": False, "held": held}, status=503)
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     app.router.add_get("/metrics", metrics_handler)

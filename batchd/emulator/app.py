@@ -222,13 +222,22 @@ def create_app(state: EmulatorState) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, config: EmulatorConfig) -> None:
-    """Serve the emulator on ``host:port`` until cancelled."""
+async def serve(
+    host: str,
+    port: int,
+    config: EmulatorConfig,
+    ready: Callable[[str, int], None] | None = None,
+) -> None:
+    """Serve the emulator on ``host:port`` until cancelled; `ready(host, port)` is called
+    with the address actually bound (port 0 picks a free one)."""
     state = EmulatorState(config)
     runner = web.AppRunner(create_app(state), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+        if ready is not None:
+            bound_host, bound_port = runner.addresses[0][:2]
+            ready(str(bound_host), int(bound_port))
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -43,6 +43,9 @@ class FaultConfig:
     ghost_create: float = 0.0  # POST /v1/batches: batch created, then 500 or dropped connection
     truncated_download: float = 0.0  # file content: full Content-Length, half the body, close
     routes: frozenset[str] | None = None  # e.g. {"POST /v1/batches"}; None = every /v1 route
+    # Every knob that is on fires on the first request it can apply to, then at random:
+    # a test that turns a knob on is sure to see it fire (seeded draws may never hit).
+    force_first: bool = False
 
     def enabled(self) -> bool:
         """Whether any knob is on."""
@@ -81,11 +84,16 @@ def fault_middleware(cfg: FaultConfig, state: _State) -> Middleware:
     """The middleware injecting ``cfg``'s faults; install it inside the auth middleware."""
     rng = random.Random(cfg.seed)
 
-    def draw(p: float) -> bool:
+    forced: set[str] = set()
+
+    def draw(p: float, name: str = "") -> bool:
+        if p > 0 and cfg.force_first and name and name not in forced:
+            forced.add(name)
+            return True
         return p > 0 and rng.random() < p
 
     def hit(name: str, p: float) -> bool:
-        if draw(p):
+        if draw(p, name):
             state.fault_counts[name] += 1
             return True
         return False
@@ -111,7 +119,7 @@ def fault_middleware(cfg: FaultConfig, state: _State) -> Middleware:
             return _server_error(rng.choice(_SERVER_ERRORS)[0])
         if key == FILE_CONTENT and hit("truncated_download", cfg.truncated_download):
             request[TRUNCATE_KEY] = True
-        if key == CREATE_BATCH and draw(cfg.ghost_create):
+        if key == CREATE_BATCH and draw(cfg.ghost_create, "ghost_create"):
             drop = rng.random() < 0.5
             created = await handler(request)
             if created.status != 200:  # nothing was created: no ghost

@@ -1,7 +1,11 @@
 """Stages: each reads the store, does one kind of I/O, records the result.
 
-Each stage is level-triggered: it acts on whatever records are in its state, so a
-restart after a crash needs no separate recovery path.
+Each stage is level-triggered: at start-up it acts on whatever records are in its
+state, so a restart after a crash needs no separate recovery path; after that it
+reads only what is due (through an index, in bounded batches) and sleeps until the
+earliest due time or an event. `loop` is the one loop every stage runs in, `guarded`
+the one way an item's error is kept to that item, and `Worker` runs items
+concurrently under a limit and drains them at shutdown.
 """
 
 from __future__ import annotations
@@ -9,16 +13,22 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchd.api import BatchApi
+from batchd.api import AccessDenied, ApiError, BatchApi, InvalidRequest
 from batchd.config import Config
 from batchd.metrics import Metrics
 from batchd.spool import Spool
+from batchd.stages.health import Hold
 from batchd.states import JobState, desired_job_state
-from batchd.store import Store
+from batchd.store import LiveBatch, Store
+
+Step = Callable[[], Awaitable[float | None]]
+Item = Callable[[], Awaitable[None]]
+OnInvalid = Callable[[str, InvalidRequest], Awaitable[None]]
 
 
 @dataclass
@@ -36,6 +46,8 @@ class Context:
     wake_submit: asyncio.Event = field(default_factory=asyncio.Event)
     wake_track: asyncio.Event = field(default_factory=asyncio.Event)
     wake_collect: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_retention: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_intake: asyncio.Event = field(default_factory=asyncio.Event)
     # Serialises result-dir naming and publishing so two jobs never pick one NAME.
     publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Serialises failing jobs: the stage that decided and the loop that resumes
@@ -45,10 +57,33 @@ class Context:
     # place (pop/discard) and refreshes them at once. webhooks_enabled = route mounted.
     webhook_batches: set[str] = field(default_factory=set)
     webhooks_enabled: bool = False
+    # Batches created since the tracker last looked (handed over in process; the
+    # tracker also reloads from the store now and then).
+    new_batches: list[LiveBatch] = field(default_factory=list)
+    hold: Hold = field(default_factory=Hold)
+    # Set at shutdown: stages start nothing new; what is in flight drains.
+    stopping: bool = False
+    # True while files are moved out of inbox/ but their jobs not yet recorded.
+    claiming: bool = False
+    # Bumped when what admission decides on changes (a limit learned, a reload).
+    admission_version: int = 0
+    # Jobs ended while this process ran, by final state (`run --once` exit code).
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def wake_all(self) -> None:
+        """Wake every stage (the API is back, another process changed the store, …)."""
+        for e in (
+            self.wake_submit,
+            self.wake_track,
+            self.wake_collect,
+            self.wake_retention,
+            self.wake_intake,
+        ):
+            e.set()
 
 
-async def wait_for(event: asyncio.Event, timeout: float) -> None:
-    """Wait until `event` is set or `timeout` passes, then clear it.
+async def wait_for(event: asyncio.Event, timeout: float | None) -> None:
+    """Wait until `event` is set or `timeout` passes (None: only the event), then clear it.
 
     asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
     cancellation that arrives as the event is set, and the stage loop then ran on
@@ -60,6 +95,16 @@ async def wait_for(event: asyncio.Event, timeout: float) -> None:
     except TimeoutError:
         pass
     event.clear()
+
+
+async def loop(ctx: Context, wake: asyncio.Event, step: Step) -> None:
+    """Run `step` until shutdown; between steps sleep until the time it returns (None:
+    until woken). A stage with nothing due costs nothing, however short the intervals."""
+    while not ctx.stopping:
+        due = await step()
+        if ctx.stopping:
+            return
+        await wait_for(wake, None if due is None else max(0.0, due - ctx.clock()))
 
 
 async def sync_job(ctx: Context, job_id: str) -> None:
@@ -105,3 +150,108 @@ class Backoff:
         """Forget `key`'s failures."""
         self._failures.pop(key, None)
         self._until.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def next_ready(self) -> float | None:
+        """When the first item backing off may be tried again."""
+        return min(self._until.values(), default=None)
+
+
+async def guarded(
+    ctx: Context,
+    stage: str,
+    backoff: Backoff,
+    key: str,
+    job_id: str,
+    item: Item,
+    on_invalid: OnInvalid | None = None,
+) -> None:
+    """Run one item; keep whatever goes wrong with it.
+
+    The API refusing access (a bad key, a wrong base URL) holds every job instead of
+    failing this one; another 4xx is the job's (`on_invalid`); anything else backs
+    this item off while the rest of the stage carries on.
+    """
+    try:
+        try:
+            await item()
+        except AccessDenied as e:
+            await ctx.hold.block(ctx, e)
+            return
+        except InvalidRequest as e:
+            if on_invalid is None:
+                raise
+            await on_invalid(job_id, e)
+        backoff.ok(key)
+    except AccessDenied as e:
+        await ctx.hold.block(ctx, e)
+    except Exception as e:
+        n, delay = backoff.failed(key)
+        ctx.log.warning(
+            f"{stage}_retry",
+            job_id=job_id,
+            error=f"{type(e).__name__}: {e}",
+            failures=n,
+            retry_in=round(delay, 2),
+            exc_info=not isinstance(e, ApiError | OSError),
+        )
+
+
+class Worker:
+    """Runs a stage's items concurrently, at most `limit` at once, each `guarded`; a
+    finished item wakes the stage so it can start the next. At shutdown, `drain` gives
+    those in flight a grace period, then cancels them."""
+
+    def __init__(self, ctx: Context, stage: str, limit: int, wake: asyncio.Event) -> None:
+        self.ctx, self.stage, self.limit, self.wake = ctx, stage, limit, wake
+        self.backoff = Backoff(ctx.clock)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._fatal: BaseException | None = None
+
+    @property
+    def free(self) -> int:
+        """Slots for more items."""
+        return max(0, self.limit - len(self._tasks))
+
+    def busy(self, key: str) -> bool:
+        """True while `key` runs or backs off."""
+        return key in self._tasks or not self.backoff.ready(key)
+
+    def start(self, key: str, job_id: str, item: Item, on_invalid: OnInvalid | None = None) -> bool:
+        """Start `item` unless `key` is busy or every slot is taken."""
+        if self.busy(key) or not self.free or self.ctx.stopping:
+            return False
+        task = asyncio.create_task(
+            guarded(self.ctx, self.stage, self.backoff, key, job_id, item, on_invalid),
+            name=f"{self.stage}:{key}",
+        )
+        self._tasks[key] = task
+        task.add_done_callback(lambda _t: self._done(key))
+        return True
+
+    def _done(self, key: str) -> None:
+        task = self._tasks.pop(key, None)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            # Not an error of the item (guarded keeps those): SystemExit, a crash. It
+            # must end the stage, as it would have inline.
+            self._fatal = task.exception()
+        self.wake.set()
+
+    def check(self) -> None:
+        """Raise what ended an item's task that was not the item's own error."""
+        if self._fatal is not None:
+            fatal, self._fatal = self._fatal, None
+            raise fatal
+
+    async def drain(self, grace: float) -> None:
+        """Let items in flight finish for up to `grace` seconds, then cancel the rest."""
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=grace)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)

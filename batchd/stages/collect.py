@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import os
 import shutil
-from collections.abc import Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,9 @@ from ulid import ULID
 
 from batchd import pieces
 from batchd.admission import limit_from_message
-from batchd.api import ApiError, AuthError, InvalidRequest, NotFound, Transient
-from batchd.spool import write_json
-from batchd.stages import Backoff, Context, sync_job, wait_for
+from batchd.api import ApiError, InvalidRequest, Transient
+from batchd.spool import fingerprint, fsync_dir, write_json
+from batchd.stages import Backoff, Context, guarded, loop, sync_job
 from batchd.states import TERMINAL_JOB_STATES, JobState, is_terminal_status
 from batchd.store import Attempt, Job
 
@@ -59,12 +59,18 @@ def sum_usage(batches: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def publish(
-    ctx: Context, job: Job, kind: str, new_state: JobState, files: dict[str, Any]
+    ctx: Context,
+    job: Job,
+    kind: str,
+    new_state: JobState,
+    files: dict[str, Any],
+    summary: dict[str, Any] | None = None,
 ) -> None:
     """Write files into the job's staging dir, move the input in, publish, end the job.
 
-    `files` maps file names to JSON objects to write. Idempotent: a crash at any
-    point is finished by calling it again with the same arguments.
+    `files` maps file names to JSON objects to write; `summary` (e.g. the first error)
+    goes into the final event and log line. Idempotent: a crash at any point is
+    finished by calling it again with the same arguments.
     """
     spool, store = ctx.spool, ctx.store
     async with ctx.publish_lock:
@@ -79,21 +85,34 @@ async def publish(
             spool.adopt_input(job.input_path, staging)
             result_dir = job.result_dir
             if result_dir is None or not result_dir.startswith(kind + "/"):
-                taken = await store.result_dirs(f"{kind}/{job.name}")
-                result_dir = spool.choose_result_dir(kind, job.name, taken)
+                # The job's name is unique and was free on disk when it was claimed; a
+                # directory made by hand since then gets NAME-2, … (never overwritten).
+                taken: set[str] = set()
+                while True:
+                    result_dir = spool.choose_result_dir(kind, job.name, taken)
+                    if not await store.result_dir_taken(result_dir):
+                        break
+                    taken.add(result_dir)
                 await store.update_job(job.id, result_dir=result_dir)
             spool.publish(job.id, result_dir)
             job = await store.job(job.id)
         for extra in (f"{job.id}.pieces", f"{job.id}.parts"):
             shutil.rmtree(spool.processing / extra, ignore_errors=True)
-        await store.transition(job.id, new_state, str(new_state), {"result_dir": job.result_dir})
+        detail = {"result_dir": job.result_dir, **(summary or {})}
+        job = await store.transition(job.id, new_state, str(new_state), detail)
     ctx.metrics.jobs_finished.labels(new_state.value).inc()
-    ctx.log.info(
+    ctx.outcomes[new_state.value] += 1
+    log = ctx.log.warning if new_state == JobState.FAILED else ctx.log.info
+    log(
         "job_finished",
         job_id=job.id,
         name=job.name,
         state=str(new_state),
         result_dir=job.result_dir,
+        requests=job.requests,
+        completed=job.completed,
+        failed=job.failed,
+        **(summary or {}),
     )
 
 
@@ -118,15 +137,28 @@ async def fail_job(ctx: Context, job: Job, report: dict[str, Any]) -> None:
             await ctx.store.update_job(
                 job.id, "failing", {"reason": report.get("reason")}, reason=report
             )
-            ctx.log.warning("job_failed", job_id=job.id, name=job.name, reason=report.get("reason"))
+            ctx.log.warning(
+                "job_failed",
+                job_id=job.id,
+                name=job.name,
+                reason=report.get("reason"),
+                message=report.get("message"),
+            )
         await _cancel_live(ctx, job.id)
+        uploads = []
         for a in await ctx.store.attempts(job.id):
             if a.open:
                 await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
+                if a.file_id and a.batch_id is None:
+                    uploads.append((a.file_id, "input"))
+        if uploads and ctx.cfg.retention.delete_remote_files:
+            await ctx.store.forget_remote_files(job.id, uploads)
+            ctx.wake_retention.set()
         staging = ctx.spool.staging(job.id)
         if (ctx.spool.processing / f"{job.id}.parts").exists():
             await _merge(ctx, job, staging)
-        await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report})
+        summary = {"reason": report.get("reason"), "message": report.get("message")}
+        await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report}, summary)
 
 
 async def _cancel_live(ctx: Context, job_id: str) -> None:
@@ -166,7 +198,8 @@ async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
         file_id = batch.get(key)
         if file_id:
             dest = parts / f"{att.id}.{suffix}.jsonl"
-            await ctx.api.download(file_id, dest)
+            if not dest.exists():  # downloaded and verified before: never fetched twice
+                await ctx.api.download(file_id, dest)
             lines = await asyncio.to_thread(_count_lines, dest)
             if lines < int(rc.get(count) or 0):
                 dest.unlink()
@@ -175,7 +208,19 @@ async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
                     f"{suffix} file of {att.batch_id} has {lines} lines, "
                     f"request_counts.{count} says {rc.get(count)}"
                 )
+    fsync_dir(parts)  # the renames are durable before the provider's copies may go
     return batch
+
+
+def _remote_copies(ctx: Context, att: Attempt, batch: dict[str, Any]) -> list[tuple[str, str]]:
+    """The provider's copies of an ended attempt's files, once the results are on disk."""
+    if not ctx.cfg.retention.delete_remote_files:
+        return []
+    out = [(att.file_id, "input")] if att.file_id else []
+    for key, kind in (("output_file_id", "output"), ("error_file_id", "error")):
+        if batch.get(key):
+            out.append((str(batch[key]), kind))
+    return out
 
 
 def _count_lines(path: Path) -> int:
@@ -186,7 +231,12 @@ MAX_REFUSALS = 20
 
 
 async def _requeue_refused(
-    ctx: Context, job: Job, att: Attempt, batch: dict[str, Any], msg: str
+    ctx: Context,
+    job: Job,
+    att: Attempt,
+    batch: dict[str, Any],
+    msg: str,
+    remote: list[tuple[str, str]],
 ) -> None:
     """A token_limit_exceeded refusal: learn the limit, back off, queue the piece again."""
     refusals = (
@@ -200,6 +250,7 @@ async def _requeue_refused(
     limit = limit_from_message(msg)
     if limit and att.model:
         await ctx.store.learn_limit(att.model, limit)
+        ctx.admission_version += 1
     too_big = limit is not None and att.est_tokens > limit and refusals >= 3
     if too_big or refusals > MAX_REFUSALS:
         why = (
@@ -211,7 +262,12 @@ async def _requeue_refused(
         )
         report = {"reason": "token_limit", "message": why, "batch_id": batch.get("id")}
         await ctx.store.settle_attempt(
-            att.id, "failed", batch, piece_done=True, reason=failure_report(job, report)
+            att.id,
+            "failed",
+            batch,
+            piece_done=True,
+            reason=failure_report(job, report),
+            remote_files=remote,
         )
         return
     adm = ctx.cfg.admission
@@ -235,17 +291,29 @@ async def _requeue_refused(
         "est_tokens": att.est_tokens,
         "not_before": ctx.clock() + delay,
     }
-    await ctx.store.settle_attempt(att.id, "requeue", batch, nxt, detail={"limit": limit})
+    await ctx.store.settle_attempt(
+        att.id, "requeue", batch, nxt, detail={"limit": limit}, remote_files=remote
+    )
+
+
+def first_error_text(err: dict[str, Any]) -> str:
+    """`code: message (line N)` of one error object."""
+    text = f"{err.get('code') or 'error'}: {err.get('message') or ''}".strip()
+    return f"{text} (line {err['line']})" if err.get("line") else text
 
 
 def _batch_failed(att: Attempt, batch: dict[str, Any]) -> dict[str, Any]:
-    """The report of a job whose batch the API failed."""
+    """The report of a job whose batch the API failed, its first error in the message."""
+    errors = (batch.get("errors") or {}).get("data") or []
+    first = errors[0] if errors and isinstance(errors[0], dict) else {}
     return {
         "reason": "batch_failed",
-        "message": "the Batch API rejected the batch",
+        "message": "the Batch API failed the batch"
+        + (f": {first_error_text(first)}" if first else ""),
         "batch_id": batch.get("id"),
         "piece": att.piece,
-        "errors": (batch.get("errors") or {}).get("data") or [],
+        "first_error": first or None,
+        "errors": errors,
     }
 
 
@@ -254,19 +322,46 @@ async def settle(ctx: Context, att: Attempt) -> None:
     job = await ctx.store.job(att.job_id)
     parts = _parts(ctx, job.id)
     batch = await _download(ctx, att, parts)
+    remote = _remote_copies(ctx, att, batch)
+    if remote:
+        ctx.wake_retention.set()
     status = batch.get("status")
     if status == "failed":
         errors = (batch.get("errors") or {}).get("data") or []
         if errors and errors[0].get("code") == "token_limit_exceeded" and not job.cancel_requested:
-            await _requeue_refused(ctx, job, att, batch, str(errors[0].get("message") or ""))
+            msg = str(errors[0].get("message") or "")
+            await _requeue_refused(ctx, job, att, batch, msg, remote)
             await sync_job(ctx, job.id)
             return
         report = failure_report(job, _batch_failed(att, batch))
-        await ctx.store.settle_attempt(att.id, "failed", batch, piece_done=True, reason=report)
+        await ctx.store.settle_attempt(
+            att.id, "failed", batch, piece_done=True, reason=report, remote_files=remote
+        )
         return  # the failure is published by the loop (fail_job), crash or not
     out_f, err_f = parts / f"{att.id}.output.jsonl", parts / f"{att.id}.errors.jsonl"
     outcome = await asyncio.to_thread(pieces.read_outcome, out_f, err_f)
-    asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path)))
+    try:
+        asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path)))
+    except FileNotFoundError:
+        # Someone removed batchd's copy of the input: what came back is kept and the
+        # piece ends here (nothing can be resubmitted or told missing without it).
+        ctx.log.warning(
+            "input_missing",
+            job_id=job.id,
+            piece=att.piece,
+            path=att.input_path,
+            action="results are kept; nothing of this piece is resubmitted",
+        )
+        await ctx.store.settle_attempt(
+            att.id,
+            str(status),
+            batch,
+            piece_done=True,
+            detail={"input_missing": att.input_path},
+            remote_files=remote,
+        )
+        await sync_job(ctx, job.id)
+        return
     missing = asked - outcome.succeeded - outcome.retryable - outcome.failed
     tries = sum(
         1
@@ -298,13 +393,15 @@ async def settle(ctx: Context, att: Attempt) -> None:
             "est_tokens": sub.est_tokens,
         }
         await ctx.store.settle_attempt(
-            att.id, "resubmit", batch, nxt, detail={"resubmitted": len(again)}
+            att.id, "resubmit", batch, nxt, detail={"resubmitted": len(again)}, remote_files=remote
         )
     else:
         if missing and not stop:
             with (parts / f"{att.id}.missing.jsonl").open("wb") as f:
                 f.write(pieces.missing_lines(sorted(missing), "no result from the Batch API"))
-        await ctx.store.settle_attempt(att.id, str(status), batch, piece_done=True)
+        await ctx.store.settle_attempt(
+            att.id, str(status), batch, piece_done=True, remote_files=remote
+        )
     await sync_job(ctx, job.id)
 
 
@@ -365,6 +462,33 @@ async def _merge(ctx: Context, job: Job, staging: Path) -> tuple[list[Attempt], 
     return atts, await asyncio.to_thread(_count_lines, out_f), failed
 
 
+def request_error(rec: dict[str, Any]) -> dict[str, Any]:
+    """What went wrong with one request, from its line in errors.jsonl."""
+    resp = rec.get("response") if isinstance(rec.get("response"), dict) else None
+    err = rec.get("error") if isinstance(rec.get("error"), dict) else None
+    if err is None and resp is not None:
+        body = resp.get("body")
+        err = body.get("error") if isinstance(body, dict) else None
+    err = err or {}
+    return {
+        "custom_id": rec.get("custom_id"),
+        "status_code": resp.get("status_code") if resp else None,
+        "code": err.get("code") or err.get("type"),
+        "message": err.get("message"),
+    }
+
+
+async def _input_notes(ctx: Context, job: Job, staging: Path) -> dict[str, Any]:
+    """Warnings about the input for job.json: gone, or changed after it was submitted."""
+    path = _input_file(ctx, job, staging)
+    if not os.path.lexists(path):
+        return {"input_missing": "input.jsonl was removed from processing/ while the job ran"}
+    if job.input_fp and fingerprint(path) != job.input_fp:
+        ctx.log.warning("input_changed_after_submit", job_id=job.id, name=job.name)
+        return {"input_changed": "input.jsonl changed after it was validated and submitted"}
+    return {}
+
+
 async def finish(ctx: Context, job: Job) -> None:
     """Merge every attempt's results into done/NAME/ and end the job."""
     new_state = JobState.CANCELLED if job.cancel_requested else JobState.DONE
@@ -391,6 +515,8 @@ async def finish(ctx: Context, job: Job) -> None:
     if created:
         m.created_to_results.observe(max(0.0, ctx.clock() - min(created)))
     statuses = [b.get("status") for b in batches]
+    first = await asyncio.to_thread(pieces.first_record, staging / "errors.jsonl")
+    summary: dict[str, Any] = {"first_error": request_error(first)} if first else {}
     info = {
         "job_id": job.id,
         "name": job.name,
@@ -401,8 +527,10 @@ async def finish(ctx: Context, job: Job) -> None:
         "endpoint": job.endpoint,
         "model": job.model,
         "request_counts": {"total": job.requests or 0, "completed": completed, "failed": failed},
+        **summary,
         "usage": usage,
         "sha256": await _input_sha256(ctx, job, staging),
+        **await _input_notes(ctx, job, staging),
         "timestamps": {
             "claimed_at": job.created_at,
             "finished_at": ctx.clock(),
@@ -423,20 +551,22 @@ async def finish(ctx: Context, job: Job) -> None:
             ],
         },
     }
-    await publish(ctx, job, "done", new_state, {"job.json": info})
+    await publish(ctx, job, "done", new_state, {"job.json": info}, summary)
 
 
 # --- cancellation ---------------------------------------------------------------------
 
 
-async def cancel_requested(ctx: Context) -> None:
-    """Act on `batchd cancel`: cancel remote batches, drop attempts not yet created."""
+async def cancel_requested(ctx: Context) -> float | None:
+    """Act on `batchd cancel`: cancel remote batches, drop attempts not yet created.
+    Returns when to look again (a create whose answer may still be on its way)."""
+    due: float | None = None
     for job in await ctx.store.cancelling_jobs():
         for a in await ctx.store.attempts(job.id):
             if a.open and a.batch_id is None:
-                if a.create_sent_at is not None and (
-                    ctx.clock() - a.create_sent_at < ctx.cfg.api.request_timeout_seconds + 5
-                ):
+                wait_until = (a.create_sent_at or 0) + ctx.cfg.api.request_timeout_seconds + 5
+                if a.create_sent_at is not None and ctx.clock() < wait_until:
+                    due = min(due or wait_until, wait_until)
                     continue  # its create may still be in flight: wait for its answer
                 found = None
                 if a.create_sent_at is not None:
@@ -449,56 +579,73 @@ async def cancel_requested(ctx: Context) -> None:
                         status=found.get("status"),
                         batch=found,
                     )
+                    ctx.wake_track.set()
                 else:
                     await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
         await _cancel_live(ctx, job.id)
         await sync_job(ctx, job.id)
+    return due
+
+
+BATCH = 100  # items of one kind handled per step (more: the step runs again at once)
+
+
+class Collect:
+    """The collect stage: every kind of due work, each item guarded on its own."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.backoff = Backoff(ctx.clock)
+        self._cancel_due: float | None = None
+
+    async def _download_failed(self, job_id: str, e: InvalidRequest) -> None:
+        """The results are gone (404, 4xx): the job fails, keeping what it has."""
+        job = await self.ctx.store.job(job_id)
+        report = failure_report(job, {"reason": "download_failed", **e.to_dict()})
+        await self.ctx.store.update_job(job_id, "failing", None, reason=report)
+
+    async def _each(self, key: str, job_id: str, item: Any, on_invalid: Any = None) -> None:
+        if self.backoff.ready(key):
+            await guarded(self.ctx, "collect", self.backoff, key, job_id, item, on_invalid)
+
+    async def _cancels(self) -> None:
+        self._cancel_due = await cancel_requested(self.ctx)
+
+    async def step(self) -> float | None:
+        """Do what is due; returns when something is due next (None: wait to be woken)."""
+        ctx = self.ctx
+        more = False
+        if not ctx.hold.blocked:
+            await self._each("cancel", "-", self._cancels)
+            ended = await ctx.store.ended_attempts(BATCH)
+            more |= len(ended) == BATCH
+            for att in ended:
+                await self._each(
+                    att.id, att.job_id, partial(settle, ctx, att), self._download_failed
+                )
+        failing = await ctx.store.failing_jobs(BATCH)
+        more |= len(failing) == BATCH
+        for job in failing:
+            assert job.reason is not None
+            await self._each(job.id, job.id, partial(fail_job, ctx, job, job.reason))
+        collecting = await ctx.store.collecting_jobs(BATCH)
+        more |= len(collecting) == BATCH
+        for job in collecting:
+            await self._each(job.id, job.id, partial(finish, ctx, job))
+        if more and not ctx.stopping:
+            return ctx.clock()
+        due = [t for t in (self.backoff.next_ready(), self._cancel_due) if t is not None]
+        return min(due, default=None)
+
+    async def reconcile(self) -> None:
+        """At start-up: jobs whose pieces all settled just before a crash move on."""
+        for job in await self.ctx.store.settled_jobs():
+            await self._each(job.id, job.id, partial(sync_job, self.ctx, job.id))
 
 
 async def run(ctx: Context) -> None:
     """Loop: act on cancels, settle ended attempts, publish decided failures, finish jobs
     whose pieces are all done. Each item backs off on its own when it fails."""
-    backoff = Backoff(ctx.clock)
-
-    async def each(key: str, job_id: str, coro: Coroutine[Any, Any, None]) -> None:
-        if not backoff.ready(key):
-            coro.close()
-            return
-        try:
-            await coro
-            backoff.ok(key)
-        except AuthError as e:  # a key rotated or revoked: results stay, try again later
-            n, delay = backoff.failed(key)
-            ctx.log.error("collect_auth_failed", job_id=job_id, error=e.message, failures=n)
-        except (NotFound, InvalidRequest) as e:  # the results are gone: fail, keep the rest
-            job = await ctx.store.job(job_id)
-            await ctx.store.update_job(
-                job_id,
-                "failing",
-                None,
-                reason=failure_report(job, {"reason": "download_failed", **e.to_dict()}),
-            )
-        except Exception as e:
-            n, delay = backoff.failed(key)
-            ctx.log.warning(
-                "collect_retry",
-                job_id=job_id,
-                error=f"{type(e).__name__}: {e}",
-                failures=n,
-                retry_in=round(delay, 2),
-                exc_info=not isinstance(e, ApiError | OSError),
-            )
-
-    while True:
-        await each("cancel", "-", cancel_requested(ctx))
-        for att in await ctx.store.ended_attempts():
-            await each(att.id, att.job_id, settle(ctx, att))
-        for job in await ctx.store.failing_jobs():
-            assert job.reason is not None
-            await each(job.id, job.id, fail_job(ctx, job, job.reason))
-        for job in await ctx.store.settled_jobs():  # a crash stopped the move on
-            await each(job.id, job.id, sync_job(ctx, job.id))
-        for job in await ctx.store.jobs([JobState.COLLECTING]):
-            if job.reason is None:
-                await each(job.id, job.id, finish(ctx, job))
-        await wait_for(ctx.wake_collect, ctx.cfg.batch.poll_interval_seconds)
+    stage = Collect(ctx)
+    await stage.reconcile()
+    await loop(ctx, ctx.wake_collect, stage.step)

@@ -1,17 +1,23 @@
 """Submit stage: validate a claimed file, split it into pieces, and create one batch per
-piece attempt as token admission allows (upload, then an idempotent create).
+piece attempt as admission allows (upload, then an idempotent create).
 
 An attempt's id is recorded before anything is sent and travels in the batch
 metadata, so when a create's outcome is unknown (timeout, 5xx, crash) the stage
 first looks for a batch carrying that id and adopts it instead of creating again.
+
+Each wake-up reads only what is due: the oldest few queued jobs and the due pending
+attempts, as many as there are free slots (plus what is running or backing off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
 import os
 import stat
-from collections.abc import Callable, Container, Coroutine
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +26,18 @@ from ulid import ULID
 from batchd import jobmeta, jsonl, pieces
 from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Tap, Transient
-from batchd.stages import Backoff, Context, sync_job, wait_for
+from batchd.spool import COMPRESSED, SUFFIX, fingerprint
+from batchd.stages import Context, Worker, loop, sync_job
 from batchd.stages.collect import fail_job
 from batchd.states import TERMINAL_JOB_STATES, JobState
-from batchd.store import Attempt, Job, Piece
+from batchd.store import Attempt, Job, LiveBatch, Pending, Piece
 
 JOB_KEY = "batchd_job"
+_FLIGHT_TTL = 1.0  # seconds an admission snapshot of what is in flight is reused
+
+
+class InputChanged(Exception):
+    """The input changed while it was read: a writer was still at it. Start over."""
 
 
 def _not_regular(path: Path) -> str | None:
@@ -37,21 +49,45 @@ def _not_regular(path: Path) -> str | None:
         return "a symbolic link, not a regular file (never followed)"
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
+    except OSError as e:
+        return f"cannot read file: {(e.strerror or str(e)).lower()}"
     return None
 
 
 async def _reject(ctx: Context, job: Job, problems: list[dict[str, Any]]) -> None:
     first = problems[0]
+    where = f"line {first['line']}: " if first["line"] else ""
     await fail_job(
         ctx,
         job,
         {
             "reason": "invalid_input",
-            "message": f"{len(problems)} problem(s); first: line {first['line']}: "
+            "message": f"{len(problems)} problem(s); first: {where}"
             f"{first['code']}: {first['message']}",
             "problems": problems,
         },
     )
+
+
+class _Reader:
+    """Sees every byte of the input once, in order: validates and hashes it."""
+
+    def __init__(self) -> None:
+        self.validator = jsonl.Validator(jsonl.UNBOUNDED)
+        self.sha = hashlib.sha256()
+
+    def feed(self, chunk: bytes) -> None:
+        self.validator.feed(chunk)
+        self.sha.update(chunk)
+
+    def read_path(self, path: Path) -> None:
+        """Feed a whole file from disk (never following a symlink)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self.feed(chunk)
 
 
 async def _upload_while_validating(
@@ -61,10 +97,11 @@ async def _upload_while_validating(
 
     Validation is the slow part on a fast link and the upload on a slow one; doing
     both in one pass costs about the larger of the two. Returns the attempt that now
-    holds the uploaded file, or None when the file was not uploaded here.
+    holds the uploaded file, or None when the file was not uploaded here (too big,
+    uploaded before a restart, or the API is on hold: it is then validated from disk).
     """
     size = path.stat().st_size
-    if not 0 < size <= ctx.cfg.limits.max_bytes_per_batch:
+    if ctx.hold.blocked or not 0 < size <= ctx.cfg.limits.max_bytes_per_batch:
         return None
     atts = [a for a in await ctx.store.attempts(job.id) if a.open and a.piece == 0]
     if atts and atts[-1].file_id is not None:
@@ -101,7 +138,8 @@ async def _adopt_lost_upload(ctx: Context, att: Attempt) -> None:
 
 
 async def _discard(ctx: Context, att: Attempt | None) -> None:
-    """Drop an upload that will not be used (invalid file, or one that must be split)."""
+    """Drop an upload that will not be used (invalid file, one that must be split, a
+    duplicate, or one whose input changed meanwhile)."""
     if att is None:
         return
     await ctx.store.update_attempt(att.id, "abandoned", abandoned=1)
@@ -112,19 +150,54 @@ async def _discard(ctx: Context, att: Attempt | None) -> None:
             ctx.log.warning("delete_failed", job_id=att.job_id, file_id=att.file_id, error=str(e))
 
 
+async def _decompress(ctx: Context, job: Job) -> Job:
+    """A .jsonl.gz/.jsonl.zst input becomes processing/JOB--NAME.jsonl (streamed, temp
+    name, fsync, rename); the compressed file goes once the job points at the new one."""
+    src = ctx.spool.path(job.input_path)
+    suffix = next(s for s in COMPRESSED if job.input_path.endswith(s))
+    rel = job.input_path[: -len(suffix)] + SUFFIX
+    dest = ctx.spool.path(rel)
+    if not dest.exists():
+        size = await asyncio.to_thread(pieces.decompress, src, dest)
+        ctx.log.info("input_decompressed", job_id=job.id, bytes=size, format=suffix[7:])
+    await ctx.store.update_job(job.id, "decompressed", {"from": job.input_path}, input_path=rel)
+    src.unlink(missing_ok=True)
+    return await ctx.store.job(job.id)
+
+
+async def _duplicate(ctx: Context, job: Job, sha: str) -> Job | None:
+    """An earlier job with the same content within [intake] duplicate_window, unless this
+    one may pass (allowed per job, or a `submit --allow-duplicate` marker)."""
+    window = ctx.cfg.intake.duplicate_window_seconds
+    if window <= 0 or job.allow_duplicate:
+        return None
+    marker = ctx.spool.allow_marker(sha)
+    if marker.exists():
+        marker.unlink(missing_ok=True)
+        await ctx.store.update_job(job.id, "duplicate_allowed", None, allow_duplicate=True)
+        return None
+    return await ctx.store.duplicate_of(job, sha, ctx.clock() - window)
+
+
 async def _validate_job(ctx: Context, job: Job) -> None:
+    if job.input_path.endswith(COMPRESSED):
+        try:
+            job = await _decompress(ctx, job)
+        except ValueError as e:
+            await _reject(ctx, job, [{"line": 0, "code": "invalid_compression", "message": str(e)}])
+            return
     path = ctx.spool.path(job.input_path)
     why = _not_regular(path)
     if why:
-        await _reject(ctx, job, [{"line": 0, "code": "not_a_file", "message": why}])
+        code = "unreadable" if why.startswith("cannot read") else "not_a_file"
+        await _reject(ctx, job, [{"line": 0, "code": code, "message": why}])
         return
-    v = jsonl.Validator(jsonl.UNBOUNDED)
+    before = fingerprint(path)
+    reader = _Reader()
     try:
-        att = await _upload_while_validating(ctx, job, path, v.feed)
+        att = await _upload_while_validating(ctx, job, path, reader.feed)
         if att is None:
-            summary = await asyncio.to_thread(
-                jsonl.validate_path, path, jsonl.UNBOUNDED, nofollow=True
-            )
+            await asyncio.to_thread(reader.read_path, path)
             # The whole file may have been uploaded before a restart: that attempt is
             # settled below like a fresh one (kept as piece 0, or discarded).
             att = next(
@@ -135,13 +208,15 @@ async def _validate_job(ctx: Context, job: Job) -> None:
                 ),
                 None,
             )
-        else:
-            summary = v.finish()
     except OSError as e:
-        msg = e.strerror or str(e)
-        await _reject(ctx, job, [{"line": 0, "code": "unreadable", "message": msg}])
-        return
+        if e.errno in (errno.EACCES, errno.EPERM):
+            msg = f"cannot read file: {(e.strerror or str(e)).lower()}"
+            await _reject(ctx, job, [{"line": 0, "code": "unreadable", "message": msg}])
+            return
+        raise
+    summary = reader.validator.finish()
     if not summary.ok:
+        _check_unchanged(path, before)  # a truncated view of a file still being written
         ctx.metrics.validation_failures.inc()
         await _discard(ctx, att)
         problems = [
@@ -149,26 +224,63 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         ]
         await _reject(ctx, job, problems)
         return
+    sha = reader.sha.hexdigest()
+    dup = await _duplicate(ctx, job, sha)
+    if dup is not None:
+        await _discard(ctx, att)
+        await _reject_duplicate(ctx, job, dup, sha)
+        return
+    rows, attempts, att = await _pieces(ctx, job, path, summary, att)
+    try:
+        _check_unchanged(path, before)
+    except InputChanged:
+        await _discard(ctx, att)
+        raise
+    await ctx.store.validated(
+        job.id,
+        rows,
+        attempts,
+        {
+            "requests": summary.requests,
+            "bytes": summary.bytes,
+            "pieces": len(rows),
+            "fingerprint": before,
+        },
+        endpoint=summary.endpoint,
+        model=summary.model,
+        requests=summary.requests,
+        bytes=summary.bytes,
+        est_tokens=summary.est_tokens,
+        sha256=sha,
+        input_fp=before,
+    )
+    ctx.log.info("job_validated", job_id=job.id, requests=summary.requests, pieces=len(rows))
+
+
+def _check_unchanged(path: Path, before: str) -> None:
+    after = fingerprint(path)
+    if after != before:
+        raise InputChanged(f"{path.name} changed while it was read ({before} -> {after})")
+
+
+async def _pieces(
+    ctx: Context, job: Job, path: Path, summary: jsonl.Summary, att: Attempt | None
+) -> tuple[list[Piece], list[dict[str, Any]], Attempt | None]:
+    """The job's pieces and the first attempt of each (piece 0 may reuse `att`, the
+    upload made while validating; otherwise it is discarded)."""
     lim = ctx.cfg.limits
     piece_limits = jsonl.Limits(
         lim.max_requests_per_batch, lim.max_bytes_per_batch, lim.max_embedding_inputs_per_batch
     )
+    first = {"model": summary.model, "job_id": job.id}
     if (
         summary.requests <= piece_limits.max_requests
         and summary.bytes <= piece_limits.max_bytes
         and summary.embedding_inputs <= piece_limits.max_embedding_inputs
     ):
-        rows = [
-            Piece(
-                job.id,
-                0,
-                job.input_path,
-                summary.requests,
-                summary.bytes,
-                summary.est_tokens,
-                False,
-            )
-        ]
+        piece = Piece(
+            job.id, 0, job.input_path, summary.requests, summary.bytes, summary.est_tokens, False
+        )
         if att is not None:
             await ctx.store.update_attempt(
                 att.id,
@@ -176,35 +288,64 @@ async def _validate_job(ctx: Context, job: Job) -> None:
                 requests=summary.requests,
                 est_tokens=summary.est_tokens,
             )
-    else:
-        await _discard(ctx, att)
-        out_dir = ctx.spool.processing / f"{job.id}.pieces"
-        files = await asyncio.to_thread(
-            pieces.split, path, out_dir, piece_limits, summary.endpoint == "/v1/embeddings"
-        )
-        rows = [
-            Piece(
-                job.id,
-                i,
-                str(f.path.relative_to(ctx.spool.root)),
-                f.requests,
-                f.bytes,
-                f.est_tokens,
-                False,
-            )
-            for i, f in enumerate(files)
-        ]
-    await ctx.store.validated(
-        job.id,
-        rows,
-        {"requests": summary.requests, "bytes": summary.bytes, "pieces": len(rows)},
-        endpoint=summary.endpoint,
-        model=summary.model,
-        requests=summary.requests,
-        bytes=summary.bytes,
-        est_tokens=summary.est_tokens,
+            return [piece], [], att
+        new = {
+            **first,
+            "id": str(ULID()),
+            "piece": 0,
+            "input_path": job.input_path,
+            "requests": summary.requests,
+            "est_tokens": summary.est_tokens,
+        }
+        return [piece], [new], None
+    await _discard(ctx, att)
+    out_dir = ctx.spool.processing / f"{job.id}.pieces"
+    files = await asyncio.to_thread(
+        pieces.split, path, out_dir, piece_limits, summary.endpoint == "/v1/embeddings"
     )
-    ctx.log.info("job_validated", job_id=job.id, requests=summary.requests, pieces=len(rows))
+    rows = [
+        Piece(
+            job.id,
+            i,
+            str(f.path.relative_to(ctx.spool.root)),
+            f.requests,
+            f.bytes,
+            f.est_tokens,
+            False,
+        )
+        for i, f in enumerate(files)
+    ]
+    attempts = [
+        {
+            **first,
+            "id": str(ULID()),
+            "piece": p.idx,
+            "input_path": p.input_path,
+            "requests": p.requests,
+            "est_tokens": p.est_tokens,
+        }
+        for p in rows
+    ]
+    return rows, attempts, None
+
+
+async def _reject_duplicate(ctx: Context, job: Job, dup: Job, sha: str) -> None:
+    ctx.metrics.duplicates.inc()
+    msg = (
+        f"same content as job {dup.id} ({dup.name}, {dup.state}), dropped within "
+        "[intake] duplicate_window; to submit it anyway: batchd submit --allow-duplicate"
+    )
+    await fail_job(
+        ctx,
+        job,
+        {
+            "reason": "duplicate_of",
+            "duplicate_of": dup.id,
+            "duplicate_name": dup.name,
+            "sha256": sha,
+            "message": msg,
+        },
+    )
 
 
 async def _new_attempt(ctx: Context, job_id: str, piece: int, input_path: str, **extra: Any) -> str:
@@ -248,6 +389,19 @@ async def _adopt(ctx: Context, att: Attempt, batch: dict[str, Any], how: str) ->
         batch=batch,
         abandoned=int(job.state in TERMINAL_JOB_STATES),
     )
+    ctx.new_batches.append(
+        LiveBatch(
+            att.id,
+            job.id,
+            batch["id"],
+            batch.get("status"),
+            0,
+            0,
+            0,
+            float(batch.get("created_at") or ctx.clock()),
+        )
+    )
+    ctx.wake_track.set()
     if late:
         ctx.log.warning("late_batch_cancelled", job_id=job.id, batch_id=batch["id"])
         try:
@@ -273,9 +427,22 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         await _adopt_lost_upload(ctx, att)
         att = await ctx.store.attempt(att.id)
     if att.file_id is None:
+        path = ctx.spool.path(att.input_path)
+        if not path.exists():
+            what = "input" if att.input_path == job.input_path else f"piece {att.piece}"
+            await fail_job(
+                ctx,
+                job,
+                {
+                    "reason": "input_missing",
+                    "message": f"the {what} disappeared from processing/ before it was "
+                    "uploaded (files under processing/ belong to batchd)",
+                },
+            )
+            return
         await ctx.store.update_attempt(att.id, upload_started_at=ctx.clock())
         f = await ctx.api.upload(
-            ctx.spool.path(att.input_path),
+            path,
             f"batchd-{att.id}.jsonl",
             ctx.cfg.upload.uploads_api_threshold_bytes,
             ctx.cfg.upload.part_bytes,
@@ -287,6 +454,8 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
     if _unwanted(job, att):  # cancelled or failed while this attempt was uploading
         return
     assert att.file_id is not None and job.endpoint is not None
+    if await _input_changed(ctx, job, att):
+        return
     extra = jobmeta.read(ctx.spool, job)  # {} unless the job came with metadata (HTTP)
     metadata = {**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
     await ctx.store.update_attempt(att.id, create_sent_at=ctx.clock())
@@ -308,39 +477,31 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
     await _adopt(ctx, att, batch, "created")
 
 
-async def budgets(ctx: Context) -> dict[str, int]:
-    """Per-model token budgets: configured, tightened by limits learned from refusals."""
-    out = dict(ctx.cfg.admission.token_budgets)
-    for model, limit in (await ctx.store.learned_limits()).items():
-        out[model] = min(limit, out.get(model, limit))
-    return out
+async def _input_changed(ctx: Context, job: Job, att: Attempt) -> bool:
+    """A writer still at the input after it was validated (where leases cannot tell):
+    before any batch exists the job starts over, so a truncated view is never sent."""
+    if att.input_path != job.input_path or job.input_fp is None:
+        return False  # a piece or a remainder: batchd's own file
+    try:
+        now = fingerprint(ctx.spool.path(job.input_path))
+    except FileNotFoundError:
+        return False
+    if now == job.input_fp:
+        return False
+    if any(a.batch_id for a in await ctx.store.attempts(job.id)):
+        return False  # too late to start over; job.json will say it changed
+    ctx.log.warning("input_changed", job_id=job.id, name=job.name, action="validating again")
+    for a in await ctx.store.attempts(job.id):
+        if a.open and a.file_id:
+            await _discard(ctx, a)
+    await ctx.store.revalidate(job.id, {"fingerprint": now})
+    ctx.wake_submit.set()
+    return True
 
 
-async def in_flight_tokens(ctx: Context) -> dict[str, int]:
-    """Estimated prompt tokens of batches still holding the enqueued-token budget."""
-    return await ctx.store.live_tokens()  # summed in SQL: no row per batch each wake-up
-
-
-async def choose(ctx: Context, skip: Container[str] = ()) -> list[Attempt]:
-    """The pending attempts admission lets through now (less those in `skip`)."""
-    keys = await ctx.store.pending_keys()
-    used, limits = await in_flight_tokens(ctx), await budgets(ctx)
-    for model, n in limits.items():
-        ctx.metrics.token_budget.labels(model).set(n)
-    for model in {*used, *limits} - {""}:
-        ctx.metrics.tokens_in_flight.labels(model).set(used.get(model, 0))
-    now = ctx.clock()
-    if limits.keys().isdisjoint(k[1] for k in keys):
-        # No budget applies: admit() would take every due one, oldest first. This
-        # runs on every wake-up, over every pending attempt (a burst has 1,000).
-        ids = [k[0] for k in keys if k[4] <= now and k[0] not in skip]
-    else:
-        ids = admit([Candidate(*k) for k in keys], used, limits, now)
-    return [await ctx.store.attempt(i) for i in ids if i not in skip]
-
-
-async def advance(ctx: Context, job: Job) -> None:
+async def advance(ctx: Context, job_id: str) -> None:
     """Take one queued/validating job to SUBMITTING with its pieces and first attempts."""
+    job = await ctx.store.job(job_id)
     if job.reason is not None:  # failing was decided before a crash: finish it
         await fail_job(ctx, job, job.reason)
         return
@@ -348,62 +509,106 @@ async def advance(ctx: Context, job: Job) -> None:
         job = await ctx.store.transition(job.id, JobState.VALIDATING)
     if job.state == JobState.VALIDATING:
         await _validate_job(ctx, job)
-        job = await ctx.store.job(job.id)
-    if job.state == JobState.SUBMITTING:
-        await ensure_attempts(ctx, job)
 
 
-async def run(ctx: Context) -> None:
+async def _api_rejected(ctx: Context, job_id: str, e: InvalidRequest) -> None:
+    """A 4xx for this job's request (not an access problem): the job fails with why."""
+    job = await ctx.store.job(job_id)
+    report = {"reason": "api_rejected", "message": e.message, "api_error": e.to_dict()}
+    await fail_job(ctx, job, report)
+
+
+class Submit:
+    """The submit stage: a worker of `max_concurrent_submits` slots, fed with what is due."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.worker = Worker(ctx, "submit", ctx.cfg.batch.max_concurrent_submits, ctx.wake_submit)
+        self._flight: dict[str, tuple[int, int]] = {}
+        self._limits: dict[str, int] = {}
+        self._flight_at = float("-inf")
+        self._version = ctx.admission_version
+
+    async def _admission(self, force: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+        """(tokens in flight, budgets) per model, refreshed at most once a second."""
+        ctx = self.ctx
+        now = ctx.clock()
+        if self._version != ctx.admission_version:
+            force, self._version = True, ctx.admission_version
+        if force or now - self._flight_at >= _FLIGHT_TTL:
+            self._flight = await ctx.store.in_flight()
+            learned = await ctx.store.learned_limits()
+            limits = dict(ctx.cfg.admission.token_budgets)
+            for model, limit in learned.items():
+                limits[model] = min(limit, limits.get(model, limit))
+            self._limits, self._flight_at = limits, now
+        return {m: t for m, (t, _) in self._flight.items()}, self._limits
+
+    def _took(self, p: Pending) -> None:
+        """An admitted attempt counts as in flight until the next refresh."""
+        t, r = self._flight.get(p.model, (0, 0))
+        self._flight[p.model] = (t + p.tokens, r + p.requests)
+
+    async def choose(self, pending: list[Pending]) -> list[Pending]:
+        """The due pending attempts admission lets through now, in order."""
+        if not pending:
+            return []
+        used, limits = await self._admission()
+        if limits.keys().isdisjoint(p.model for p in pending):
+            return pending  # no budget applies: oldest due first
+        by_id = {p.id: p for p in pending}
+        ids = admit(
+            [Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before) for p in pending],
+            used,
+            limits,
+            self.ctx.clock(),
+        )
+        return [by_id[i] for i in ids]
+
+    async def step(self) -> float | None:
+        """Start due work in free slots; returns when the next pending attempt is due."""
+        ctx, w = self.ctx, self.worker
+        w.check()
+        if ctx.stopping:
+            return None
+        window = w.limit + len(w.backoff)  # what runs or backs off, plus the free slots
+        if w.free:
+            for job_id in await ctx.store.due_new_jobs(window):
+                w.start(job_id, job_id, partial(advance, ctx, job_id), partial(_api_rejected, ctx))
+        due = w.backoff.next_ready()
+        if ctx.hold.blocked:
+            return due
+        now = ctx.clock()
+        held_back = False
+        if w.free:
+            pending = await ctx.store.due_pending(now, max(window, 200))
+            candidates = [p for p in pending if not w.busy(p.id)]
+            chosen = await self.choose(candidates)
+            held_back = len(chosen) < len(candidates)
+            for p in chosen:
+                if not w.free:
+                    break
+                if w.start(p.id, p.job_id, partial(self._submit, p), partial(_api_rejected, ctx)):
+                    self._took(p)
+        nxt = await ctx.store.next_pending_at(now)
+        if held_back:  # a budget holds some back: look again when it may fit
+            nxt = min(nxt or now + _FLIGHT_TTL, now + _FLIGHT_TTL)
+        return min((t for t in (due, nxt) if t is not None), default=None)
+
+    async def _submit(self, p: Pending) -> None:
+        await submit_attempt(self.ctx, await self.ctx.store.attempt(p.id))
+
+    async def reconcile(self) -> None:
+        """At start-up: pieces left without an open attempt by an older batchd."""
+        for job_id in await self.ctx.store.jobs_missing_attempts():
+            await ensure_attempts(self.ctx, await self.ctx.store.job(job_id))
+
+
+async def run(ctx: Context, stage: Submit | None = None) -> None:
     """Loop: validate new jobs; submit admitted attempts, a few at a time."""
-    busy: set[str] = set()
-    backoff = Backoff(ctx.clock)
-    sem = asyncio.Semaphore(ctx.cfg.batch.max_concurrent_submits)
-
-    async def guarded(key: str, job_id: str, coro: Coroutine[Any, Any, None]) -> None:
-        # Any error stays with its own job or attempt: it backs off (without holding a
-        # submit slot) while the rest go on.
-        try:
-            async with sem:
-                try:
-                    await coro
-                    backoff.ok(key)
-                except InvalidRequest as e:
-                    job = await ctx.store.job(job_id)
-                    report = {
-                        "reason": "api_rejected",
-                        "message": e.message,
-                        "api_error": e.to_dict(),
-                    }
-                    await fail_job(ctx, job, report)
-        except Exception as e:
-            n, delay = backoff.failed(key)
-            ctx.log.warning(
-                "submit_retry",
-                job_id=job_id,
-                error=f"{type(e).__name__}: {e}",
-                failures=n,
-                retry_in=round(delay, 2),
-                exc_info=not isinstance(e, ApiError | OSError),
-            )
-        finally:
-            busy.discard(key)
-            ctx.wake_submit.set()
-
-    async with asyncio.TaskGroup() as tg:
-        while True:
-            # Each pass costs what is new, not what is already under way (a burst of
-            # 1,000 files wakes this loop thousands of times).
-            for job_id in await ctx.store.job_ids([JobState.QUEUED, JobState.VALIDATING]):
-                if job_id not in busy and backoff.ready(job_id):
-                    busy.add(job_id)
-                    job = await ctx.store.job(job_id)
-                    tg.create_task(guarded(job_id, job_id, advance(ctx, job)))
-            # Only jobs that need one (a query, not two per submitting job per wake-up).
-            for job_id in await ctx.store.jobs_missing_attempts():
-                if job_id not in busy:
-                    await ensure_attempts(ctx, await ctx.store.job(job_id))
-            for att in await choose(ctx, busy):
-                if att.id not in busy and backoff.ready(att.id):
-                    busy.add(att.id)
-                    tg.create_task(guarded(att.id, att.job_id, submit_attempt(ctx, att)))
-            await wait_for(ctx.wake_submit, ctx.cfg.batch.poll_interval_seconds)
+    stage = stage or Submit(ctx)
+    await stage.reconcile()
+    try:
+        await loop(ctx, ctx.wake_submit, stage.step)
+    finally:
+        await stage.worker.drain(ctx.cfg.daemon.shutdown_grace_seconds if ctx.stopping else 0)

@@ -1,111 +1,235 @@
 """Track stage: learn the status of every in-flight batch, cheaply.
 
-One sweep pages through `GET /v1/batches` (100 per page, newest first) until every
-in-flight batch has been seen or the page is older than the oldest of them; only
-batches not found that way are fetched one by one. 250 in-flight batches cost 3
-calls, 10,000 cost 100. Polling is quicker while a batch is near a transition
-(validating, finalizing, cancelling) and when a webhook names a batch.
+The tracker keeps what it knows of each batch in flight in memory (status and
+request_counts), so a sweep costs a dict lookup per unchanged batch and writes only
+the batches that changed. A sweep pages through `GET /v1/batches` (100 per page,
+newest first) until every batch in flight has been seen or the pages are older than
+the oldest of them; batches not found that way are fetched one by one.
+
+`poll_interval_seconds` is a ceiling: at most ⌈N/100⌉+1 status calls per interval
+for N batches in flight. The calls a sweep leaves over are spent on batches near a
+transition (validating, finalizing, cancelling) half-way through the interval. A
+webhook naming a batch has it fetched at once. With nothing in flight the stage
+sleeps until a batch is created.
 """
 
 from __future__ import annotations
 
-import asyncio
+import math
 from collections import Counter
 from typing import Any
 
-from batchd.api import ApiError
-from batchd.stages import Context, wait_for
+from batchd.api import AccessDenied, ApiError
+from batchd.stages import Context, loop
 from batchd.states import is_terminal_status
-from batchd.store import Attempt
+from batchd.store import LiveBatch
 
 _BUSY = frozenset({"validating", "finalizing", "cancelling"})
 MAX_PAGES = 200
+RELOAD_SECONDS = 60.0  # re-read the batches in flight from the store now and then
+PROGRESS_LOG_SECONDS = 60.0
 
 
-async def _record(ctx: Context, att: Attempt, batch: dict[str, Any]) -> None:
-    status = batch.get("status")
-    if status != att.status:
-        await ctx.store.update_attempt(att.id, "batch_status", status=status, batch=batch)
-        ctx.log.info("batch_status", job_id=att.job_id, batch_id=att.batch_id, status=status)
-        if is_terminal_status(status):
-            ctx.metrics.batches_ended.labels(str(status)).inc()
-            ctx.wake_collect.set()
+def budget(n: int) -> int:
+    """Status calls allowed per interval with `n` batches in flight."""
+    return math.ceil(n / 100) + 1
 
 
-async def sweep(ctx: Context, only: set[str] | None = None) -> None:
-    """Refresh in-flight attempts (all, or just the batch ids in `only`)."""
-    live = {a.batch_id: a for a in await ctx.store.live_attempts() if a.batch_id}
-    if only is not None:
-        live = {k: v for k, v in live.items() if k in only}
-    if not live:
-        ctx.metrics.last_poll.set(ctx.clock())
-        return
-    oldest = min(float((a.batch or {}).get("created_at") or 0) for a in live.values())
-    unseen = dict(live)
-    reached = False
-    if len(live) > 1:
-        after: str | None = None
-        for _ in range(MAX_PAGES):
-            try:
-                page = await ctx.api.list_batches(100, after)
-            except ApiError as e:
-                # The API is not answering: fetching every batch one by one would only
-                # multiply the calls. Try again at the next sweep.
-                ctx.log.warning("poll_failed", error=str(e))
-                return
-            reached = True
-            data = page.get("data") or []
-            for b in data:
-                att = unseen.pop(b.get("id"), None)
-                if att is not None:
-                    await _record(ctx, att, b)
-            if not unseen or not page.get("has_more") or not data:
-                break
-            if float(data[-1].get("created_at") or 0) < oldest:
-                break
-            after = data[-1]["id"]
-    for batch_id, att in unseen.items():  # not on the pages read: ask one by one
-        try:
-            b = await ctx.api.get_batch(batch_id)
-        except ApiError as e:
-            ctx.log.warning("poll_failed", job_id=att.job_id, batch_id=batch_id, error=str(e))
-            continue
-        reached = True
-        await _record(ctx, att, b)
-    if reached:
-        ctx.metrics.last_poll.set(ctx.clock())
+def _counts(batch: dict[str, Any]) -> tuple[int, int, int]:
+    rc = batch.get("request_counts") or {}
+    return int(rc.get("completed") or 0), int(rc.get("failed") or 0), int(rc.get("total") or 0)
 
 
-async def _set_gauges(ctx: Context) -> str | None:
-    """Batches-by-status gauge; returns the busiest status in flight (for the interval)."""
-    by_status = Counter(a.status for a in await ctx.store.live_attempts())
-    for st in list(ctx.metrics.batches._metrics):
-        ctx.metrics.batches.labels(*st).set(by_status.get(st[0], 0))
-    return next((s for s in by_status if s in _BUSY), None)
-
-
-def interval(ctx: Context, busy: str | None) -> float:
-    """Seconds to the next full sweep: quicker near a transition; with webhooks on,
-    polling is only the safety net and runs at [webhooks] poll_interval_seconds."""
+def interval(ctx: Context) -> float:
+    """Seconds between full sweeps; with webhooks on, polling is only the safety net
+    and runs at [webhooks] poll_interval_seconds."""
     base = ctx.cfg.batch.poll_interval_seconds
     if ctx.webhooks_enabled:
-        base = max(base, ctx.cfg.webhooks.poll_interval_seconds)
-        return base
-    return max(min(base, 0.05), base / 5) if busy else base
+        return max(base, ctx.cfg.webhooks.poll_interval_seconds)
+    return base
+
+
+class Tracker:
+    """The batches in flight and the status calls spent on them."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.live: dict[str, LiveBatch] = {}
+        self._loaded_at = float("-inf")
+        self._next_full: float | None = None  # None: nothing in flight
+        self._next_busy: float | None = None
+        self._spent = 0  # status calls in the current interval
+        self._logged_at = float("-inf")
+        self._seen: dict[str, float] = {}  # batch id -> when a status call last saw it
+
+    async def reload(self) -> None:
+        """Read the batches in flight from the store."""
+        self.live = {b.batch_id: b for b in await self.ctx.store.live_batches()}
+        self.ctx.new_batches.clear()
+        self._loaded_at = self.ctx.clock()
+
+    def _absorb(self) -> None:
+        for b in self.ctx.new_batches:
+            self.live.setdefault(b.batch_id, b)
+        self.ctx.new_batches.clear()
+
+    async def record(self, lb: LiveBatch, batch: dict[str, Any]) -> None:
+        """Compare with what is known; write (and act) only when something changed."""
+        ctx = self.ctx
+        self._seen[lb.batch_id] = ctx.clock()
+        status = batch.get("status")
+        counts = _counts(batch)
+        if status == lb.status and counts == (lb.completed, lb.failed, lb.total):
+            return
+        await ctx.store.record_batch(lb, batch, status, counts)
+        if status != lb.status:
+            ctx.log.info("batch_status", job_id=lb.job_id, batch_id=lb.batch_id, status=status)
+        if is_terminal_status(status):
+            self.live.pop(lb.batch_id, None)
+            self._seen.pop(lb.batch_id, None)
+            ctx.metrics.batches_ended.labels(str(status)).inc()
+            ctx.wake_collect.set()
+            ctx.wake_submit.set()  # budget freed
+        else:
+            self.live[lb.batch_id] = LiveBatch(
+                lb.attempt_id, lb.job_id, lb.batch_id, status, *counts, lb.created
+            )
+
+    async def _get(self, lb: LiveBatch) -> bool:
+        try:
+            b = await self.ctx.api.get_batch(lb.batch_id)
+        except AccessDenied as e:
+            await self.ctx.hold.block(self.ctx, e)
+            return False
+        except ApiError as e:
+            self.ctx.log.warning(
+                "poll_failed", job_id=lb.job_id, batch_id=lb.batch_id, error=str(e)
+            )
+            return False
+        finally:
+            self._spent += 1
+        await self.record(lb, b)
+        return True
+
+    async def sweep(self, limit: int) -> None:
+        """Refresh every batch in flight with at most `limit` status calls."""
+        ctx = self.ctx
+        unseen = dict(self.live)
+        oldest = min((b.created for b in unseen.values()), default=0.0)
+        reached = False
+        calls = 0
+        if len(unseen) > 1:
+            after: str | None = None
+            for _ in range(min(MAX_PAGES, limit)):
+                try:
+                    page = await ctx.api.list_batches(100, after)
+                except AccessDenied as e:
+                    await ctx.hold.block(ctx, e)
+                    return
+                except ApiError as e:
+                    # The API is not answering: fetching every batch one by one would
+                    # only multiply the calls. Try again at the next sweep.
+                    ctx.log.warning("poll_failed", error=str(e))
+                    return
+                finally:
+                    calls += 1
+                    self._spent += 1
+                reached = True
+                data = page.get("data") or []
+                for b in data:
+                    lb = unseen.pop(b.get("id"), None)
+                    if lb is not None:
+                        await self.record(lb, b)
+                if not unseen or not page.get("has_more") or not data:
+                    break
+                if float(data[-1].get("created_at") or 0) < oldest:
+                    break
+                after = data[-1]["id"]
+        # Not on the pages read: ask one by one, the longest unseen first, within the
+        # budget (the rest at the next sweep).
+        waiting = sorted(unseen.values(), key=lambda b: (self._seen.get(b.batch_id, 0), b.created))
+        for lb in waiting[: max(0, limit - calls)]:
+            reached = await self._get(lb) or reached
+        if reached:
+            ctx.metrics.last_poll.set(ctx.clock())
+
+    async def _pushed(self) -> None:
+        """Batches a webhook says have ended: fetched at once."""
+        pushed = set(self.ctx.webhook_batches)
+        self.ctx.webhook_batches.difference_update(pushed)
+        for batch_id in pushed:
+            lb = self.live.get(batch_id)
+            if lb is not None:
+                await self._get(lb)
+
+    def _gauges(self) -> None:
+        m = self.ctx.metrics
+        by_status = Counter(b.status for b in self.live.values())
+        for (st,) in list(m.batches._metrics):
+            m.batches.labels(st).set(by_status.get(st, 0))
+        done = sum(b.completed for b in self.live.values())
+        failed = sum(b.failed for b in self.live.values())
+        total = sum(b.total for b in self.live.values())
+        m.requests_in_flight.labels("completed").set(done)
+        m.requests_in_flight.labels("failed").set(failed)
+        m.requests_in_flight.labels("pending").set(max(0, total - done - failed))
+        now = self.ctx.clock()
+        if self.live and now - self._logged_at >= PROGRESS_LOG_SECONDS:
+            self._logged_at = now
+            self.ctx.log.info(
+                "progress",
+                batches=len(self.live),
+                jobs=len({b.job_id for b in self.live.values()}),
+                requests=total,
+                completed=done,
+                failed=failed,
+                by_status=dict(by_status),
+            )
+
+    async def step(self) -> float | None:
+        """Sweep when the interval is up (or check busy batches half-way); returns when
+        to look again, or None with nothing in flight."""
+        ctx = self.ctx
+        now = ctx.clock()
+        if now - self._loaded_at >= RELOAD_SECONDS:
+            await self.reload()
+        self._absorb()
+        if ctx.hold.blocked:
+            return None
+        if ctx.webhook_batches:
+            await self._pushed()
+        if not self.live:
+            self._gauges()
+            self._next_full = None
+            return None
+        every = interval(ctx)
+        if self._next_full is None:  # the first batch in flight: its status is known
+            self._next_full, self._spent = now + every, 0
+            if any(b.status in _BUSY for b in self.live.values()):
+                self._next_busy = now + every / 2
+        elif now >= self._next_full:
+            self._spent = 0
+            self._next_full = now + every
+            await self.sweep(budget(len(self.live)))
+            self._gauges()
+            busy = [b for b in self.live.values() if b.status in _BUSY]
+            left = budget(len(self.live)) - self._spent
+            self._next_busy = now + every / 2 if busy and len(busy) <= left else None
+        elif self._next_busy is not None and now >= self._next_busy:
+            self._next_busy = None
+            busy = [b for b in self.live.values() if b.status in _BUSY]
+            for lb in busy[: max(0, budget(len(self.live)) - self._spent)]:
+                await self._get(lb)
+            self._gauges()
+        due = [self._next_full, self._loaded_at + RELOAD_SECONDS]
+        if self._next_busy is not None:
+            due.append(self._next_busy)
+        return min(due)
 
 
 async def run(ctx: Context) -> None:
     """Loop: sweep; sleep until the interval passes, a batch is created, or a webhook
-    names a batch (then only that batch is fetched, at once)."""
-    loop = asyncio.get_running_loop()
-    next_full = 0.0
-    while True:
-        pushed = set(ctx.webhook_batches)
-        if pushed:
-            ctx.webhook_batches.difference_update(pushed)
-            await sweep(ctx, pushed)
-        if not pushed or loop.time() >= next_full:
-            await sweep(ctx)
-            busy = await _set_gauges(ctx)
-            next_full = loop.time() + interval(ctx, busy)
-        await wait_for(ctx.wake_track, max(0.0, next_full - loop.time()))
+    names a batch."""
+    tracker = Tracker(ctx)
+    await tracker.reload()
+    await loop(ctx, ctx.wake_track, tracker.step)

@@ -1,0 +1,465 @@
+"""The sub-commands: each reads its arguments, calls into batchd, prints the answer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+from batchd import jsonl, logs, pieces
+from batchd.cli import render
+from batchd.cli.common import (
+    EXIT_FAIL,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_USAGE,
+    Fail,
+    NoDatabase,
+    config,
+    one_job,
+    since,
+    store,
+)
+from batchd.config import Config, ConfigError, LimitsConfig
+from batchd.spool import Spool, SpoolLocked, check_name, enter_inbox, fsync_dir
+from batchd.stages import health
+from batchd.states import TERMINAL_JOB_STATES, JobState
+
+# --- run ------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground."""
+    from batchd.daemon import Daemon
+
+    cfg = config(args)
+    logs.setup(cfg.log.level, cfg.log.format)
+    daemon = Daemon(cfg, once=args.once)
+    task = asyncio.create_task(daemon.run())
+    if cfg.http.port == 0:  # say where it listens: nobody can guess a free port
+        while daemon.listen is None and not task.done():
+            await asyncio.sleep(0.01)
+        if daemon.listen:
+            print(f"batchd: listening on http://{daemon.listen}", file=sys.stderr, flush=True)
+    return await task
+
+
+# --- validate / submit ----------------------------------------------------------------
+
+
+def _limits(args: argparse.Namespace) -> LimitsConfig:
+    """The per-batch limits of --config / $BATCHD_CONFIG, else the API's."""
+    if getattr(args, "config", None) or os.environ.get("BATCHD_CONFIG"):
+        return config(args).limits
+    return LimitsConfig()
+
+
+def _check_file(name: str, limits: LimitsConfig) -> tuple[bool, str]:
+    """Validate one file as the daemon does (bigger than one batch is fine: it is split);
+    prints its problems; returns (ok, one-line summary)."""
+    try:
+        summary = jsonl.validate_path(name, jsonl.UNBOUNDED)
+    except OSError as e:
+        print(f"{name}:0: unreadable: {e.strerror or e}")
+        return False, ""
+    for p in summary.problems:
+        print(jsonl.format_problem(name, p))
+    if not summary.ok:
+        return False, ""
+    lim = jsonl.Limits(
+        limits.max_requests_per_batch,
+        limits.max_bytes_per_batch,
+        limits.max_embedding_inputs_per_batch,
+    )
+    batches = len(pieces.plan(Path(name), lim, summary.endpoint == "/v1/embeddings"))
+    split = f"; split into {batches} batches" if batches > 1 else ""
+    return True, f"{summary.requests} requests, {summary.endpoint}, {summary.model}{split}"
+
+
+async def validate(args: argparse.Namespace) -> int:
+    """Validate files locally with the same rules the daemon applies."""
+    limits = _limits(args)
+    bad = 0
+    for name in args.files:
+        ok, what = await asyncio.to_thread(_check_file, name, limits)
+        if ok:
+            print(f"{name}: ok ({what})", file=sys.stderr)
+        else:
+            bad += 1
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+def _submit_names(args: argparse.Namespace) -> list[str]:
+    """The job NAME of each FILE (`--name`, else the file name without `.jsonl`), all
+    checked before anything is copied: a NAME intake would ignore (`.hidden`) or that
+    is not `[A-Za-z0-9._-]{1,100}` is refused, never renamed."""
+    if args.name is not None:
+        if len(args.files) > 1:
+            raise Fail("--name needs exactly one FILE", EXIT_USAGE)
+        try:
+            return [check_name(args.name)]
+        except ValueError as e:
+            raise Fail(f"--name: {e}", EXIT_USAGE) from None
+    names = []
+    for name in args.files:
+        try:
+            names.append(check_name(Path(name).name))
+        except ValueError as e:
+            raise Fail(f"{name}: file name is not a job NAME: {e}; pass --name", EXIT_USAGE) from e
+    return names
+
+
+def _copy(src: Path, dest: Path) -> str:
+    """Copy with fsync; returns the SHA-256 of what was copied."""
+    sha = hashlib.sha256()
+    with src.open("rb") as fin, dest.open("wb") as fout:
+        while chunk := fin.read(1 << 20):
+            sha.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return sha.hexdigest()
+
+
+async def submit(args: argparse.Namespace) -> int:
+    """Copy files into the inbox atomically (temp name, fsync, rename)."""
+    cfg = config(args)
+    stems = _submit_names(args)
+    spool = Spool(cfg.spool.dir)
+    try:
+        spool.ensure()
+    except OSError as e:
+        raise Fail(f"[spool] dir: {cfg.spool.dir}: {e.strerror or e}", EXIT_USAGE) from None
+    bad = 0
+    for name, stem in zip(args.files, stems, strict=True):
+        src = Path(name)
+        what = ""
+        if not args.no_validate:
+            ok, what = await asyncio.to_thread(_check_file, name, cfg.limits)
+            if not ok:
+                bad += 1
+                continue
+        tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"
+        try:
+            sha = await asyncio.to_thread(_copy, src, tmp)
+            if args.allow_duplicate:  # before the file is in inbox/: intake may be quick
+                marker = spool.allow_marker(sha)
+                marker.parent.mkdir(exist_ok=True)
+                marker.touch()
+                fsync_dir(marker.parent)
+            fname = enter_inbox(spool.inbox, tmp, stem)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            print(f"batchd: {name}: {e.strerror or e}", file=sys.stderr)
+            bad += 1
+            continue
+        print(f"{name} -> {spool.inbox / fname}" + (f" ({what})" if what else ""))
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+# --- jobs / show ----------------------------------------------------------------------
+
+
+async def jobs(args: argparse.Namespace) -> int:
+    """List jobs, newest first."""
+    cfg = config(args)
+    if args.limit < 1:
+        raise Fail("--limit: at least 1", EXIT_USAGE)
+    states = [JobState(s) for s in args.state] if args.state else None
+    t = since(args.since) if args.since else None
+    try:
+        async with store(cfg) as s:
+            found = await s.list_jobs(states, t, args.limit + 1)
+            held = await health.read(s)
+            oldest = await s.oldest_job_at()
+    except NoDatabase as e:
+        print(f"batchd: {e}", file=sys.stderr)
+        return EXIT_OK
+    more = len(found) > args.limit
+    found = found[: args.limit]
+    if args.json:
+        render.print_json([j.to_dict() for j in found])
+        return EXIT_OK
+    if line := render.held_line(held):
+        print(f"batchd: {line}", file=sys.stderr)
+    if not found:
+        print("no jobs yet" if oldest is None else "no jobs match", file=sys.stderr)
+        return EXIT_OK
+    print(render.jobs_table(found, held))
+    notes = []
+    if more:
+        notes.append(f"the newest {args.limit} shown; --limit N for more")
+    days = cfg.retention.jobs_days
+    if days and oldest is not None:
+        notes.append(
+            f"jobs that ended over {days:g} days ago are deleted ([retention] jobs_days); "
+            f"the oldest kept was claimed {render.ts(oldest)} UTC"
+        )
+    for n in notes:
+        print(f"({n})", file=sys.stderr)
+    return EXIT_OK
+
+
+async def show(args: argparse.Namespace) -> int:
+    """Show one job with its batches and history."""
+    cfg = config(args)
+    try:
+        async with store(cfg) as s:
+            job = await one_job(s, args.job)
+            attempts = await s.attempts(job.id)
+            events = await s.events(job.id)
+            held = await health.read(s)
+            retries = await s.retries_of(job.id)
+    except NoDatabase:
+        raise Fail(f"no job matches {args.job!r} (no jobs yet)", EXIT_NOT_FOUND) from None
+    if args.json:
+        render.print_json(
+            {
+                "job": job.to_dict(),
+                "first_error": render.first_error(job, events),
+                "held": held if not job.ended else None,
+                "attempts": [a.to_dict() for a in attempts],
+                "events": [e.to_dict() for e in events],
+            }
+        )
+        return EXIT_OK
+    results = str(cfg.spool.dir / job.result_dir) if job.result_dir else None
+    print(render.show_text(job, attempts, events, held, results, retries))
+    return EXIT_OK
+
+
+# --- cancel / retry -------------------------------------------------------------------
+
+
+async def _await_end(cfg: Config, job_id: str, deadline: float) -> JobState:
+    """A running daemon carries out the cancellation: watch the store until it ends."""
+    loop = asyncio.get_running_loop()
+    async with store(cfg) as s:
+        while True:
+            job = await s.job(job_id)
+            if job.state in TERMINAL_JOB_STATES or loop.time() >= deadline:
+                return job.state
+            await asyncio.sleep(0.2)
+
+
+async def cancel(args: argparse.Namespace) -> int:
+    """Cancel a job's batches, wait for `cancelled`, collect partial results.
+
+    A running daemon is only asked (the flag in the database). With none running, this
+    command takes the spool lock (so no daemon starts meanwhile) and carries out just
+    this job's cancellation itself; the inbox and other jobs are left alone.
+    """
+    from batchd.stages import cancel as canceller
+
+    cfg = config(args)
+    logs.setup(cfg.log.level, "console")
+    deadline = asyncio.get_running_loop().time() + args.wait
+    async with store(cfg) as s:
+        job = await one_job(s, args.job)
+        if not await s.request_cancel(job.id):
+            raise Fail(f"job {job.id} already ended ({job.state})")
+        print(f"cancelling {job.id} ({job.name})")
+        spool = Spool(cfg.spool.dir)
+        try:
+            spool.lock()
+        except SpoolLocked:
+            daemon = True
+        except OSError as e:
+            raise Fail(f"[spool] dir: {cfg.spool.dir}: {e.strerror or e}", EXIT_USAGE) from None
+        else:
+            daemon = False
+            try:
+                if cfg.api.api_key() is None:
+                    raise Fail(
+                        "no API key and no daemon running: the cancellation is recorded; "
+                        "the next `batchd run` carries it out",
+                        EXIT_USAGE,
+                    )
+                job = await canceller.drive(cfg, s, job.id, deadline)
+            finally:
+                spool.unlock()
+    if daemon:
+        state = await _await_end(cfg, job.id, deadline)
+        async with store(cfg) as s:
+            job = await s.job(job.id)
+    else:
+        state = job.state
+    if state in TERMINAL_JOB_STATES:
+        where = cfg.spool.dir / job.result_dir if job.result_dir else "-"
+        print(f"{state}: {job.completed} completed, {job.failed} failed; results in {where}")
+        return EXIT_OK
+    if state in canceller.UNSUBMITTED:
+        raise Fail(
+            f"job {job.id} is {state} (no batch yet) and no daemon runs; the cancellation "
+            "is recorded: the next `batchd run` carries it out"
+        )
+    who = "the daemon" if daemon else "the next `batchd run`"
+    raise Fail(
+        f"job {job.id} is still {state} after {args.wait:g}s; the cancel goes on ({who} "
+        f"carries it out): `batchd show {job.name}` tells when it has ended"
+    )
+
+
+async def retry(args: argparse.Namespace) -> int:
+    """Queue an ended job's failed and missing requests as a new job."""
+    from batchd.stages.retry import RetryRefused, retry_job
+
+    cfg = config(args)
+    async with store(cfg) as s:
+        job = await one_job(s, args.job)
+        try:
+            new, n = await retry_job(s, Spool(cfg.spool.dir), job)
+        except RetryRefused as e:
+            raise Fail(f"cannot retry {job.name}: {e}") from None
+    print(
+        f"queued {n} request(s) of {job.id} ({job.name}) as job {new.id} ({new.name}); "
+        "a running daemon submits it at once, else the next `batchd run`"
+    )
+    return EXIT_OK
+
+
+# --- check ----------------------------------------------------------------------------
+
+Result = tuple[bool, str, str]
+
+
+def _check_spool(cfg: Config) -> Result:
+    root = cfg.spool.dir
+    if root.exists():
+        if not root.is_dir():
+            return False, "spool", f"{root}: not a directory"
+        missing = [d for d in ("inbox", "processing", "done", "failed") if not (root / d).is_dir()]
+        if not os.access(root, os.W_OK | os.X_OK):
+            return False, "spool", f"{root}: not writable"
+        note = f" ({', '.join(missing)} created at the first run)" if missing else ""
+        return True, "spool", f"{root} writable{note}"
+    parent = next((p for p in root.parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        return False, "spool", f"{root}: does not exist and {parent} is not writable"
+    return True, "spool", f"{root} does not exist yet (created at the first run)"
+
+
+def _check_database(cfg: Config) -> Result:
+    db = cfg.state.database
+    if not db.exists():
+        parent = next((p for p in db.parents if p.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+            return False, "database", f"{db}: does not exist and {parent} is not writable"
+        return True, "database", f"{db} does not exist yet (created at the first run)"
+    try:  # read-only: a check never creates or migrates anything
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+            table = "job_counts" if "job_counts" in tables else "jobs"
+            expr = "SUM(n)" if table == "job_counts" else "COUNT(*)"
+            n = con.execute(f"SELECT {expr} FROM {table}").fetchone()[0] or 0
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        return False, "database", f"{db}: {e}"
+    return True, "database", f"{db} ({n} jobs, schema {version})"
+
+
+async def _check_api(cfg: Config) -> list[Result]:
+    from batchd.api import ApiError, BatchApi
+    from batchd.metrics import Metrics
+
+    try:
+        key = cfg.api.api_key()
+    except OSError as e:
+        return [(False, "api key", f"[api] api_key_file: {e.strerror or e}")]
+    if key is None:
+        where = (
+            f"${cfg.api.api_key_env}, [api] api_key_file or $CREDENTIALS_DIRECTORY/openai_api_key"
+        )
+        return [(False, "api key", f"not set ({where})")]
+    out: list[Result] = [(True, "api key", f"found ({len(key)} characters)")]
+    api_cfg = dataclasses.replace(cfg.api, max_retries=1)
+    try:
+        async with BatchApi(api_cfg, key, Metrics()) as api:
+            page = await api.list_batches(1)
+        listed = len(page.get("data") or [])
+        out.append((True, "api", f"{cfg.api.base_url} reachable, key accepted ({listed} listed)"))
+    except ApiError as e:
+        out.append((False, "api", f"{cfg.api.base_url}: HTTP {e.status}: {e.message}"))
+    return out
+
+
+async def check(args: argparse.Namespace) -> int:
+    """Check config, spool, database and API reachability; one line per check."""
+    try:
+        cfg = config(args)
+    except ConfigError as e:
+        print(f"FAIL  config    {e}")
+        return EXIT_FAIL
+    results: list[Result] = [(True, "config", str(cfg.source or ""))]
+    results.append(_check_spool(cfg))
+    results.append(_check_database(cfg))
+    results += await _check_api(cfg)
+    for ok, what, detail in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {what:9} {detail}")
+    return EXIT_OK if all(ok for ok, _, _ in results) else EXIT_FAIL
+
+
+# --- emulator / demo ------------------------------------------------------------------
+
+
+async def emulator(args: argparse.Namespace) -> int:
+    """Serve the built-in Batch API emulator until interrupted."""
+    import binascii
+
+    from batchd.emulator import EmulatorConfig, serve
+    from batchd.emulator.faults import FaultConfig
+    from batchd.emulator.webhooks import secret_key
+
+    if args.webhook_secret is not None:
+        try:
+            if not args.webhook_secret.startswith("whsec_") or not secret_key(args.webhook_secret):
+                raise ValueError
+        except (ValueError, binascii.Error):
+            raise Fail("--webhook-secret must be whsec_<base64>", EXIT_USAGE) from None
+    faults = FaultConfig(
+        seed=args.fault_seed,
+        rate_limit=args.fault_rate_limit,
+        server_error=args.fault_server_error,
+        drop_connection=args.fault_drop,
+        slow=args.fault_slow,
+        slow_seconds=args.fault_slow_seconds,
+        ghost_create=args.fault_ghost_create,
+        truncated_download=args.fault_truncate,
+        force_first=args.fault_force_first,
+    )
+    cfg = EmulatorConfig(
+        time_scale=args.time_scale,
+        seed=args.seed,
+        api_key=args.api_key,
+        bandwidth_bytes_per_s=args.bandwidth_bytes_per_s,
+        output_pad_bytes=args.output_pad_bytes,
+        expire_after_seconds=args.expire_after_seconds,
+        token_limits=dict(args.token_limit),
+        faults=faults,
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
+    )
+
+    def ready(host: str, port: int) -> None:
+        print(f"batchd emulator on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+
+    try:
+        await serve(args.host, args.port, cfg, ready)
+    except OSError as e:
+        raise Fail(f"--port {args.port}: {(e.strerror or str(e)).lower()}", EXIT_USAGE) from None
+    return EXIT_OK
+
+
+async def demo(args: argparse.Namespace) -> int:
+    """Run emulator + daemon on a temporary spool and show one file flowing through."""
+    from batchd.demo import run_demo
+
+    return await run_demo(Path(args.dir) if args.dir else None)

@@ -1,0 +1,61 @@
+"""What every command shares: exit codes, the config, the store, finding a job."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from batchd.config import Config, load, parse_since
+from batchd.store import Job, Store
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+
+
+class Fail(Exception):
+    """A one-line message and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAIL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NoDatabase(Fail):
+    """batchd has not run with this config yet."""
+
+
+def config(args: argparse.Namespace) -> Config:
+    """The config named by --config or $BATCHD_CONFIG."""
+    return load(args.config)
+
+
+def since(text: str) -> float:
+    """--since as unix seconds (a usage error otherwise)."""
+    try:
+        return parse_since(text)
+    except ValueError as e:
+        raise Fail(f"--since: {e}", EXIT_USAGE) from None
+
+
+@asynccontextmanager
+async def store(cfg: Config) -> AsyncIterator[Store]:
+    """The database, opened (never created: NoDatabase when batchd never ran)."""
+    if not cfg.state.database.exists():
+        raise NoDatabase(
+            f"no jobs yet: batchd has not run with this config (no database at "
+            f"{cfg.state.database})",
+            EXIT_OK,
+        )
+    async with Store.connect(cfg.state.database) as s:
+        yield s
+
+
+async def one_job(s: Store, ref: str) -> Job:
+    """The one job `ref` names (exit 3 when none or several)."""
+    found = await s.find_jobs(ref)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise Fail(f"no job matches {ref!r}", EXIT_NOT_FOUND)
+    listed = "; ".join(f"{j.id} {j.name} {j.state}" for j in found[:5])
+    raise Fail(f"{ref!r} matches {len(found)} jobs: {listed}", EXIT_NOT_FOUND)

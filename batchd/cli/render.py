@@ -1,0 +1,145 @@
+"""How jobs look on a terminal and in JSON (the CLI and the HTTP queue share the JSON)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from batchd.store import Attempt, Event, Job
+
+
+def ts(t: float | None) -> str:
+    """A unix time as `YYYY-MM-DD HH:MM:SS` (UTC)."""
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def iso(t: float | None) -> str | None:
+    """A unix time as ISO-8601 UTC (None stays None)."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def print_json(obj: Any) -> None:
+    """Pretty JSON on stdout."""
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def held_line(held: dict[str, Any] | None) -> str | None:
+    """One line saying that (and why) jobs wait for the operator."""
+    if not held:
+        return None
+    return (
+        f"HELD since {ts(held.get('since'))} UTC: the API refuses access "
+        f"({held.get('reason')}: {held.get('message')}); jobs wait. Fix the key or "
+        "[api] base_url (SIGHUP re-reads the key); batchd carries on by itself."
+    )
+
+
+def state_text(job: Job, held: dict[str, Any] | None) -> str:
+    """A job's state, `(held)` while the API refuses access and it has not ended."""
+    return f"{job.state} (held)" if held and not job.ended else str(job.state)
+
+
+def jobs_table(jobs: list[Job], held: dict[str, Any] | None) -> str:
+    """The `batchd jobs` table: full names, counts, claim time in UTC."""
+    name_w = max([4, *(len(j.name) for j in jobs)])
+    state_w = max([5, *(len(state_text(j, held)) for j in jobs)])
+    lines = [
+        f"{'ID':26}  {'NAME':{name_w}}  {'STATE':{state_w}}  {'REQS':>7}  {'OK':>7}  "
+        f"{'FAIL':>6}  CREATED (UTC)"
+    ]
+    for j in jobs:
+        lines.append(
+            f"{j.id:26}  {j.name:{name_w}}  {state_text(j, held):{state_w}}  "
+            f"{j.requests or 0:>7}  {j.completed:>7}  {j.failed:>6}  {ts(j.created_at)}"
+        )
+    return "\n".join(lines)
+
+
+def error_text(err: dict[str, Any] | None) -> str | None:
+    """A first error as `custom_id: HTTP 400 code: message` or `code: message (line N)`."""
+    if not err:
+        return None
+    parts = []
+    if err.get("custom_id"):
+        parts.append(f"{err['custom_id']}:")
+    if err.get("status_code"):
+        parts.append(f"HTTP {err['status_code']}")
+    if err.get("code"):
+        parts.append(f"{err['code']}:")
+    parts.append(str(err.get("message") or ""))
+    text = " ".join(parts).strip()
+    return f"{text} (line {err['line']})" if err.get("line") else text
+
+
+def first_error(job: Job, events: list[Event]) -> dict[str, Any] | None:
+    """The first error of a job: of a failed batch, or the first failed request."""
+    if job.reason and isinstance(job.reason.get("first_error"), dict):
+        return dict(job.reason["first_error"])
+    for e in reversed(events):
+        if e.detail and isinstance(e.detail.get("first_error"), dict):
+            return dict(e.detail["first_error"])
+    return None
+
+
+def attempt_line(a: Attempt) -> str:
+    """One batch of `batchd show`."""
+    counts = f"{a.completed}/{a.total} done, {a.failed} failed" if a.total else ""
+    state = a.status or ("abandoned" if a.abandoned else "-")
+    return (
+        f"  {a.batch_id or '(not created)'}  {state:11} {counts:24} "
+        f"piece {a.piece}  attempt {a.id}" + (f"  -> {a.outcome}" if a.outcome else "")
+    ).rstrip()
+
+
+def show_text(
+    job: Job,
+    attempts: list[Attempt],
+    events: list[Event],
+    held: dict[str, Any] | None,
+    results: str | None,
+    retries: list[Job],
+) -> str:
+    """`batchd show JOB` as text."""
+    out = [f"job        {job.id}"]
+    dropped = f"   (dropped as {job.stem})" if job.stem and job.stem != job.name else ""
+    out.append(f"name       {job.name}{dropped}")
+    out.append(f"state      {state_text(job, held)}   source {job.source}")
+    if held and not job.ended:
+        out.append(f"held       {held_line(held)}")
+    out.append(f"endpoint   {job.endpoint or '-'}   model {job.model or '-'}")
+    running = "   (so far)" if not job.ended else ""
+    out.append(
+        f"requests   {job.requests or 0}  completed {job.completed}  failed {job.failed}{running}"
+    )
+    if job.usage:
+        out.append(f"usage      {orjson.dumps(job.usage).decode()}")
+    if results:
+        out.append(f"results    {results}")
+    if job.reason:
+        out.append(f"reason     {job.reason.get('reason')}: {job.reason.get('message', '')}")
+    err = error_text(first_error(job, events))
+    if err:
+        out.append(f"first err  {err}")
+    if job.retry_of:
+        out.append(f"retry of   {job.retry_of}")
+    for r in retries:
+        out.append(f"retried as {r.id} ({r.name}, {r.state})")
+    out.append(
+        f"claimed    {ts(job.created_at)} UTC"
+        + (f"   ended {ts(job.finished_at)} UTC" if job.finished_at else "")
+    )
+    out.append("batches:")
+    out += [attempt_line(a) for a in attempts] or ["  (none yet)"]
+    out.append("events (UTC):")
+    for e in events:
+        st = f"{e.old_state or ''}->{e.new_state}" if e.new_state else ""
+        detail = orjson.dumps(e.detail).decode() if e.detail else ""
+        out.append(f"  {ts(e.at)}  {e.kind:18} {st:24} {detail}".rstrip())
+    return "\n".join(out)

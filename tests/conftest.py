@@ -34,7 +34,7 @@ class Emulator:
 @pytest.fixture(autouse=True)
 def _quiet_logs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, API_KEY)
-    logs.setup("warning", "json")
+    logs.setup(os.environ.get("BATCHD_TEST_LOG", "warning"), "json")
 
 
 async def start_emulator(**kw: Any) -> tuple[Emulator, web.AppRunner]:
@@ -65,6 +65,9 @@ def make_config(tmp_path: Path, base_url: str, **sections: dict[str, Any]) -> Co
         "state": {"database": str(tmp_path / "batchd.db")},
         "batch": {"poll_interval_seconds": 0.1},
         "http": {"listen": "127.0.0.1:0"},
+        # Tests drop the same few lines in many jobs: the duplicate check is off unless a
+        # test turns it on (tests/test_dropfolder.py).
+        "intake": {"duplicate_window": "0"},
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)

@@ -445,7 +445,7 @@ async def crash_once(cfg: Config, obj: object, name: str, replacement: Any) -> N
 async def one_job(cfg: Config) -> tuple[Job_, list[Attempt]]:
     store = await Store.open(cfg.state.database)
     try:
-        [job] = await store.jobs()
+        [job] = await store.list_jobs()
         return job, await store.attempts(job.id)
     finally:
         await store.close()

@@ -104,8 +104,8 @@ async def test_server_side_validation_failure(tmp_path: Path, emulator: Emulator
 
 async def test_name_collision_never_overwrites(tmp_path: Path, emulator: Emulator) -> None:
     cfg = make_config(tmp_path, emulator.url)
-    for _ in range(3):
-        drop(cfg, "same.jsonl", chat_lines(2))
+    for i in range(3):
+        drop(cfg, "same.jsonl", chat_lines(2 + i))  # other content: not a duplicate
         await run_once(cfg)
     names = sorted(p.name for p in (cfg.spool.dir / "done").iterdir())
     assert names == ["same", "same-2", "same-3"]
@@ -127,16 +127,25 @@ async def test_ignored_names_stay_in_inbox(tmp_path: Path, emulator: Emulator) -
     assert emulator.state.batches_created == 0
 
 
-async def test_api_4xx_fails_job_with_message(tmp_path: Path) -> None:
+async def test_rejected_key_holds_the_job_and_once_exits_1(tmp_path: Path) -> None:
+    """A 401 is the operator's problem: the job waits (before: it went to failed/)."""
     emu, runner = await start_emulator(api_key="sk-the-right-key-000000")
     try:
         cfg = make_config(tmp_path, emu.url)
         drop(cfg, "denied.jsonl", chat_lines(2))
-        await run_once(cfg)
-        report = orjson.loads((cfg.spool.dir / "failed" / "denied" / "report.json").read_bytes())
-        assert report["reason"] == "api_rejected"
-        assert report["api_error"]["status"] == 401
-        assert report["message"]
+        d = await run_once(cfg)
+        assert d.exit_code == 1
+        assert not (cfg.spool.dir / "failed").exists() or not any(
+            (cfg.spool.dir / "failed").iterdir()
+        )
+        store = await Store.open(cfg.state.database)
+        try:
+            [job] = await store.list_jobs()
+            assert not job.ended
+            held = await store.setting("api_hold")
+            assert held is not None and "Incorrect API key" in held[0]
+        finally:
+            await store.close()
         assert emu.state.calls["POST /v1/files"] == 1  # a 401 is not retried
     finally:
         await runner.cleanup()
@@ -179,7 +188,7 @@ async def test_restart_while_in_flight_creates_no_second_batch(tmp_path: Path) -
         d.request_stop()
         await asyncio.wait_for(task, 10)
         store = await Store.open(cfg.state.database)
-        [job] = await store.jobs()
+        [job] = await store.list_jobs()
         await store.close()
         # Stopped right after the create: either recorded, or its outcome unknown
         # (then the restart finds the batch by its attempt id instead of creating again).
@@ -201,7 +210,7 @@ async def test_events_record_every_transition(tmp_path: Path, emulator: Emulator
     await run_once(cfg)
     store = await Store.open(cfg.state.database)
     try:
-        [job] = await store.jobs()
+        [job] = await store.list_jobs()
         events = await store.events(job.id)
     finally:
         await store.close()

@@ -34,6 +34,7 @@ ALERTS = {
     "BatchdBacklogGrowing",
     "BatchdJobFailures",
     "BatchdBatchExpired",
+    "BatchdApiAccessDenied",
     "BatchdApiErrorRate",
     "BatchdTokenLimitRefusals",
     "BatchdOldJob",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import orjson
 
-from batchd import watch
 from batchd.daemon import Daemon
+from batchd.stages import intake as watch
 from tests.conftest import Emulator, chat_lines, drop, make_config
 
 

@@ -39,7 +39,7 @@ async def test_unwritable_results_dir_is_retried_then_finishes(
         try:
 
             async def collecting() -> bool:
-                jobs = await store.jobs()
+                jobs = await store.list_jobs()
                 return (
                     bool(jobs)
                     and jobs[0].state == JobState.COLLECTING
@@ -48,13 +48,13 @@ async def test_unwritable_results_dir_is_retried_then_finishes(
 
             await _wait(collecting)
             await asyncio.sleep(0.3)  # a few failed retries
-            [job] = await store.jobs()
+            [job] = await store.list_jobs()
             assert job.state == JobState.COLLECTING  # not failed, not lost
             done.unlink()
             done.mkdir()
 
             async def finished() -> bool:
-                return (await store.jobs())[0].state == JobState.DONE
+                return (await store.list_jobs())[0].state == JobState.DONE
 
             await _wait(finished)
         finally:
@@ -74,15 +74,15 @@ async def test_a_failing_stage_is_restarted(
     from batchd.stages import track
 
     calls = {"n": 0}
-    real = track.sweep
+    real = track.Tracker.step
 
-    async def flaky(ctx: object, only: object = None) -> None:
+    async def flaky(self: track.Tracker) -> float | None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise sqlite3.OperationalError("database is locked")
-        await real(ctx, only)  # type: ignore[arg-type]
+        return await real(self)
 
-    monkeypatch.setattr(track, "sweep", flaky)
+    monkeypatch.setattr(track.Tracker, "step", flaky)
     cfg = make_config(tmp_path, emulator.url)
     drop(cfg, "r.jsonl", chat_lines(2))
     d = Daemon(cfg, once=True)

@@ -61,12 +61,14 @@ async def test_key_is_nowhere(tmp_path: Path) -> None:
             return proc.returncode, out, err
 
         rc, out, err = await run_once_subprocess()
-        assert rc == 0, err.decode()[-2000:]
-        # a second run against a server that rejects the key: the 401 lands in a report
+        assert rc == 1, err.decode()[-2000:]  # bad.jsonl failed
+        assert (tmp_path / "spool" / "done" / "ok" / "job.json").exists()
+        # a second run against a server that rejects the key: the 401 is logged, recorded
+        # as the hold in the database, and the job waits
         conf.write_text(conf.read_text().replace(emu.url, bad_emu.url))
         drop(port_cfg, "denied.jsonl", chat_lines(1))
-        _, out2, err2 = await run_once_subprocess()
-        assert (tmp_path / "spool" / "failed" / "denied" / "report.json").exists()
+        rc2, out2, err2 = await run_once_subprocess()
+        assert rc2 == 1 and b"Incorrect API key" in err2
         blobs = [out, err, out2, err2]
         for p in tmp_path.rglob("*"):
             if p.is_file() and not p.is_symlink() and p.name != "c.toml":

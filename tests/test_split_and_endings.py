@@ -205,7 +205,7 @@ async def test_batch_created_during_a_cancel_is_cancelled_and_collected(tmp_path
             await asyncio.sleep(0.01)
         store = await Store.open(cfg.state.database)
         try:
-            [job] = await store.jobs()
+            [job] = await store.list_jobs()
             assert await store.request_cancel(job.id)
             d.ctx.wake_collect.set()  # type: ignore[union-attr]
             for _ in range(1500):
@@ -254,7 +254,8 @@ async def test_failed_job_keeps_results_of_finished_pieces(tmp_path: Path) -> No
 
 
 async def test_key_rejected_for_a_while_does_not_fail_the_job(tmp_path: Path) -> None:
-    # A rotated key (401 on polls and downloads) is retried, never a job failure.
+    # A rotated key (401 on polls and downloads) holds the job, never fails it; once the
+    # key works again (a probe; here made at once, as SIGHUP does) it carries on.
     emu, runner = await start_emulator(time_scale=0.05)
     try:
         cfg = make_config(tmp_path, emu.url)
@@ -265,11 +266,15 @@ async def test_key_rejected_for_a_while_does_not_fail_the_job(tmp_path: Path) ->
             await asyncio.sleep(0.01)
         good = emu.state.config.api_key
         emu.state.config.api_key = "sk-rotated-elsewhere-0000000000"
-        while emu.state.calls["GET /v1/batches/{id}"] + emu.state.calls["GET /v1/batches"] < 5:
+        while d.ctx is None or not d.ctx.hold.blocked:
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
+        polls = emu.state.calls["GET /v1/batches/{id}"] + emu.state.calls["GET /v1/batches"]
+        await asyncio.sleep(0.5)
+        now = emu.state.calls["GET /v1/batches/{id}"] + emu.state.calls["GET /v1/batches"]
+        assert now == polls  # held: no polling meanwhile (the prober waits 5 s)
         assert not (cfg.spool.dir / "failed" / "rotated").exists()
         emu.state.config.api_key = good
+        d.ctx.hold.changed.set()
         for _ in range(1000):
             if (cfg.spool.dir / "done" / "rotated").exists():
                 break

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from batchd.states import IllegalTransition, JobState
-from batchd.store import MIGRATIONS, Store
+from batchd.store import Store, migrations
+from batchd.store.queries import hot, queries
 
 
 async def test_migrations_versioned_and_reopen(tmp_path: Path) -> None:
@@ -17,9 +19,9 @@ async def test_migrations_versioned_and_reopen(tmp_path: Path) -> None:
     store = await Store.open(db)
     await store.close()
     con = sqlite3.connect(db)
-    assert con.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    assert con.execute("PRAGMA user_version").fetchone() == (len(migrations()),)
     assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    con.execute(f"PRAGMA user_version = {len(migrations()) + 1}")
     con.commit()
     con.close()
     with pytest.raises(RuntimeError, match="newer than this batchd"):
@@ -62,3 +64,65 @@ async def test_cancelled_callers_never_leave_a_transaction_open(tmp_path: Path) 
     con = sqlite3.connect(tmp_path / "s.db")
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     con.close()
+
+
+def _plan(con: sqlite3.Connection, sql: str) -> list[str]:
+    params = {n: 0 for n in re.findall(r":([a-z_0-9]+)", sql)}
+    return [r[3] for r in con.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+
+
+def test_no_statement_scans_jobs_attempts_or_events(tmp_path: Path) -> None:
+    """Cost follows due work: every statement reads jobs, attempts and events through an
+    index; a full index walk is allowed only where a LIMIT stops it (newest first)."""
+
+    async def create() -> None:
+        await (await Store.open(tmp_path / "s.db")).close()
+
+    asyncio.run(create())
+    con = sqlite3.connect(tmp_path / "s.db")
+    partial = {  # an index of only live rows: walking it costs what is in flight
+        r[0]
+        for r in con.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'")
+        if r[1] and " WHERE " in r[1]
+    }
+    bad = {}
+    for name, sql in queries().items():
+        for step in _plan(con, sql):
+            table = re.match(r"SCAN (\w+)(?: USING (?:COVERING )?INDEX (\w+))?", step)
+            if not table or table.group(1) not in ("jobs", "attempts", "events", "a", "j", "p"):
+                continue
+            if table.group(2) and ("LIMIT" in sql.upper() or table.group(2) in partial):
+                continue
+            bad[name] = step
+    con.close()
+    startup_only = {"settled_jobs", "jobs_missing_attempts"}  # once per start, O(live)
+    assert set(bad) <= startup_only, bad
+    assert hot() <= set(queries())
+
+
+def test_migrations_are_numbered_without_gaps() -> None:
+    assert len(migrations()) >= 4  # migrations() itself refuses gaps and duplicates
+
+
+async def test_an_old_database_is_migrated_with_names_kept(tmp_path: Path) -> None:
+    """A version-3 database (two jobs that both used the name `nightly`) opens: the
+    newer keeps `nightly`, the result dir tells the name the older one got."""
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    for script in migrations()[:3]:
+        con.executescript(script)
+    con.execute("PRAGMA user_version = 3")
+    for i, rd in (("01A", "done/nightly"), ("01B", None)):
+        con.execute(
+            "INSERT INTO jobs (id, name, state, source, input_path, created_at, updated_at,"
+            " result_dir) VALUES (?, 'nightly', 'done', 'inbox', 'p', 1, 1, ?)",
+            (i, rd),
+        )
+    con.commit()
+    con.close()
+    async with Store.connect(db) as store:
+        a, b = await store.job("01A"), await store.job("01B")
+        assert (b.name, b.stem) == ("nightly", "nightly")
+        assert a.name.startswith("nightly~") and a.stem == "nightly"
+        assert await store.count_by_state() == {"done": 2}
+        assert [j.id for j in await store.find_jobs("nightly")] == ["01B"]

@@ -49,9 +49,9 @@ async def in_flight(
         emu.state.close()
 
 
-async def _sweep_calls(ctx: Context, emu: Emulator) -> dict[str, int]:
+async def _sweep_calls(ctx: Context, emu: Emulator, tracker: track.Tracker) -> dict[str, int]:
     before = Counter(emu.state.calls)
-    await track.sweep(ctx)
+    await tracker.sweep(track.budget(len(tracker.live)))
     calls = Counter(emu.state.calls)
     calls.subtract(before)
     return {k: v for k, v in calls.items() if v}
@@ -59,17 +59,40 @@ async def _sweep_calls(ctx: Context, emu: Emulator) -> dict[str, int]:
 
 async def test_sweep_of_250_in_flight_batches_costs_at_most_4_calls(tmp_path: Path) -> None:
     async with in_flight(tmp_path, ours=250, newer=20) as (ctx, emu):
-        used = await _sweep_calls(ctx, emu)
-        assert sum(used.values()) <= 4, used
+        tracker = track.Tracker(ctx)
+        await tracker.reload()
+        used = await _sweep_calls(ctx, emu, tracker)
+        assert sum(used.values()) <= track.budget(250) == 4, used
         assert used.get("GET /v1/batches/{id}", 0) == 0
         statuses = Counter(a.status for a in await ctx.store.live_attempts())
         assert statuses == {"in_progress": 250}  # every one refreshed
+        # Write on change: a second sweep that finds nothing new writes nothing.
+        events = len(await ctx.store.events("job1"))
+        stamps = {a.id: a.updated_at for a in await ctx.store.attempts("job1")}
+        await _sweep_calls(ctx, emu, tracker)
+        assert len(await ctx.store.events("job1")) == events
+        assert {a.id: a.updated_at for a in await ctx.store.attempts("job1")} == stamps
 
 
-async def test_batches_older_than_the_pages_fall_back_to_get(tmp_path: Path) -> None:
+async def test_batches_older_than_the_pages_fall_back_to_get_within_the_budget(
+    tmp_path: Path,
+) -> None:
     # Our two batches sit on page 2, but their recorded creation time says paging may
-    # stop after page 1: they are fetched one by one instead.
+    # stop after page 1: they are fetched one by one instead, at most ⌈2/100⌉+1 = 2
+    # status calls per interval, so the second waits for the next sweep.
     async with in_flight(tmp_path, ours=2, newer=150, shift=10_000) as (ctx, emu):
-        used = await _sweep_calls(ctx, emu)
-        assert used == {"GET /v1/batches": 1, "GET /v1/batches/{id}": 2}
+        tracker = track.Tracker(ctx)
+        await tracker.reload()
+        assert await _sweep_calls(ctx, emu, tracker) == {
+            "GET /v1/batches": 1,
+            "GET /v1/batches/{id}": 1,
+        }
+        assert await _sweep_calls(ctx, emu, tracker) == {
+            "GET /v1/batches": 1,
+            "GET /v1/batches/{id}": 1,
+        }
         assert {a.status for a in await ctx.store.live_attempts()} == {"in_progress"}
+
+
+def test_the_status_call_budget() -> None:
+    assert [track.budget(n) for n in (1, 2, 100, 101, 250, 10_000)] == [2, 2, 2, 3, 4, 101]

@@ -210,7 +210,7 @@ async def test_webhook_brings_results_without_waiting_for_a_poll(tmp_path: Path)
             store = await Store.open(cfg.state.database)
             try:
                 for _ in range(200):  # 4 s, well under one poll interval
-                    [job] = await store.jobs()
+                    [job] = await store.list_jobs()
                     if job.state == "done":
                         break
                     await asyncio.sleep(0.02)

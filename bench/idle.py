@@ -61,7 +61,7 @@ def main() -> int:
             sdk.wait()
     rows = [
         Row(
-            f"CPU over {window:g} s (% of one core)",
+            f"CPU over {window:g} s, poll {a.poll:g} s (% of one core)",
             f"{cpu_d:.2f} %",
             f"{cpu_s:.2f} %",
             fmt_ratio(cpu_d, cpu_s) if cpu_s >= 0.01 else "-",

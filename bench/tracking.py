@@ -24,6 +24,7 @@ loop), N calls a poll. Targets: <= N/100 + 1 calls, CPU <= 25 %.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,15 @@ def inflight_db(emu: InProcessEmulator, work: Path, n: int, poll: float) -> Path
             src = work / f"{name}.src"
             src.write_bytes(small_chat(2, tag=str(k)))
             d.drop(src, f"{name}.jsonl")
-        emu.wait_created(len(TEMPLATES), 60)
-        time.sleep(1.0)  # the daemon records the ids it got back, then stops cleanly
+        created = emu.wait_created(len(TEMPLATES), 60)
+        # Stop once the daemon has recorded the ids it got back and a sweep has seen the
+        # batches in the status they keep (else every clone would change status at once).
+        deadline = time.perf_counter() + 60
+        while not any(c.t > created + 0.5 and c.route in STATUS_ROUTES for c in emu.calls):
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the template daemon never polled its batches")
+            time.sleep(0.05)
+        time.sleep(0.5)
     db = work / "tpl" / "batchd.db"
     extra = emu.add_batches(n - len(TEMPLATES))
     report = rowclone.clone(
@@ -151,7 +159,7 @@ def main() -> int:
             ready_s = d.ready_s
             time.sleep(settle)
             t0 = time.perf_counter()
-            ((cpu, rss),) = watch([d.proc.pid], window)
+            ((cpu, rss), (emu_cpu, _)) = watch([d.proc.pid, os.getpid()], window)
             t1 = time.perf_counter()
         sw = analyse(list(emu.calls), inflight, t0, t1, a.poll)
         # Baseline: time a sample of one-by-one GETs (N of them make one poll).
@@ -212,7 +220,8 @@ def main() -> int:
         f"{n - 2} batches + cloning) {setup_s:.1f} s; daemon ready {ready_s:.1f} s after start.",
         f"paged sweeps begun (GET /v1/batches without cursor): {len(sw.list_starts)}, "
         f"spacing median / min {_spacing(sw.list_starts)} s; {sw.status_calls} status calls "
-        f"and {sw.other_calls} other calls in the window.",
+        f"and {sw.other_calls} other calls in the window; the emulator (in the bench's "
+        f"process) used {emu_cpu:.0f} % of a core.",
         "baseline = one GET /v1/batches/{id} per in-flight batch per poll (the SDK's "
         f"batches.retrieve loop); its wall time from {min(n, 2000)} sequential GETs, scaled",
     ]

@@ -8,12 +8,14 @@ one run, alternating the two sides, and reports medians.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import http.client
 import json
 import os
 import random
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +32,10 @@ from typing import Any
 
 import orjson
 import psutil
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from batchd.emulator import EmulatorConfig, EmulatorState, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -58,10 +64,16 @@ def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def print_table(title: str, rows: Sequence[Row], notes: Sequence[str] = ()) -> None:
-    """Print a Markdown table of the rows (the format every benchmark shares)."""
+def print_table(
+    title: str,
+    rows: Sequence[Row],
+    notes: Sequence[str] = (),
+    columns: tuple[str, str] = ("batchd", "baseline"),
+) -> None:
+    """Print a Markdown table of the rows (the format every benchmark shares); `columns`
+    names the two value columns (e.g. "empty DB", "1M DB" when both sides are batchd)."""
     print(f"\n### {title}\n")
-    print(TABLE_HEADER)
+    print("| " + " | ".join((HEADER[0], *columns, *HEADER[3:])) + " |")
     print("|" + "---|" * len(HEADER))
     for r in rows:
         met = "-" if r.met is None else ("yes" if r.met else "NO")
@@ -206,6 +218,128 @@ class Emulator:
         self.stop()
 
 
+STATUS_ROUTES = frozenset({"GET /v1/batches", "GET /v1/batches/{id}"})
+CREATE_ROUTE = "POST /v1/batches"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One /v1 request the emulator answered: when (perf_counter, at the answer), route
+    ("GET /v1/batches/{id}"), HTTP status, whether it carried a list cursor (`after`),
+    and the batch ids a status call reported (with record_ids only)."""
+
+    t: float
+    route: str
+    status: int
+    after: bool
+    ids: tuple[str, ...]
+
+
+class InProcessEmulator:
+    """The emulator on its own event loop in a thread of the bench process.
+
+    Unlike `Emulator` (a subprocess) every call is observed as it is answered, at no
+    cost to either side: `calls` (timestamps, routes, reported batch ids) and
+    `wait_created`. Its CPU is the bench's, never the daemon's. Durations come from
+    `EmulatorConfig` fields (e.g. validating_seconds=1e9 keeps batches validating).
+    """
+
+    def __init__(self, record_ids: bool = False, **config: Any) -> None:
+        self.record_ids = record_ids
+        self.calls: list[Call] = []  # appended on the emulator's thread only
+        self.created_at: list[float] = []  # perf_counter of each batch created
+        self._cond = threading.Condition()
+        self._runner: web.AppRunner | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="emu", daemon=True)
+        self._thread.start()
+        try:
+            self.state, self.port = self.run(self._start(EmulatorConfig(api_key=API_KEY, **config)))
+        except BaseException:
+            self._halt()
+            raise
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def run(self, coro: Any, timeout: float | None = 600) -> Any:
+        """Run a coroutine on the emulator's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self, cfg: EmulatorConfig) -> tuple[EmulatorState, int]:
+        state = EmulatorState(cfg)
+        app = create_app(state)
+        app.middlewares.insert(0, self._observe)  # outermost: sees every final answer
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        return state, int(self._runner.addresses[0][1])
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp = await handler(request)
+        if not request.path.startswith("/v1/"):
+            return resp
+        res = request.match_info.route.resource
+        route = f"{request.method} {res.canonical if res else request.path}"
+        ids: tuple[str, ...] = ()
+        if self.record_ids and resp.status == 200 and route in STATUS_ROUTES:
+            if "id" in request.match_info:
+                ids = (request.match_info["id"],)
+            elif isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+                ids = tuple(b["id"] for b in orjson.loads(resp.body)["data"])
+        now = time.perf_counter()
+        self.calls.append(Call(now, route, resp.status, "after" in request.query, ids))
+        if route == CREATE_ROUTE and resp.status == 200:
+            with self._cond:
+                self.created_at.append(now)
+                self._cond.notify_all()
+        return resp
+
+    @property
+    def created(self) -> int:
+        """Batches created so far (answered with 200)."""
+        return len(self.created_at)
+
+    def wait_created(self, n: int, timeout: float) -> float:
+        """Block until n batches exist; perf_counter() of the n-th creation."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.created_at) >= n, timeout):
+                raise TimeoutError(f"{len(self.created_at)} of {n} batches in {timeout}s")
+            return self.created_at[n - 1]
+
+    def add_batches(self, n: int) -> list[str]:
+        """Create n batches straight in the emulator's state (not over HTTP, not counted):
+        one tiny uploaded file, n batches on it. Returns their ids, oldest first."""
+
+        async def go() -> list[str]:
+            fid = f"file-bench{secrets.token_hex(8)}"
+            data = small_chat(1)
+            (self.state.data_dir / fid).write_bytes(data)
+            self.state.add_file(fid, "in.jsonl", "batch", len(data), None)
+            body = {"input_file_id": fid, "endpoint": "/v1/chat/completions"}
+            body["completion_window"] = "24h"
+            return [self.state.create_batch(body).id for _ in range(n)]
+
+        return list(self.run(go()))
+
+    def _halt(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+    def stop(self) -> None:
+        """Stop serving, remove the emulator's files."""
+        if self._runner is not None:
+            self.run(self._runner.cleanup(), 30)
+        self._halt()
+        self.state.close()
+
+    def __enter__(self) -> InProcessEmulator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def write_config(work: Path, base_url: str, http_port: int, **sections: dict[str, Any]) -> Path:
     """A batchd config (defaults, except the given sections) with spool and db under `work`."""
     data: dict[str, dict[str, Any]] = {
@@ -230,16 +364,27 @@ def write_config(work: Path, base_url: str, http_port: int, **sections: dict[str
 
 
 class Daemon:
-    """`python -m batchd run --config …` as a subprocess with a fresh spool and database."""
+    """`python -m batchd run --config …` as a subprocess with a fresh spool and database
+    (or a copy of `database`: a prepared one, e.g. from bench.finished_db)."""
 
-    def __init__(self, work: Path, base_url: str, **sections: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        work: Path,
+        base_url: str,
+        database: Path | None = None,
+        ready_timeout: float = 30,
+        **sections: dict[str, Any],
+    ) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.port = free_port()
         self.config = write_config(work, base_url, self.port, **sections)
         self.spool = work / "spool"
         self.inbox = self.spool / "inbox"
+        if database is not None:
+            shutil.copyfile(database, work / "batchd.db")
         self._log = (work / "batchd.log").open("wb")
+        t = time.perf_counter()
         self.proc = subprocess.Popen(
             [PY, "-m", "batchd", "run", "--config", str(self.config)],
             cwd=ROOT,
@@ -248,10 +393,26 @@ class Daemon:
             stderr=subprocess.STDOUT,
         )
         try:
-            _wait_http(self.port, "/readyz", self.proc)
+            _wait_http(self.port, "/readyz", self.proc, ready_timeout)
         except BaseException:
             self.stop()
             raise
+        self.ready_s = time.perf_counter() - t  # process start -> /readyz answers
+
+    def cli(self, *args: str, timeout: float = 600) -> tuple[float, int, int]:
+        """Run `python -m batchd ARGS --config …` to completion: (wall seconds, peak RSS of
+        the command, lines it printed). Raises on a non-zero exit."""
+        cmd = [PY, "-m", "batchd", *args, "--config", str(self.config)]
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        with PeakRss(proc.pid, every=0.02) as rss:
+            out, err = proc.communicate(timeout=timeout)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"{args} exited {proc.returncode}: {err.decode()[-2000:]}")
+        return wall, rss.peak, out.count(b"\n")
 
     def drop(self, src: Path, name: str) -> float:
         """Hard-link `src` beside the inbox, rename it in; returns the time of the rename."""
@@ -298,6 +459,22 @@ def tree_cpu(pid: int) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
+
+
+def watch(pids: Sequence[int], seconds: float, every: float = 1.0) -> list[tuple[float, int]]:
+    """For each process tree, over the next `seconds`: CPU used as % of one core, and the
+    largest RSS seen (sampled every `every` s; each sample lists the tree: ~1 ms)."""
+    c0 = [tree_cpu(p) for p in pids]
+    t0 = time.monotonic()
+    rss = [0] * len(pids)
+    while True:
+        rss = [max(r, tree_rss(p)) for r, p in zip(rss, pids, strict=True)]
+        left = t0 + seconds - time.monotonic()
+        if left <= 0:
+            break
+        time.sleep(min(every, left))
+    wall = time.monotonic() - t0
+    return [((tree_cpu(p) - c) / wall * 100, r) for p, c, r in zip(pids, c0, rss, strict=True)]
 
 
 class PeakRss:

@@ -1,178 +1,236 @@
-"""Tracking cost: batch-status API calls for 10,000 in-flight batches.
+"""Tracking cost: the real daemon with 10,000 batches in flight.
 
-    python -m bench.tracking [--smoke] [--batches N]
+    python -m bench.tracking [--smoke] [--batches N] [--poll S] [--seconds S]
+                             [--status validating|in_progress]
 
-10,000 batches are created directly over HTTP on an in-process emulator (they stay
-in_progress) and recorded in a fresh batchd database through `batchd.store.Store`,
-as `tests/test_track.py` does. Then batchd's tracker runs: one `track.sweep` (a full
-sweep), and `track.run` for a few poll intervals. Baseline: the user's script, one
-`batches.retrieve` (GET /v1/batches/{id}) per batch per poll. Calls are counted by
-the emulator. Target: <= 101 calls per sweep (list pages of 100).
+Setup, on an in-process emulator whose batches stay `validating` (or `in_progress`):
+the real daemon takes two small files to their batches; then N - 2 more batches
+are created in the emulator, and the two jobs' rows are cloned (`bench.rowclone`)
+onto them, so the database holds N jobs in flight, each with a batch that exists.
+A daemon with `poll_interval_seconds` = 0.5 is started on that database, left to
+settle, then watched for S seconds (30; smoke 3), counting what the emulator answers:
+
+- status calls (GET /v1/batches, GET /v1/batches/{id}) per configured interval: on
+  average, and the most in any window one interval long;
+- per full sweep: the calls between two moments at which every in-flight batch has
+  been reported since the previous such moment (whatever the daemon's way of
+  sweeping), and the spacing of those moments;
+- CPU (% of one core) and RSS of the daemon's process tree.
+
+Baseline: one GET /v1/batches/{id} per in-flight batch per poll (the SDK's retrieve
+loop), N calls a poll. Targets: <= N/100 + 1 calls, CPU <= 25 %.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import itertools
+import os
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from aiohttp import web
+from bench import rowclone
+from bench.common import (
+    STATUS_ROUTES,
+    Call,
+    Daemon,
+    Http,
+    InProcessEmulator,
+    Row,
+    fmt_ratio,
+    mb,
+    median,
+    parser,
+    print_table,
+    small_chat,
+    watch,
+    workdir,
+)
 
-from batchd import config, logs
-from batchd.api import BatchApi
-from batchd.emulator import EmulatorConfig, EmulatorState, create_app
-from batchd.metrics import Metrics
-from batchd.spool import Spool
-from batchd.stages import Context, track
-from batchd.store import Store
-from bench.common import API_KEY, Row, fmt_ratio, parser, print_table, small_chat, workdir
-
-GET_ONE = "GET /v1/batches/{id}"
-
-
-def _delta(state: EmulatorState, before: Counter[str]) -> dict[str, int]:
-    now = Counter(state.calls)
-    now.subtract(before)
-    return {k: v for k, v in now.items() if v}
-
-
-async def _create(api: BatchApi, file_id: str, n: int, conc: int = 16) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    it = iter(range(n))
-
-    async def worker() -> None:
-        for _ in it:
-            out.append(await api.create_batch(file_id, "/v1/chat/completions", "24h", {}))
-
-    await asyncio.gather(*(worker() for _ in range(conc)))
-    return out
+TEMPLATES = ("benchtrk0job", "benchtrk1job")
 
 
-async def run(n: int, tmp: Path, interval: float, intervals: int) -> list[Row]:
-    """Create n batches, seed the store, count the calls of batchd and of the baseline."""
-    logs.setup("warning", "json")
-    state = EmulatorState(
-        EmulatorConfig(api_key=API_KEY, validating_seconds=0.0, in_progress_seconds=1e6)
+def inflight_db(emu: InProcessEmulator, work: Path, n: int, poll: float) -> Path:
+    """A database of n jobs in flight (batches on `emu`): two made by the real daemon,
+    the rest cloned from them onto batches created straight in the emulator."""
+    with Daemon(work / "tpl", emu.url, batch={"poll_interval_seconds": poll}) as d:
+        for k, name in enumerate(TEMPLATES):
+            src = work / f"{name}.src"
+            src.write_bytes(small_chat(2, tag=str(k)))
+            d.drop(src, f"{name}.jsonl")
+        created = emu.wait_created(len(TEMPLATES), 60)
+        # Stop once the daemon has recorded the ids it got back and a sweep has seen the
+        # batches in the status they keep (else every clone would change status at once).
+        deadline = time.perf_counter() + 60
+        while not any(c.t > created + 0.5 and c.route in STATUS_ROUTES for c in emu.calls):
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the template daemon never polled its batches")
+            time.sleep(0.05)
+        time.sleep(0.5)
+    db = work / "tpl" / "batchd.db"
+    extra = emu.add_batches(n - len(TEMPLATES))
+    report = rowclone.clone(
+        db, n - len(TEMPLATES), end=time.time(), span=600, fixed={"batch_": extra}
     )
-    runner = web.AppRunner(create_app(state), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    data = {
-        "api": {"base_url": url, "api_key_env": "BENCH_API_KEY"},
-        "spool": {"dir": str(tmp / "spool")},
-        "state": {"database": str(tmp / "batchd.db")},
-        "batch": {"poll_interval_seconds": interval},
-    }
-    cfg = config.parse(data, tmp, env={"BENCH_API_KEY": API_KEY})
-    store = await Store.open(cfg.state.database)
-    try:
-        async with BatchApi(cfg.api, API_KEY, Metrics()) as api:
-            src = tmp / "in.jsonl"
-            src.write_bytes(small_chat(2))
-            f = await api.upload_file(src, "in.jsonl")
-            t = time.perf_counter()
-            batches = await _create(api, f["id"], n)
-            created_s = time.perf_counter() - t
-            # Seeding only: batchd itself runs with its durable default (FULL).
-            await store._db.execute("PRAGMA synchronous = OFF")
-            await store.create_job("job1", "bench", "processing/x.jsonl", "inbox")
-            for i, b in enumerate(batches):
-                aid = f"att{i:05d}"
-                await store.add_attempt(aid, "job1", i, "processing/x.jsonl")
-                b = b | {"status": "in_progress"}
-                await store.update_attempt(aid, batch_id=b["id"], status="in_progress", batch=b)
-            await store._db.execute("PRAGMA synchronous = FULL")
-            ctx = Context(cfg, store, Spool(cfg.spool.dir), api, Metrics(), logs.get())
+    found = {tok for t in report.templates for tok in t.tokens if tok.startswith("batch_")}
+    if len(found) != len(TEMPLATES):
+        raise RuntimeError(f"template jobs hold {len(found)} batch ids, not {len(TEMPLATES)}")
+    return db
 
-            # One full sweep.
-            before = Counter(state.calls)
-            t = time.perf_counter()
-            await track.sweep(ctx)
-            sweep_s = time.perf_counter() - t
-            sweep_calls = sum(_delta(state, before).values())
-            assert {a.status for a in await store.live_attempts()} == {"in_progress"}
 
-            # The tracker's own loop for a few poll intervals (its sweeps counted).
-            sweeps = 0
-            real_sweep = track.sweep
-            before = Counter(state.calls)
-            at_last_sweep = 0
+@dataclass
+class Sweeps:
+    """What the emulator answered during the window."""
 
-            async def counted(ctx: Context, only: set[str] | None = None) -> None:
-                nonlocal sweeps, at_last_sweep
-                await real_sweep(ctx, only)
-                sweeps += 1  # completed ones only (the last may be cut short) ...
-                at_last_sweep = sum(_delta(state, before).values())  # ... and their calls
+    status_calls: int
+    per_interval: float  # average status calls per configured interval
+    busiest: int  # most status calls in any window one interval long
+    full: list[int]  # calls of each complete full sweep
+    ends: list[float]  # when each full sweep completed
+    list_starts: list[float]  # GET /v1/batches without a cursor (a paged sweep begins)
+    other_calls: int
 
-            track.sweep = counted  # type: ignore[assignment]
-            task = asyncio.create_task(track.run(ctx))
-            await asyncio.sleep((interval + sweep_s) * intervals + interval / 2)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            track.sweep = real_sweep  # type: ignore[assignment]
-            loop_calls = at_last_sweep  # a sweep cut short by the end is not counted
-            per_interval = loop_calls / max(1, sweeps)  # one sweep per poll interval
 
-            # Baseline: one GET per batch (what the user's script does each poll).
-            before = Counter(state.calls)
-            t = time.perf_counter()
-            for b in batches:
-                await api.get_batch(b["id"])
-            base_s = time.perf_counter() - t
-            base_calls = _delta(state, before).get(GET_ONE, 0)
-    finally:
-        await store.close()
-        await runner.cleanup()
-        state.close()
-    return [
-        Row(
-            f"calls per full sweep, {n} in-flight batches",
-            str(sweep_calls),
-            str(base_calls),
-            fmt_ratio(sweep_calls, base_calls),
-            f"<= {n // 100 + 1}",
-            sweep_calls <= n // 100 + 1,
-        ),
-        Row(
-            f"calls per poll interval (track.run: {loop_calls} calls, {sweeps} sweeps)",
-            f"{per_interval:.0f}",
-            str(base_calls),
-            fmt_ratio(per_interval, base_calls),
-            f"<= {n // 100 + 1}",
-            per_interval <= n // 100 + 1,
-        ),
-        Row(
-            "wall time of one sweep (s)",
-            f"{sweep_s:.2f}",
-            f"{base_s:.2f}",
-            fmt_ratio(sweep_s, base_s),
-            "-",
-            None,
-        ),
-        Row(f"(setup: {n} batches created in {created_s:.1f} s)", "-", "-", "-", "-", None),
-    ]
+def analyse(calls: list[Call], inflight: set[str], t0: float, t1: float, poll: float) -> Sweeps:
+    """Status calls per interval and per full sweep, from the emulator's answers."""
+    window = [c for c in calls if t0 <= c.t <= t1]
+    status = [c for c in window if c.route in STATUS_ROUTES]
+    times = [c.t for c in status]
+    busiest, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - poll:
+            lo += 1
+        busiest = max(busiest, hi - lo + 1)
+    full: list[int] = []
+    ends: list[float] = []
+    seen: set[str] = set()
+    k = 0
+    for c in status:
+        k += 1
+        seen.update(i for i in c.ids if i in inflight)
+        if len(seen) == len(inflight):
+            full.append(k)
+            ends.append(c.t)
+            seen, k = set(), 0
+    # The window opens mid-sweep: the first "sweep" counted is a partial one.
+    return Sweeps(
+        len(status),
+        len(status) * poll / (t1 - t0),
+        busiest,
+        full[1:],
+        ends,
+        [c.t for c in status if c.route == "GET /v1/batches" and not c.after],
+        len(window) - len(status),
+    )
+
+
+def _spacing(ts: list[float]) -> str:
+    gaps = [b - a for a, b in itertools.pairwise(ts)]
+    return f"{median(gaps):.2f} / {min(gaps):.2f}" if gaps else "-"
 
 
 def main() -> int:
-    """Run and print the table."""
+    """Set up, watch the daemon, print the table."""
     p = parser(__doc__)
     p.add_argument("--batches", type=int, help="in-flight batches (default 10000; smoke 300)")
+    p.add_argument("--poll", type=float, default=0.5, help="poll_interval_seconds (0.5)")
+    p.add_argument("--seconds", type=float, help="window (default 30; smoke 3)")
+    p.add_argument("--settle", type=float, help="seconds after ready before it (5; smoke 1)")
+    p.add_argument("--status", choices=("validating", "in_progress"), default="validating")
     a = p.parse_args()
     n = a.batches or (300 if a.smoke else 10_000)
-    interval, intervals = (0.5, 2) if a.smoke else (3.0, 3)
-    with workdir("track") as tmp:
-        rows = asyncio.run(run(n, tmp, interval, intervals))
+    window = a.seconds or (3.0 if a.smoke else 30.0)
+    settle = a.settle if a.settle is not None else (1.0 if a.smoke else 5.0)
+    stay = {"validating_seconds": 1e9} if a.status == "validating" else {}
+    stay |= {"in_progress_seconds": 1e9}
+    limit = n // 100 + 1
+    with workdir("track") as tmp, InProcessEmulator(record_ids=True, **stay) as emu:
+        t = time.perf_counter()
+        db = inflight_db(emu, tmp, n, a.poll)
+        setup_s = time.perf_counter() - t
+        inflight = {b["id"] for b in emu.run(_all_batches(emu))}
+        with Daemon(
+            tmp / "d",
+            emu.url,
+            database=db,
+            ready_timeout=300,
+            batch={"poll_interval_seconds": a.poll},
+        ) as d:
+            ready_s = d.ready_s
+            time.sleep(settle)
+            t0 = time.perf_counter()
+            ((cpu, rss), (emu_cpu, _)) = watch([d.proc.pid, os.getpid()], window)
+            t1 = time.perf_counter()
+        sw = analyse(list(emu.calls), inflight, t0, t1, a.poll)
+        # Baseline: time a sample of one-by-one GETs (N of them make one poll).
+        http = Http(emu.port)
+        sample = sorted(inflight)[: min(n, 2000)]
+        tb = time.perf_counter()
+        for bid in sample:
+            http.get(f"/v1/batches/{bid}")
+        base_s = (time.perf_counter() - tb) * n / len(sample)
+        http.close()
+    per_sweep = median([float(x) for x in sw.full]) if sw.full else float("nan")
+    rows = [
+        Row(
+            f"status calls per configured interval ({a.poll:g} s), average",
+            f"{sw.per_interval:.0f}",
+            str(n),
+            fmt_ratio(sw.per_interval, n),
+            f"<= {limit}",
+            sw.per_interval <= limit,
+        ),
+        Row(
+            "status calls in the busiest window of one interval",
+            str(sw.busiest),
+            str(n),
+            fmt_ratio(sw.busiest, n),
+            f"<= {limit}",
+            sw.busiest <= limit,
+        ),
+        Row(
+            f"status calls per full sweep (median of {len(sw.full)})",
+            f"{per_sweep:.0f}" if sw.full else "no full sweep",
+            str(n),
+            fmt_ratio(per_sweep, n) if sw.full else "-",
+            f"<= {limit}",
+            bool(sw.full) and per_sweep <= limit,
+        ),
+        Row(
+            "full sweeps in the window; spacing median / min (s)",
+            f"{max(0, len(sw.ends) - 1)}; {_spacing(sw.ends)}",
+            f"1 per {a.poll:g} s, {base_s:.1f} s each",
+            "-",
+            f">= {a.poll:g} s apart",
+            None,
+        ),
+        Row(
+            f"daemon CPU over {window:g} s (% of one core)",
+            f"{cpu:.1f} %",
+            "-",
+            "-",
+            "<= 25 %",
+            cpu <= 25,
+        ),
+        Row("daemon RSS, max over the window", mb(rss), "-", "-", "-", None),
+    ]
     notes = [
+        f"{n} jobs in flight, all batches `{a.status}`; poll_interval_seconds = {a.poll:g}; "
+        f"window {window:g} s after {settle:g} s settling. Setup (template run + "
+        f"{n - 2} batches + cloning) {setup_s:.1f} s; daemon ready {ready_s:.1f} s after start.",
+        f"paged sweeps begun (GET /v1/batches without cursor): {len(sw.list_starts)}, "
+        f"spacing median / min {_spacing(sw.list_starts)} s; {sw.status_calls} status calls "
+        f"and {sw.other_calls} other calls in the window; the emulator (in the bench's "
+        f"process) used {emu_cpu:.0f} % of a core.",
         "baseline = one GET /v1/batches/{id} per in-flight batch per poll (the SDK's "
-        "batches.retrieve loop), timed here with batchd's HTTP client on the same emulator"
+        f"batches.retrieve loop); its wall time from {min(n, 2000)} sequential GETs, scaled",
     ]
     print_table("Tracking cost (bench.tracking)", rows, notes)
     return 0
+
+
+async def _all_batches(emu: InProcessEmulator) -> list[dict[str, object]]:
+    return list(emu.state.batches())
 
 
 if __name__ == "__main__":

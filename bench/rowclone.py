@@ -98,6 +98,7 @@ def _tables(con: sqlite3.Connection) -> list[_Table]:
         "SELECT name, sql FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
         " ORDER BY name"
     ):
+        # table_info leaves out generated columns: they are derived, never copied
         info = con.execute(f"PRAGMA table_info({_q(name)})").fetchall()
         cols = [r[1] for r in info]
         pk = [r for r in info if r[5]]
@@ -163,7 +164,8 @@ def templates(con: sqlite3.Connection, tables: list[_Table] | None = None) -> li
     tables = tables or _tables(con)
     raw = {
         t.name: con.execute(
-            f"SELECT {'rowid' if t.has_rowid else 'NULL'}, * FROM {_q(t.name)}"
+            f"SELECT {'rowid' if t.has_rowid else 'NULL'}, {', '.join(map(_q, t.cols))}"
+            f" FROM {_q(t.name)}"
         ).fetchall()
         for t in tables
     }
@@ -345,7 +347,8 @@ def _copy_rows(con: sqlite3.Connection, t: _Table, tpls: list[Template], times: 
     src = _q("src_" + t.name)
     marker = "bench_tpl_"
     con.execute(
-        f"CREATE TEMP TABLE {src} AS SELECT 0 AS {marker}, * FROM main.{_q(t.name)} WHERE 0"
+        f"CREATE TEMP TABLE {src} AS SELECT 0 AS {marker}, {', '.join(map(_q, t.cols))}"
+        f" FROM main.{_q(t.name)} WHERE 0"
     )
     ph = ", ".join("?" * (len(t.cols) + 1))
     con.executemany(

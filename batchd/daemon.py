@@ -21,6 +21,7 @@ from aiohttp import web
 from batchd import logs, sdnotify
 from batchd.api import BatchApi
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
+from batchd.errors import StartupError
 from batchd.metrics import Metrics
 from batchd.spool import Spool
 from batchd.stages import Context, collect, health, intake, retention, submit, track
@@ -31,10 +32,6 @@ from batchd.web import READY, create_app
 IDLE_CHECK_SECONDS = 0.05
 DATA_VERSION_SECONDS = 0.25  # how soon a CLI's change (cancel, retry) is acted on
 STATUS_SECONDS = 5.0
-
-
-class StartupError(Exception):
-    """Something the operator must fix before the daemon can start (one line)."""
 
 
 class Daemon:

@@ -7,11 +7,13 @@ is published with the results into `done/NAME/` or `failed/NAME/` by the same re
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import orjson
 
-from batchd.spool import Spool, write_json
-from batchd.store import Job
+if TYPE_CHECKING:  # config imports the limits below: keep this module light
+    from batchd.spool import Spool
+    from batchd.store import Job
 
 FILENAME = "metadata.json"
 RESERVED_PREFIX = "batchd_"
@@ -42,6 +44,8 @@ def check(meta: object, fixed: Mapping[str, str]) -> dict[str, str]:
 
 def write(spool: Spool, job_id: str, meta: Mapping[str, str]) -> None:
     """Write the sidecar before the job record exists, so submit always sees it."""
+    from batchd.spool import write_json
+
     write_json(spool.staging(job_id) / FILENAME, dict(meta))
 
 

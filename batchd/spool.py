@@ -19,6 +19,8 @@ from pathlib import Path
 import orjson
 from ulid import ULID
 
+from batchd.errors import StartupError
+
 SUFFIX = ".jsonl"
 _SEP = "--"
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -141,7 +143,7 @@ class Entry:
     size: int
 
 
-class SpoolLocked(Exception):
+class SpoolLocked(StartupError):
     """Another batchd already runs on this spool."""
 
 

@@ -78,6 +78,9 @@ def measure(work: Path, database: Path | None, old_name: str | None, a: argparse
             database=database,
             ready_timeout=900,
             batch={"poll_interval_seconds": a.poll},
+            # The figure is a store that holds a million finished jobs: none of them may
+            # be deleted by retention while it is taken.
+            retention={"jobs_days": 0},
         ) as d:
             side.ready_s = d.ready_s
             time.sleep(a.settle)

@@ -107,14 +107,14 @@ def test_a_new_column_and_table_are_cloned_without_edits(template: Path, tmp_pat
             " UNIQUE (job_id, tag))"
         )
         con.execute("INSERT INTO job_tags SELECT id, 'team:' || name FROM jobs")
-        con.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)")
-        con.execute("INSERT INTO settings VALUES ('instance', '01M8P945RN25XKH0Q16XSF33ZZ')")
+        con.execute("CREATE TABLE bench_extra (key TEXT PRIMARY KEY, value TEXT)")
+        con.execute("INSERT INTO bench_extra VALUES ('instance', '01M8P945RN25XKH0Q16XSF33ZZ')")
     con.close()
 
     rowclone.clone(db, N, end=time.time() - 3600, span=YEAR)
 
     assert _rows(db, "SELECT COUNT(*) FROM job_tags")[0][0] == N + len(TEMPLATES)
-    assert _rows(db, "SELECT COUNT(*) FROM settings")[0][0] == 1  # not a job's row
+    assert _rows(db, "SELECT COUNT(*) FROM bench_extra")[0][0] == 1  # not a job's row
     assert _rows(db, "PRAGMA foreign_key_check") == []
     keys = _rows(db, "SELECT COUNT(DISTINCT dedup_key), COUNT(dedup_key) FROM jobs")[0]
     assert keys[0] == keys[1] > N // 2  # a unique value made unique per clone

@@ -19,8 +19,7 @@ from batchd import __version__
 from batchd.cli import commands
 from batchd.cli.common import EXIT_USAGE, Fail
 from batchd.config import ConfigError
-from batchd.daemon import StartupError
-from batchd.spool import SpoolLocked
+from batchd.errors import StartupError
 from batchd.states import JobState
 
 _EPILOG = """\
@@ -241,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"batchd: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (StartupError, SpoolLocked) as e:
+    except StartupError as e:
         print(f"batchd: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Fail as e:

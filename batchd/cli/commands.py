@@ -11,7 +11,6 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from batchd import jsonl, logs, pieces
 from batchd.cli import render
 from batchd.cli.common import (
     EXIT_FAIL,
@@ -26,15 +25,17 @@ from batchd.cli.common import (
     store,
 )
 from batchd.config import Config, ConfigError, LimitsConfig
-from batchd.spool import Spool, SpoolLocked, check_name, enter_inbox, fsync_dir
-from batchd.stages import health
 from batchd.states import TERMINAL_JOB_STATES, JobState
+
+# Modules with heavy imports (the HTTP client, the validator, logging) are imported
+# inside the commands that need them: `batchd jobs` and `show` start in a blink.
 
 # --- run ------------------------------------------------------------------------------
 
 
 async def run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
+    from batchd import logs
     from batchd.daemon import Daemon
 
     cfg = config(args)
@@ -62,6 +63,8 @@ def _limits(args: argparse.Namespace) -> LimitsConfig:
 def _check_file(name: str, limits: LimitsConfig) -> tuple[bool, str]:
     """Validate one file as the daemon does (bigger than one batch is fine: it is split);
     prints its problems; returns (ok, one-line summary)."""
+    from batchd import jsonl, pieces
+
     try:
         summary = jsonl.validate_path(name, jsonl.UNBOUNDED)
     except OSError as e:
@@ -98,6 +101,8 @@ def _submit_names(args: argparse.Namespace) -> list[str]:
     """The job NAME of each FILE (`--name`, else the file name without `.jsonl`), all
     checked before anything is copied: a NAME intake would ignore (`.hidden`) or that
     is not `[A-Za-z0-9._-]{1,100}` is refused, never renamed."""
+    from batchd.spool import check_name
+
     if args.name is not None:
         if len(args.files) > 1:
             raise Fail("--name needs exactly one FILE", EXIT_USAGE)
@@ -128,6 +133,8 @@ def _copy(src: Path, dest: Path) -> str:
 
 async def submit(args: argparse.Namespace) -> int:
     """Copy files into the inbox atomically (temp name, fsync, rename)."""
+    from batchd.spool import Spool, enter_inbox, fsync_dir
+
     cfg = config(args)
     stems = _submit_names(args)
     spool = Spool(cfg.spool.dir)
@@ -175,7 +182,7 @@ async def jobs(args: argparse.Namespace) -> int:
     try:
         async with store(cfg) as s:
             found = await s.list_jobs(states, t, args.limit + 1)
-            held = await health.read(s)
+            held = await s.hold()
             oldest = await s.oldest_job_at()
     except NoDatabase as e:
         print(f"batchd: {e}", file=sys.stderr)
@@ -213,7 +220,7 @@ async def show(args: argparse.Namespace) -> int:
             job = await one_job(s, args.job)
             attempts = await s.attempts(job.id)
             events = await s.events(job.id)
-            held = await health.read(s)
+            held = await s.hold()
             retries = await s.retries_of(job.id)
     except NoDatabase:
         raise Fail(f"no job matches {args.job!r} (no jobs yet)", EXIT_NOT_FOUND) from None
@@ -254,6 +261,8 @@ async def cancel(args: argparse.Namespace) -> int:
     command takes the spool lock (so no daemon starts meanwhile) and carries out just
     this job's cancellation itself; the inbox and other jobs are left alone.
     """
+    from batchd import logs
+    from batchd.spool import Spool, SpoolLocked
     from batchd.stages import cancel as canceller
 
     cfg = config(args)
@@ -307,6 +316,7 @@ async def cancel(args: argparse.Namespace) -> int:
 
 async def retry(args: argparse.Namespace) -> int:
     """Queue an ended job's failed and missing requests as a new job."""
+    from batchd.spool import Spool
     from batchd.stages.retry import RetryRefused, retry_job
 
     cfg = config(args)

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from batchd.api import AccessDenied, ApiError, WrongEndpoint
+from batchd.store.facade import HOLD_SETTING
 
 if TYPE_CHECKING:
     from batchd.stages import Context
-    from batchd.store import Store
 
-SETTING = "api_hold"
+SETTING = HOLD_SETTING
 REASONS = ("api_key", "endpoint")
 PROBE_MIN, PROBE_MAX = 5.0, 60.0
 
@@ -91,15 +91,6 @@ class Hold:
 def _gauge(ctx: Context) -> None:
     for r in REASONS:
         ctx.metrics.api_access_denied.labels(r).set(1 if ctx.hold.reason == r else 0)
-
-
-async def read(store: Store) -> dict[str, Any] | None:
-    """The hold a daemon recorded (for the CLI), or None."""
-    row = await store.setting(SETTING)
-    if row is None:
-        return None
-    data = orjson.loads(row[0])
-    return data if isinstance(data, dict) else None
 
 
 async def probe(ctx: Context) -> bool:

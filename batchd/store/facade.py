@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from batchd.states import TERMINAL_JOB_STATES, JobState, check_transition
 from batchd.store.queries import Conflict, Params, Stmt, migrations, q
 from batchd.store.rows import Attempt, Event, Job, LiveBatch, Piece, decode, dump_detail, encode
@@ -67,6 +69,7 @@ _ATTEMPT_COLS = frozenset(
     }
 )
 _FAR = 1e18  # "no upper bound" for time cursors
+HOLD_SETTING = "api_hold"  # stages/health.py records why the API refuses access here
 
 
 @dataclass(frozen=True)
@@ -724,6 +727,14 @@ class Store:
         return {r[0]: int(r[1]) for r in await self._rows("learned_limits")}
 
     # --- settings ---------------------------------------------------------------------
+
+    async def hold(self) -> dict[str, Any] | None:
+        """The API hold a daemon recorded (reason, message, since), or None."""
+        row = await self.setting(HOLD_SETTING)
+        if row is None:
+            return None
+        data = orjson.loads(row[0])
+        return data if isinstance(data, dict) else None
 
     async def setting(self, key: str) -> tuple[str, float] | None:
         """A daemon-wide fact (value, since) other processes can read."""

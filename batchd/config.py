@@ -33,6 +33,12 @@ class ApiConfig:
     project: str | None = None
     request_timeout_seconds: float = 60.0
     max_retries: int = 6
+    # None: the environment decides (HTTPS_PROXY/HTTP_PROXY/ALL_PROXY, NO_PROXY), as the
+    # SDK and curl do; "" = connect directly; else the proxy URL for every API call.
+    proxy: str | None = None
+    ca_file: Path | None = None  # trusted besides the system's CAs (and $SSL_CERT_FILE)
+    client_cert_file: Path | None = None  # for a gateway that wants mutual TLS
+    client_key_file: Path | None = None  # never logged; default: in client_cert_file
 
     def api_key(self) -> str | None:
         """Return the API key from the key file, $CREDENTIALS_DIRECTORY, or the environment."""
@@ -203,6 +209,10 @@ _SECTIONS = {
         "project",
         "request_timeout_seconds",
         "max_retries",
+        "proxy",
+        "ca_file",
+        "client_cert_file",
+        "client_key_file",
     },
     "spool": {"dir"},
     "state": {"database"},
@@ -275,7 +285,39 @@ def _api(t: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> ApiConfig:
             s, "request_timeout_seconds", _get(t, s, "request_timeout_seconds", float, 60.0)
         ),
         max_retries=int(_positive(s, "max_retries", _get(t, s, "max_retries", int, 6))),
+        **_tls_and_proxy(t, base),
     )
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password in it replaced by `***` (proxy URLs may carry one)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+def _tls_and_proxy(t: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """[api] proxy, ca_file, client_cert_file, client_key_file (files must be readable)."""
+    proxy = _get(t, "api", "proxy", str, None)
+    if proxy:
+        if not proxy.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"[api] proxy: must start with http:// or https://, got {redact_url(proxy)!r}"
+            )
+        if not proxy.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError("[api] proxy: no host in the URL")
+    out: dict[str, Any] = {"proxy": proxy}
+    for key in ("ca_file", "client_cert_file", "client_key_file"):
+        path = _path(base, _get(t, "api", key, str, None))
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"[api] {key}: cannot read {path}")
+        out[key] = path
+    if out["client_key_file"] is not None and out["client_cert_file"] is None:
+        raise ConfigError("[api] client_key_file: needs [api] client_cert_file")
+    return out
 
 
 def _batch(t: Mapping[str, Any]) -> BatchConfig:

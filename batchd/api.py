@@ -80,6 +80,10 @@ class TlsError(Transient):
     """The TLS handshake failed (unknown CA, name mismatch, expired, client certificate
     required): not retried within a call; the stage tries again later."""
 
+    def __init__(self, op: str, cause: str) -> None:
+        super().__init__(f"{op}: {cause}")
+        self.cause = cause
+
 
 class InvalidRequest(ApiError):
     """400 and other 4xx not listed below: retrying would not help."""
@@ -248,7 +252,7 @@ class BatchApi:
         except (aiohttp.ClientError, TimeoutError, ConnectionError, ssl.SSLError) as e:
             cause = transport.tls_cause(e)
             if cause is not None:
-                raise TlsError(f"{op}: {cause}") from None
+                raise TlsError(op, cause) from None
             raise Transient(f"{op}: {type(e).__name__}: {e}") from None
         finally:
             self._metrics.api_requests.labels(op, code).inc()

@@ -468,9 +468,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
             return out
         out.append((True, "api key", f"found ({len(key)} characters)"))
-        from batchd.api import ApiError, BatchApi
-        from batchd.metrics import Metrics
+        import ssl
 
+        from batchd.api import ApiError, BatchApi, TlsError
+        from batchd.metrics import Metrics
+        from batchd.transport import describe_proxy, probe_tls, proxy_for
+
+        out.append((True, "proxy", describe_proxy(cfg.api)))
         api_cfg = dataclasses.replace(cfg.api, max_retries=1)
         try:
             async with BatchApi(api_cfg, key, Metrics()) as api:
@@ -483,8 +487,18 @@ def cmd_check(args: argparse.Namespace) -> int:
                     f"({len(page.get('data') or [])} batch listed)",
                 )
             )
+        except TlsError as e:
+            out.append((False, "api", f"{cfg.api.base_url}: {e.cause}"))
         except ApiError as e:
-            out.append((False, "api", f"{cfg.api.base_url}: HTTP {e.status}: {e.message}"))
+            why = f"HTTP {e.status}: {e.message}" if e.status else e.message
+            if not e.status and cfg.api.base_url.startswith("https://"):
+                # A dropped connection may be a TLS refusal that came too late for the
+                # HTTP client to read: one quiet handshake names it.
+                cause: str | None = await asyncio.to_thread(probe_tls, cfg.api, proxy_for(cfg.api))
+                why = cause or why
+            out.append((False, "api", f"{cfg.api.base_url}: {why}"))
+        except (OSError, ssl.SSLError) as e:  # [api] ca_file / client certificate unusable
+            out.append((False, "api", f"{cfg.api.base_url}: TLS setup: {e}"))
         return out
 
     results += asyncio.run(db_and_api())

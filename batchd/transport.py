@@ -6,6 +6,7 @@ upload bodies whose size is known (so they carry a Content-Length, never chunked
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -115,17 +116,22 @@ def tls_cause(exc: BaseException) -> str | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        inner = getattr(e, "certificate_error", None)  # aiohttp's wrapper (itself an
+        if isinstance(inner, BaseException):  # SSLCertVerificationError, minus the code)
+            e = inner
+            continue
         if isinstance(e, ssl.SSLCertVerificationError):
             return _verify_cause(e)
         if isinstance(e, ssl.SSLError):
             return _alert_cause(e)
-        nxt = getattr(e, "os_error", None) or getattr(e, "certificate_error", None)
+        nxt = getattr(e, "os_error", None)
         e = nxt if isinstance(nxt, BaseException) else (e.__cause__ or e.__context__)
     return None
 
 
 def _verify_cause(e: ssl.SSLCertVerificationError) -> str:
-    code, msg = e.verify_code, str(e.verify_message or e.reason or e)
+    code = getattr(e, "verify_code", None)
+    msg = str(getattr(e, "verify_message", None) or e.reason or e)
     if code in _UNKNOWN_CA:
         return (
             f"TLS: unknown CA: the server's certificate is not signed by a trusted CA ({msg});"
@@ -207,3 +213,66 @@ class FileSlice(Payload):
 
 class ShrunkFile(OSError):
     """The file got shorter than its size while it was being uploaded."""
+
+
+# --- diagnosis ------------------------------------------------------------------------
+
+
+def probe_tls(cfg: ApiConfig, proxy: str | None, timeout: float = 5.0) -> str | None:
+    """Open one TLS connection to the API host the way batchd does (through `proxy`),
+    send nothing, and name what went wrong; None when the handshake held.
+
+    For `batchd check`: a gateway that wants a client certificate closes the connection
+    just after a TLS 1.3 handshake, and an HTTP client that has already sent its request
+    sees only a reset; a connection that sends nothing reads the server's alert (or the
+    close) instead.
+    """
+    url = URL(cfg.base_url)
+    host, port = url.host or "", url.port or 443
+    ctx = ssl_context(cfg)
+    try:
+        raw = _connect(host, port, proxy, timeout)
+    except OSError as e:
+        return f"cannot connect: {e}"
+    try:
+        with ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(min(timeout, 1.0))
+            try:
+                if tls.recv(1) == b"" and cfg.client_cert_file is None:
+                    return _CLIENT_CERT_REQUIRED + " (the server closed the connection)"
+            except TimeoutError:
+                return None  # the server waits for a request: TLS is fine
+    except (ssl.SSLError, OSError) as e:
+        return tls_cause(e) or f"TLS: {e}"
+    finally:
+        raw.close()
+    return None
+
+
+_CLIENT_CERT_REQUIRED = (
+    "TLS: client certificate required: the server asks for one;"
+    " set [api] client_cert_file and client_key_file"
+)
+
+
+def _connect(host: str, port: int, proxy: str | None, timeout: float) -> socket.socket:
+    """A TCP connection to host:port, or a CONNECT tunnel through an http:// proxy."""
+    if proxy is None:
+        return socket.create_connection((host, port), timeout)
+    purl = URL(proxy)
+    sock = socket.create_connection((purl.host or "", purl.port or 80), timeout)
+    head = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    if purl.user is not None:
+        head += f"Proxy-Authorization: {BasicAuth(purl.user, purl.password or '').encode()}\r\n"
+    sock.sendall((head + "\r\n").encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        got = sock.recv(4096)
+        if not got:
+            break
+        answer += got
+    status = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    if " 200" not in status:
+        sock.close()
+        raise OSError(f"the proxy refused CONNECT: {status or 'no answer'}")
+    return sock

@@ -532,10 +532,9 @@ class Lines:
         if b"\n" not in chunk:
             self._rest.append(chunk)  # one long line: join once, at its end
             return
-        if self._rest:
-            self._rest.append(chunk)
-            chunk = b"".join(self._rest)
         parts = chunk.split(b"\n")
+        if self._rest:  # the line begun in earlier chunks (joining only it, not the chunk)
+            parts[0] = b"".join([*self._rest, parts[0]])
         last = parts.pop()
         self._rest = [last] if last else []
         on_line = self._on_line

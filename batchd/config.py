@@ -7,6 +7,7 @@ import binascii
 import dataclasses
 import math
 import os
+import ssl
 import time
 import tomllib
 from collections.abc import Mapping
@@ -317,7 +318,31 @@ def _tls_and_proxy(t: Mapping[str, Any], base: Path) -> dict[str, Any]:
         out[key] = path
     if out["client_key_file"] is not None and out["client_cert_file"] is None:
         raise ConfigError("[api] client_key_file: needs [api] client_cert_file")
+    _check_tls_files(out["ca_file"], out["client_cert_file"], out["client_key_file"])
     return out
+
+
+def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """Load the CA and client certificate once, so a bad file stops start-up by name."""
+    ctx = ssl.create_default_context()
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise ConfigError(f"[api] ca_file: {ca} is not a PEM CA bundle ({e})") from None
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(str(cert), str(key) if key else None, password=_no_password)
+        except (ssl.SSLError, OSError, ValueError) as e:  # the message never holds the key
+            raise ConfigError(
+                f"[api] client_cert_file: cannot load {cert}"
+                + (f" with {key}" if key else "")
+                + f" ({getattr(e, 'reason', None) or e})"
+            ) from None
+
+
+def _no_password() -> str:
+    raise ValueError("the key is encrypted: give an unencrypted PEM key")
 
 
 def _batch(t: Mapping[str, Any]) -> BatchConfig:

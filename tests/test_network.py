@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -28,15 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trustme
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batchd.api import BatchApi, Tap
+from batchd import pieces
+from batchd.api import BatchApi, Lines, Tap
 from batchd.config import ApiConfig, ConfigError
 from batchd.emulator import EmulatorConfig, EmulatorState, create_app
 from batchd.metrics import Metrics
+from batchd.stages.collect import custom_id_of
 from batchd.transport import describe_proxy, probe_tls, proxy_for
 from tests.conftest import API_KEY, KEY_ENV, chat_lines, make_config, run_once
 
@@ -260,6 +264,19 @@ def test_proxy_and_tls_keys_are_validated(tmp_path: Path) -> None:
     (tmp_path / "key.pem").write_text("x")
     with pytest.raises(ConfigError, match=r"\[api\] client_key_file: needs"):
         make_config(tmp_path, "http://x/v1", api={"client_key_file": "key.pem"})
+    with pytest.raises(ConfigError, match=r"\[api\] ca_file: .* is not a PEM CA bundle"):
+        make_config(tmp_path, "http://x/v1", api={"ca_file": "key.pem"})
+    ca = trustme.CA()
+    leaf = ca.issue_cert("client")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    other = ca.issue_cert("other")
+    other.private_key_pem.write_to_path(str(tmp_path / "other.pem"))
+    with pytest.raises(ConfigError, match=r"\[api\] client_cert_file: cannot load .*KEY_VALUES"):
+        make_config(
+            tmp_path,
+            "http://x/v1",
+            api={"client_cert_file": "cert.pem", "client_key_file": "other.pem"},
+        )
 
 
 async def test_check_and_run_through_a_real_proxy(
@@ -474,3 +491,33 @@ def test_a_gateway_that_sends_the_alert_is_named_too(tmp_path: Path, ca: trustme
     listener.close()
     assert cause is not None and cause.startswith("TLS: client certificate required"), cause
     assert "closed the connection" not in cause  # from the alert itself
+
+
+# --- downloads: counted and indexed as the bytes arrive ---------------------------------
+
+
+def test_lines_as_they_arrive_match_a_second_pass(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    body = (
+        b'{"id":"r1","custom_id":"a","response":{"custom_id":"nested"}}\r\n'
+        b"\n   \n"
+        b'{"response": {"custom_id": "nested"}, "custom_id": "b"}\n'
+        b'{"id": "r3", "custom_id" : "c\\"q"}\n'
+        b'{"custom_id":"d\xc3\xa9"}\n' + b'{"custom_id":"long","x":"' + b"y" * 300_000 + b'"}\n'
+        b'{"custom_id":"last"}'
+    )
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(body)
+    expected = [orjson.loads(x).get("custom_id") for x in pieces.iter_lines(path)]
+    for _ in range(50):
+        ids: list[str] = []
+        lines = Lines(lambda line, ids=ids: ids.append(custom_id_of(line)))
+        lines.feed(b"stale bytes of an attempt that was cut off")
+        lines.reset()
+        pos = 0
+        while pos < len(body):
+            n = rng.choice([1, 2, 7, 64, 4096, 1 << 20])
+            lines.feed(body[pos : pos + n])
+            pos += n
+        lines.end()
+        assert ids == expected and lines.count == len(expected) == 6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -21,11 +22,12 @@ import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 
+from batchd import transport
 from batchd.config import ApiConfig
 from batchd.logs import redact_text
 from batchd.metrics import Metrics
@@ -72,6 +74,15 @@ class RateLimited(Transient):
     def __init__(self, message: str, retry_after: float | None, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.retry_after = retry_after
+
+
+class TlsError(Transient):
+    """The TLS handshake failed (unknown CA, name mismatch, expired, client certificate
+    required): not retried within a call; the stage tries again later."""
+
+    def __init__(self, op: str, cause: str) -> None:
+        super().__init__(f"{op}: {cause}")
+        self.cause = cause
 
 
 class InvalidRequest(ApiError):
@@ -172,6 +183,8 @@ class BatchApi:
         self._metrics = metrics
         self._max_backoff = max_backoff_seconds
         self._session: aiohttp.ClientSession | None = None
+        # Read once, as the SDK does: the environment's proxy variables or [api] proxy.
+        self._proxy, self._proxy_auth = transport.split_proxy(transport.proxy_for(cfg))
 
     def set_key(self, api_key: str | None) -> None:
         """Use another API key from now on (re-read after a rotation or an outage)."""
@@ -185,11 +198,25 @@ class BatchApi:
 
     async def __aenter__(self) -> BatchApi:
         t = self._cfg.request_timeout_seconds
+        # trust_env stays off: the proxy is resolved above (once, not per request in a
+        # thread), and aiohttp's ~/.netrc lookup would clash with our Authorization header.
         self._session = aiohttp.ClientSession(
             headers=self._headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
+            connector=aiohttp.TCPConnector(ssl=self._ssl()),
         )
         return self
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        cfg = self._cfg
+        if cfg.ca_file is None and cfg.client_cert_file is None:
+            return True  # aiohttp's default context: the system's CAs and $SSL_CERT_FILE
+        return transport.ssl_context(cfg)
+
+    @property
+    def proxy(self) -> str | None:
+        """The proxy every call goes through (credentials removed), or None."""
+        return self._proxy
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -225,7 +252,9 @@ class BatchApi:
         self, fn: Callable[[], Awaitable[T]], retry_on: tuple[type[BaseException], ...]
     ) -> T:
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(retry_on),
+            retry=retry_if_exception(
+                lambda e: isinstance(e, retry_on) and not isinstance(e, TlsError)
+            ),
             stop=stop_after_attempt(self._cfg.max_retries),
             wait=self._wait,
             before_sleep=self._before_sleep,
@@ -242,6 +271,8 @@ class BatchApi:
         """One HTTP call with metrics; raises a typed error for any non-2xx."""
         start = time.monotonic()
         code = "0"
+        if self._proxy is not None:
+            kw.update(proxy=self._proxy, proxy_auth=self._proxy_auth)
         try:
             async with self.session.request(method, self._base + path, **kw) as resp:
                 code = str(resp.status)
@@ -249,7 +280,10 @@ class BatchApi:
                     body = await resp.read()
                     raise _error_from(resp.status, body, resp.headers, op, f"{method} {resp.url}")
                 yield resp
-        except (aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+        except (aiohttp.ClientError, TimeoutError, ConnectionError, ssl.SSLError) as e:
+            cause = transport.tls_cause(e)
+            if cause is not None:
+                raise TlsError(op, cause) from None
             raise Transient(f"{op}: {type(e).__name__}: {e}") from None
         finally:
             self._metrics.api_requests.labels(op, code).inc()
@@ -271,14 +305,7 @@ class BatchApi:
         size = path.stat().st_size
 
         async def once() -> dict[str, Any]:
-            form = aiohttp.FormData()
-            form.add_field("purpose", "batch")
-            form.add_field(
-                "file",
-                _file_slice(path, 0, size, tap),
-                filename=filename,
-                content_type="application/jsonl",
-            )
+            form = _form("file", path, 0, size, tap, filename, "application/jsonl", purpose="batch")
             data = await self._json("upload_file", "POST", "/files", data=form)
             self._metrics.uploaded_bytes.inc(size)
             return data
@@ -316,13 +343,7 @@ class BatchApi:
             length = min(part_bytes, size - offset)
 
             async def send(offset: int = offset, length: int = length) -> dict[str, Any]:
-                form = aiohttp.FormData()
-                form.add_field(
-                    "data",
-                    _file_slice(path, offset, length, tap),
-                    filename="part",
-                    content_type="application/octet-stream",
-                )
+                form = _form("data", path, offset, length, tap, "part", "application/octet-stream")
                 return await self._json(
                     "upload_part", "POST", f"/uploads/{up['id']}/parts", data=form
                 )
@@ -375,12 +396,18 @@ class BatchApi:
             lambda: self._json("delete_file", "DELETE", f"/files/{file_id}"), (Transient,)
         )
 
-    async def download(self, file_id: str, dest: Path) -> int:
-        """Stream a file's content to `dest` (temp name, length check, fsync, rename)."""
+    async def download(self, file_id: str, dest: Path, lines: Lines | None = None) -> int:
+        """Stream a file's content to `dest` (temp name, length check, fsync, rename).
+
+        `lines`, when given, is fed the bytes as they arrive (reset on a retry), so
+        its count and index are ready when the file is: no second pass over it.
+        """
 
         async def once() -> int:
             tmp = dest.with_name(f".{dest.name}.part")
             n = 0
+            if lines is not None:
+                lines.reset()
             async with self._request(
                 "download_file", "GET", f"/files/{file_id}/content", read_bufsize=1 << 22
             ) as resp:
@@ -394,6 +421,8 @@ class BatchApi:
                     try:
                         async for chunk in resp.content.iter_any():
                             out.write(chunk)
+                            if lines is not None:
+                                lines.feed(chunk)
                             n += len(chunk)
                             unsynced += len(chunk)
                             if unsynced >= _SYNC_EVERY and (syncing is None or syncing.done()):
@@ -409,8 +438,10 @@ class BatchApi:
                             await asyncio.shield(syncing)
                     if expected is not None and n != expected:
                         raise Transient(f"download_file: got {n} of {expected} bytes")
+                    if lines is not None:
+                        lines.end()
                     out.flush()
-                    os.fsync(out.fileno())
+                    await asyncio.to_thread(os.fsync, out.fileno())
             tmp.replace(dest)
             self._metrics.downloaded_bytes.inc(n)
             return n
@@ -491,7 +522,7 @@ class Tap:
     """Sees each byte of an upload once, in order (e.g. a validator).
 
     It runs on the event loop, synchronously, as each chunk is read for sending
-    (see `_file_slice`): the kernel and the server move chunk N while chunk N+1 is
+    (see `transport.FileSlice`): the kernel and the server move chunk N while chunk N+1 is
     consumed. In a worker thread it gained nothing and cost much: a validator holds
     the GIL, and the loop, waiting up to a switch interval for it at every socket
     write, starved the upload (190 MB over loopback: ~0.9 s instead of ~0.5 s).
@@ -513,20 +544,70 @@ class Tap:
             self.fed += len(new)
 
 
-async def _file_slice(
-    path: Path, offset: int, length: int, tap: Tap | None = None
-) -> AsyncIterator[bytes]:
-    """Stream `length` bytes of a file from `offset` in 1 MiB chunks (never the whole part)."""
-    with path.open("rb") as f:
-        f.seek(offset)
-        left = length
-        pos = offset
-        while left > 0:
-            chunk = f.read(min(1 << 20, left))
-            if not chunk:
-                raise Transient(f"{path.name} shrank while uploading")
-            if tap is not None:
-                tap.feed(pos, chunk)  # while the previous chunk is still on its way
-            left -= len(chunk)
-            pos += len(chunk)
-            yield chunk
+class Lines:
+    """Counts the non-empty lines of a download as its bytes arrive (the rule of
+    `pieces.iter_lines`); `on_line` sees each one, without its newline."""
+
+    def __init__(self, on_line: Callable[[bytes], None] | None = None) -> None:
+        self._on_line = on_line
+        self.count = 0
+        self._rest: list[bytes] = []
+
+    def reset(self) -> None:
+        """Start over (a retried download sends every byte again)."""
+        self.count = 0
+        self._rest = []
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes of the file."""
+        if b"\n" not in chunk:
+            self._rest.append(chunk)  # one long line: join once, at its end
+            return
+        parts = chunk.split(b"\n")
+        if self._rest:  # the line begun in earlier chunks (joining only it, not the chunk)
+            parts[0] = b"".join([*self._rest, parts[0]])
+        last = parts.pop()
+        self._rest = [last] if last else []
+        on_line = self._on_line
+        for line in parts:
+            # A line's ends are only looked at when they could be blank (cheap on 100 KB).
+            if line and (line[0] > 32 or line[-1] > 32 or line.strip()):
+                self.count += 1
+                if on_line is not None:
+                    on_line(line.rstrip(b"\r") if line[-1] == 13 else line)
+
+    def end(self) -> None:
+        """The file is complete: a last line without a newline counts too."""
+        if self._rest:
+            line = b"".join(self._rest)
+            self._rest = []
+            if line.strip():
+                self.count += 1
+                if self._on_line is not None:
+                    self._on_line(line.rstrip(b"\r"))
+
+
+def _form(
+    name: str,
+    path: Path,
+    offset: int,
+    length: int,
+    tap: Tap | None,
+    filename: str,
+    content_type: str,
+    **fields: str,
+) -> aiohttp.MultipartWriter:
+    """A multipart/form-data body: text `fields`, then `length` bytes of `path` from
+    `offset` as the part `name`. Every part has a known size, so the request carries a
+    Content-Length (never `Transfer-Encoding: chunked`), and the file is still streamed."""
+    form = aiohttp.MultipartWriter("form-data")
+    for key, value in fields.items():
+        form.append(value).set_content_disposition("form-data", name=key)
+    part = transport.FileSlice(
+        path, offset, length, tap.feed if tap else None, content_type=content_type
+    )
+    part.set_content_disposition("form-data", name=name, filename=filename)
+    form.append_payload(part)
+    for p, _enc, _te in form:  # as FormData does: no per-part Content-Length
+        p.headers.popall("Content-Length", None)
+    return form

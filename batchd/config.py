@@ -7,6 +7,7 @@ import binascii
 import dataclasses
 import math
 import os
+import ssl
 import time
 import tomllib
 from collections.abc import Mapping
@@ -33,6 +34,12 @@ class ApiConfig:
     project: str | None = None
     request_timeout_seconds: float = 60.0
     max_retries: int = 6
+    # None: the environment decides (HTTPS_PROXY/HTTP_PROXY/ALL_PROXY, NO_PROXY), as the
+    # SDK and curl do; "" = connect directly; else the proxy URL for every API call.
+    proxy: str | None = None
+    ca_file: Path | None = None  # trusted besides the system's CAs (and $SSL_CERT_FILE)
+    client_cert_file: Path | None = None  # for a gateway that wants mutual TLS
+    client_key_file: Path | None = None  # never logged; default: in client_cert_file
 
     def api_key(self) -> str | None:
         """Return the API key from the key file, $CREDENTIALS_DIRECTORY, or the environment."""
@@ -240,6 +247,10 @@ _SECTIONS = {
         "project",
         "request_timeout_seconds",
         "max_retries",
+        "proxy",
+        "ca_file",
+        "client_cert_file",
+        "client_key_file",
     },
     "spool": {"dir"},
     "state": {"database"},
@@ -333,7 +344,63 @@ def _api(t: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> ApiConfig:
             s, "request_timeout_seconds", _get(t, s, "request_timeout_seconds", float, 60.0)
         ),
         max_retries=int(_positive(s, "max_retries", _get(t, s, "max_retries", int, 6))),
+        **_tls_and_proxy(t, base),
     )
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password in it replaced by `***` (proxy URLs may carry one)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+def _tls_and_proxy(t: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """[api] proxy, ca_file, client_cert_file, client_key_file (files must be readable)."""
+    proxy = _get(t, "api", "proxy", str, None)
+    if proxy:
+        if not proxy.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"[api] proxy: must start with http:// or https://, got {redact_url(proxy)!r}"
+            )
+        if not proxy.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError("[api] proxy: no host in the URL")
+    out: dict[str, Any] = {"proxy": proxy}
+    for key in ("ca_file", "client_cert_file", "client_key_file"):
+        path = _path(base, _get(t, "api", key, str, None))
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"[api] {key}: cannot read {path}")
+        out[key] = path
+    if out["client_key_file"] is not None and out["client_cert_file"] is None:
+        raise ConfigError("[api] client_key_file: needs [api] client_cert_file")
+    _check_tls_files(out["ca_file"], out["client_cert_file"], out["client_key_file"])
+    return out
+
+
+def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """Load the CA and client certificate once, so a bad file stops start-up by name."""
+    ctx = ssl.create_default_context()
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError, ValueError) as e:
+            raise ConfigError(f"[api] ca_file: {ca} is not a PEM CA bundle ({e})") from None
+    if cert is not None:
+        try:
+            ctx.load_cert_chain(str(cert), str(key) if key else None, password=_no_password)
+        except (ssl.SSLError, OSError, ValueError) as e:  # the message never holds the key
+            raise ConfigError(
+                f"[api] client_cert_file: cannot load {cert}"
+                + (f" with {key}" if key else "")
+                + f" ({getattr(e, 'reason', None) or e})"
+            ) from None
+
+
+def _no_password() -> str:
+    raise ValueError("the key is encrypted: give an unencrypted PEM key")
 
 
 def _batch(t: Mapping[str, Any]) -> BatchConfig:

@@ -208,6 +208,12 @@ def _is_retryable(rec: dict[str, Any]) -> bool:
     return resp is None and err is None
 
 
+def classify_error(line: bytes) -> tuple[str, bool]:
+    """(custom_id, retryable) of one line of an error file."""
+    rec = orjson.loads(line)
+    return str(rec.get("custom_id")), _is_retryable(rec)
+
+
 def read_outcome(output: Path | None, errors: Path | None) -> Outcome:
     """Classify every custom_id seen in an attempt's output and error files."""
     out = Outcome()

@@ -14,23 +14,23 @@ import hmac
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batchd import jobmeta
 from batchd.config import parse_since
+from batchd.spool import Spool, enter_inbox
 from batchd.spool import check_name as spool_check_name
-from batchd.spool import enter_inbox
 from batchd.stages import Context
 from batchd.states import TERMINAL_JOB_STATES, JobState
-from batchd.store import Job
+from batchd.store import Attempt, Job
 
 METADATA_HEADER = "X-Batchd-Metadata"
-JSONL_TYPES = frozenset({"application/jsonl", "application/x-ndjson", "text/plain"})
 _PART_PREFIX, _PART_SUFFIX = ".http-", ".jsonl.part"
 _CHUNK = 1 << 16
 _FIELD_MAX = 64 * 1024
@@ -81,10 +81,72 @@ def parse_metadata(text: str, fixed: Mapping[str, str]) -> dict[str, str]:
         raise Problem(400, "invalid_metadata", str(e)) from None
 
 
-def job_view(job: Job) -> dict[str, Any]:
-    """The JSON of a job in listings."""
-    counts = {"total": job.requests, "completed": job.completed, "failed": job.failed}
-    return {**job.to_dict(), "request_counts": counts}
+def iso(t: float | None) -> str | None:
+    """Unix seconds as an ISO-8601 UTC time (milliseconds), None stays None."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _current_input(spool: Spool, job: Job) -> Path | None:
+    """Where the job's input file is now: processing/, its staging dir, or the result dir."""
+    candidates = [spool.path(job.input_path), spool.processing / f"{job.id}.d" / "input.jsonl"]
+    if job.result_dir:
+        candidates.insert(0, spool.path(job.result_dir) / "input.jsonl")
+    return next((p for p in candidates if os.path.lexists(p)), None)
+
+
+def job_view(spool: Spool, job: Job, attempts: list[Attempt] | None = None) -> dict[str, Any]:
+    """The JSON of a job: what a user can act on (current paths, the provider's batch ids,
+    ISO times), none of batchd's bookkeeping."""
+    result = spool.path(job.result_dir) if job.result_dir else None
+    published = result is not None and result.is_dir()
+    inp = _current_input(spool, job)
+    reason = job.reason or {}
+    view: dict[str, Any] = {
+        "object": "job",
+        "id": job.id,
+        "name": job.name,
+        "state": str(job.state),
+        "source": job.source,
+        "endpoint": job.endpoint,
+        "model": job.model,
+        "request_counts": {"total": job.requests, "completed": job.completed, "failed": job.failed},
+        "usage": job.usage,
+        "bytes": job.bytes,
+        "sha256": job.sha256,
+        "cancel_requested": job.cancel_requested,
+        "result_dir": job.result_dir if published else None,
+        "paths": {
+            "input": str(inp) if inp else None,
+            "result_dir": str(result) if published else None,
+        },
+        "error": {"reason": reason.get("reason"), "message": reason.get("message")}
+        if reason
+        else None,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "finished_at": iso(job.finished_at),
+    }
+    if attempts is not None:
+        view["batch_ids"] = [a.batch_id for a in attempts if a.batch_id]
+        view["batches"] = [_batch_view(a) for a in attempts if a.batch_id]
+    return view
+
+
+def _batch_view(a: Attempt) -> dict[str, Any]:
+    """One remote batch of a job, in the provider's terms."""
+    b = a.batch or {}
+    return {
+        "id": a.batch_id,
+        "piece": a.piece,
+        "status": a.status,
+        "request_counts": b.get("request_counts"),
+        "input_file_id": a.file_id,
+        "output_file_id": b.get("output_file_id"),
+        "error_file_id": b.get("error_file_id"),
+        "created_at": iso(b.get("created_at") or a.created_at),
+    }
 
 
 def _unlink_quiet(path: Path) -> None:
@@ -151,16 +213,34 @@ class QueueApi:
             raise Problem(403, "forbidden", "invalid token")
 
     def guarded(self, handler: Handler) -> Handler:
-        """Wrap a handler: token check first, then Problem → JSON error."""
+        """Wrap a handler: token check first (a Problem becomes JSON in `web`'s middleware)."""
 
         async def wrapped(req: web.Request) -> web.StreamResponse:
-            try:
-                self._authorize(req)
-                return await handler(req)
-            except Problem as p:
-                return p.response()
+            self._authorize(req)
+            return await handler(req)
 
         return wrapped
+
+    async def expect(self, req: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: refuse a bad token or a too-large Content-Length before
+        the client sends a byte of the body; else let it send."""
+        try:
+            self._authorize(req)
+            self._check_length(req)
+            if req.headers.get("Expect", "").lower() != "100-continue":
+                raise Problem(417, "expectation_failed", "only 'Expect: 100-continue' is known")
+        except Problem as p:
+            resp = p.response()
+            resp.force_close()  # the body was never sent: this connection is done
+            return resp
+        if req.version == HttpVersion11:
+            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            req.writer.output_size = 0
+        return None
+
+    def _check_length(self, req: web.Request) -> None:
+        if req.content_length is not None and req.content_length > self.max_bytes:
+            raise self._too_large()
 
     async def _job(self, req: web.Request) -> Job:
         ref = req.match_info["ref"]
@@ -177,13 +257,14 @@ class QueueApi:
     async def submit(self, req: web.Request) -> web.StreamResponse:
         """Stream the body into inbox/, claim it as a job, answer 202 with its id."""
         up = _Upload()
-        up.name = req.query.get("name")
+        up.name = req.match_info.get("name") or req.query.get("name")
         up.metadata = req.headers.get(METADATA_HEADER)
         fixed = self.ctx.cfg.batch.metadata
         if up.name is not None:
             check_name(up.name)  # fail before reading a byte of the body
         if up.metadata is not None:
             parse_metadata(up.metadata, fixed)
+        self._check_length(req)
         part = self.ctx.spool.inbox / f"{_PART_PREFIX}{secrets.token_hex(8)}{_PART_SUFFIX}"
         try:
             if req.content_type == "multipart/form-data":
@@ -191,17 +272,11 @@ class QueueApi:
                     await self._receive_form(req, part, up)
                 except ValueError as e:  # aiohttp's word for a malformed multipart body
                     raise Problem(400, "invalid_form", f"malformed multipart body: {e}") from None
-            elif req.content_type in JSONL_TYPES:
-                if req.content_length is not None and req.content_length > self.max_bytes:
-                    raise self._too_large()
-                up.size = await self._write(req.content.iter_chunked(_CHUNK), part)
             else:
-                raise Problem(
-                    415,
-                    "unsupported_media_type",
-                    "send application/jsonl (or application/x-ndjson, text/plain) "
-                    "or multipart/form-data with a 'file' part",
-                )
+                # The endpoint has one purpose: any other body is the JSONL file itself,
+                # whatever it is labelled (curl --data-binary says form-urlencoded, -T
+                # says nothing).
+                up.size = await self._write(req.content.iter_chunked(_CHUNK), part)
             if not up.size:
                 raise Problem(400, "empty_body", "the uploaded file is empty")
             name = check_name(up.name) if up.name is not None else None
@@ -217,8 +292,7 @@ class QueueApi:
             _unlink_quiet(part)
             raise
         location = f"/v1/jobs/{job.id}"
-        body = {"id": job.id, "name": job.name, "state": str(job.state)}
-        return json_response(body, 202, {"Location": location})
+        return json_response(job_view(self.ctx.spool, job), 202, {"Location": location})
 
     def _too_large(self) -> Problem:
         return Problem(413, "too_large", f"the upload exceeds {self.max_bytes} bytes")
@@ -273,7 +347,8 @@ class QueueApi:
     # --- GET ------------------------------------------------------------------------------
 
     async def list_jobs(self, req: web.Request) -> web.StreamResponse:
-        """Jobs, newest first; `state` (comma-separated), `since` (epoch or ISO), `limit`."""
+        """Jobs, newest first; `state` (comma-separated), `since` (age, epoch or ISO),
+        `limit`, and `after` (the `last_id` of the previous page) to page on."""
         q = req.query
         states: list[JobState] | None = None
         if q.get("state"):
@@ -289,19 +364,33 @@ class QueueApi:
             limit = 0
         if not 1 <= limit <= _MAX_LIST:
             raise Problem(400, "invalid_limit", f"limit: an integer 1..{_MAX_LIST}")
-        jobs = await self.ctx.store.list_jobs(states, since, limit + 1)
-        data = [job_view(j) for j in jobs[:limit]]
-        return json_response({"object": "list", "data": data, "has_more": len(jobs) > limit})
+        before = None
+        if q.get("after"):
+            try:
+                cursor = await self.ctx.store.job(q["after"])
+            except KeyError:
+                raise Problem(400, "invalid_after", "after: not the id of a job") from None
+            before = (cursor.created_at, cursor.id)
+        jobs = await self.ctx.store.list_jobs(states, since, limit + 1, before)
+        page = [job_view(self.ctx.spool, j) for j in jobs[:limit]]
+        return json_response(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(jobs) > limit,
+            }
+        )
 
     async def show(self, req: web.Request) -> web.StreamResponse:
-        """One job with its counts, batches (attempts), metadata and result dir."""
+        """One job with its counts, batches (the provider's ids), metadata and paths."""
         job = await self._job(req)
         attempts = await self.ctx.store.attempts(job.id)
         return json_response(
             {
-                **job_view(job),
+                **job_view(self.ctx.spool, job, attempts),
                 "metadata": jobmeta.read(self.ctx.spool, job),
-                "batches": [a.to_dict() for a in attempts],
             }
         )
 
@@ -317,9 +406,12 @@ class QueueApi:
         job = await self._job(req)
         # Only a published result dir is served: it appears complete, in one rename.
         if job.result_dir:
-            path = self.ctx.spool.path(job.result_dir) / fname
+            result = self.ctx.spool.path(job.result_dir)
+            path = result / fname
             if path.is_file():
                 return web.FileResponse(path, headers={"Content-Type": "application/jsonl"})
+            if result.is_dir():  # published without one: nothing failed (or succeeded)
+                return web.Response(body=b"", content_type="application/jsonl")
         if job.state in TERMINAL_JOB_STATES:
             raise Problem(404, "not_found", f"job {job.id} ({job.state}) has no {fname}")
         raise Problem(404, "not_ready", f"job {job.id} is {job.state}; no {fname} yet")
@@ -335,7 +427,7 @@ class QueueApi:
         self.ctx.wake_collect.set()
         self.ctx.log.info("cancel_requested", job_id=job.id, source="http")
         job = await self.ctx.store.job(job.id)
-        return json_response({**job_view(job), "cancel_requested": True}, 202)
+        return json_response(job_view(self.ctx.spool, job), 202)
 
 
 def _parse_since(text: str) -> float:
@@ -361,7 +453,10 @@ def mount(app: web.Application, ctx: Context, token: str) -> None:
     if n:
         ctx.log.info("partial_uploads_removed", count=n)
     q = QueueApi(ctx, token)
-    app.router.add_post("/v1/jobs", q.guarded(q.submit))
+    submit = q.guarded(q.submit)
+    for method, path in (("POST", "/v1/jobs"), ("PUT", "/v1/jobs"), ("PUT", "/v1/jobs/{name}")):
+        # PUT is what `curl -T FILE URL` sends (to URL/FILE when URL ends in '/').
+        app.router.add_route(method, path, submit, expect_handler=q.expect)
     app.router.add_get("/v1/jobs", q.guarded(q.list_jobs))
     app.router.add_get("/v1/jobs/{ref}", q.guarded(q.show))
     app.router.add_get("/v1/jobs/{ref}/output", q.guarded(q.output))

@@ -5,13 +5,43 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from batchd import queue_api, webhooks
+from batchd import logs, queue_api, webhooks
 from batchd.metrics import Metrics
+from batchd.queue_api import Problem
 from batchd.stages import Context
 
 READY = web.AppKey("ready", dict)
+_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 417: "expectation_failed"}
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is `{"error": {"message", "code"}}`: unknown routes and methods too."""
+    req = request
+    try:
+        return await handler(req)
+    except Problem as p:
+        return p.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        if e.status == 404:
+            message = f"no route {req.method} {req.path}"
+        elif e.status == 405:
+            message = f"{req.method} is not allowed on {req.path} (allowed: {e.headers['Allow']})"
+        else:
+            message = e.reason
+        problem = Problem(e.status, _CODES.get(e.status, "http_error"), message)
+        resp = problem.response()
+        if "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
+    except Exception:
+        logs.get().exception("http_handler_failed", method=req.method, path=req.path)
+        return Problem(500, "internal", "internal error (see the daemon's log)").response()
 
 
 def create_app(
@@ -25,7 +55,7 @@ def create_app(
 
     /v1/jobs is mounted only with a `token`, /webhooks/openai only with a `webhook_secret`.
     """
-    app = web.Application()
+    app = web.Application(middlewares=[errors_as_json])
     app[READY] = {"ready": False}
 
     async def metrics_handler(_req: web.Request) -> web.Response:

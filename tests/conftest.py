@@ -34,6 +34,9 @@ class Emulator:
 @pytest.fixture(autouse=True)
 def _quiet_logs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_ENV, API_KEY)
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):  # batchd honours
+        monkeypatch.delenv(var, raising=False)  # them: the emulator is reached directly
+        monkeypatch.delenv(var.upper(), raising=False)
     logs.setup(os.environ.get("BATCHD_TEST_LOG", "warning"), "json")
 
 

@@ -170,6 +170,7 @@ async def test_check_reports_each_thing(tmp_path: Path, emulator: Emulator) -> N
         ["ok", "spool"],
         ["ok", "database"],
         ["ok", "api"],
+        ["ok", "proxy"],
         ["ok", "api"],
     ]
     wrong = await asyncio.to_thread(

@@ -377,8 +377,11 @@ def _check_database(cfg: Config) -> Result:
 
 
 async def _check_api(cfg: Config) -> list[Result]:
-    from batchd.api import ApiError, BatchApi
+    import ssl
+
+    from batchd.api import ApiError, BatchApi, TlsError
     from batchd.metrics import Metrics
+    from batchd.transport import describe_proxy, probe_tls, proxy_for
 
     try:
         key = cfg.api.api_key()
@@ -390,14 +393,25 @@ async def _check_api(cfg: Config) -> list[Result]:
         )
         return [(False, "api key", f"not set ({where})")]
     out: list[Result] = [(True, "api key", f"found ({len(key)} characters)")]
+    out.append((True, "proxy", describe_proxy(cfg.api)))
     api_cfg = dataclasses.replace(cfg.api, max_retries=1)
     try:
         async with BatchApi(api_cfg, key, Metrics()) as api:
             page = await api.list_batches(1)
         listed = len(page.get("data") or [])
         out.append((True, "api", f"{cfg.api.base_url} reachable, key accepted ({listed} listed)"))
+    except TlsError as e:
+        out.append((False, "api", f"{cfg.api.base_url}: {e.cause}"))
     except ApiError as e:
-        out.append((False, "api", f"{cfg.api.base_url}: HTTP {e.status}: {e.message}"))
+        why = f"HTTP {e.status}: {e.message}" if e.status else e.message
+        if not e.status and cfg.api.base_url.startswith("https://"):
+            # A dropped connection may be a TLS refusal that came too late for the HTTP
+            # client to read: one quiet handshake names it.
+            cause = await asyncio.to_thread(probe_tls, cfg.api, proxy_for(cfg.api))
+            why = cause or why
+        out.append((False, "api", f"{cfg.api.base_url}: {why}"))
+    except (OSError, ssl.SSLError) as e:  # [api] ca_file / client certificate unusable
+        out.append((False, "api", f"{cfg.api.base_url}: TLS setup: {e}"))
     return out
 
 

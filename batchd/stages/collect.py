@@ -13,11 +13,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import orjson
 from ulid import ULID
 
 from batchd import pieces
 from batchd.admission import limit_from_message
-from batchd.api import ApiError, InvalidRequest, Transient
+from batchd.api import ApiError, InvalidRequest, Lines, Transient
 from batchd.spool import fingerprint, fsync_dir, write_json
 from batchd.stages import Backoff, Context, guarded, loop, sync_job
 from batchd.states import TERMINAL_JOB_STATES, JobState, is_terminal_status
@@ -180,8 +181,11 @@ def _parts(ctx: Context, job_id: str) -> Path:
     return d
 
 
-async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
-    """Download an ended attempt's output and error files; returns the final batch."""
+async def _download(
+    ctx: Context, att: Attempt, parts: Path
+) -> tuple[dict[str, Any], pieces.Outcome]:
+    """Download an ended attempt's output and error files; returns the final batch and
+    what its results say (counted and indexed as the bytes arrive: no second pass)."""
     batch = att.batch or {}
     assert att.batch_id is not None
     rc = batch.get("request_counts") or {}
@@ -191,6 +195,8 @@ async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
         # Just after `completed` the file ids have been seen missing: re-read once.
         batch = await ctx.api.get_batch(att.batch_id)
     rc = batch.get("request_counts") or {}
+    outcome = pieces.Outcome()
+    errors: list[tuple[str, bool]] = []
     for key, suffix, count in (
         ("output_file_id", "output", "completed"),
         ("error_file_id", "errors", "failed"),
@@ -198,18 +204,61 @@ async def _download(ctx: Context, att: Attempt, parts: Path) -> dict[str, Any]:
         file_id = batch.get(key)
         if file_id:
             dest = parts / f"{att.id}.{suffix}.jsonl"
-            if not dest.exists():  # downloaded and verified before: never fetched twice
-                await ctx.api.download(file_id, dest)
-            lines = await asyncio.to_thread(_count_lines, dest)
-            if lines < int(rc.get(count) or 0):
+            if suffix == "output":
+                outcome.succeeded.clear()
+                lines = Lines(lambda line: outcome.succeeded.add(custom_id_of(line)))
+            else:
+                errors.clear()
+                lines = Lines(lambda line: errors.append(pieces.classify_error(line)))
+            if dest.exists():  # downloaded and verified before a restart: not fetched twice
+                await asyncio.to_thread(_feed_file, dest, lines)
+            else:
+                await ctx.api.download(file_id, dest, lines)
+            if lines.count < int(rc.get(count) or 0):
                 dest.unlink()
                 ctx.metrics.retries.labels("short_download").inc()
                 raise Transient(
-                    f"{suffix} file of {att.batch_id} has {lines} lines, "
+                    f"{suffix} file of {att.batch_id} has {lines.count} lines, "
                     f"request_counts.{count} says {rc.get(count)}"
                 )
     fsync_dir(parts)  # the renames are durable before the provider's copies may go
-    return batch
+    for cid, retryable in errors:  # as pieces.read_outcome: a success wins
+        if cid not in outcome.succeeded:
+            (outcome.retryable if retryable else outcome.failed).add(cid)
+    return batch, outcome
+
+
+def _feed_file(path: Path, lines: Lines) -> None:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            lines.feed(chunk)
+    lines.end()
+
+
+_CID_KEY = b'"custom_id"'
+
+
+def custom_id_of(line: bytes) -> str:
+    """The custom_id of a result line. The API writes it near the start of the line, at
+    the top level: found there without parsing the (often large) rest; else parsed."""
+    i = line.find(_CID_KEY, 0, 4096)
+    if i > 0 and line.find(b"{", 1, i) == -1:
+        j = i + len(_CID_KEY)
+        while line[j : j + 1] in (b" ", b"\t"):
+            j += 1
+        if line[j : j + 1] == b":":
+            j += 1
+            while line[j : j + 1] in (b" ", b"\t"):
+                j += 1
+            if line[j : j + 1] == b'"':
+                k = line.find(b'"', j + 1)
+                value = line[j + 1 : k]
+                if k > 0 and b"\\" not in value:
+                    try:
+                        return value.decode()
+                    except UnicodeDecodeError:
+                        pass
+    return str(orjson.loads(line).get("custom_id"))
 
 
 def _remote_copies(ctx: Context, att: Attempt, batch: dict[str, Any]) -> list[tuple[str, str]]:
@@ -321,7 +370,7 @@ async def settle(ctx: Context, att: Attempt) -> None:
     """Download an ended attempt's results and decide what comes next for its piece."""
     job = await ctx.store.job(att.job_id)
     parts = _parts(ctx, job.id)
-    batch = await _download(ctx, att, parts)
+    batch, outcome = await _download(ctx, att, parts)
     remote = _remote_copies(ctx, att, batch)
     if remote:
         ctx.wake_retention.set()
@@ -338,8 +387,7 @@ async def settle(ctx: Context, att: Attempt) -> None:
             att.id, "failed", batch, piece_done=True, reason=report, remote_files=remote
         )
         return  # the failure is published by the loop (fail_job), crash or not
-    out_f, err_f = parts / f"{att.id}.output.jsonl", parts / f"{att.id}.errors.jsonl"
-    outcome = await asyncio.to_thread(pieces.read_outcome, out_f, err_f)
+    err_f = parts / f"{att.id}.errors.jsonl"
     try:
         asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path)))
     except FileNotFoundError:

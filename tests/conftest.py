@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -29,6 +30,28 @@ class Emulator:
     state: EmulatorState
     url: str
     port: int
+
+
+TOOL_MISSING = "tool missing:"  # the reason of a skip because a system tool is absent
+
+
+def skip_without(name: str) -> str:
+    """The path of a system tool the test needs, or a skip naming it (a failure in CI:
+    `.ci/run` installs every tool, so a skip there would hide a broken install)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{TOOL_MISSING} {name} is not installed")
+    return path
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Under CI=true a test skipped for a missing tool fails instead."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and os.environ.get("CI") and TOOL_MISSING in str(rep.longrepr):
+        rep.outcome = "failed"
+        rep.longrepr = f"CI: {rep.longrepr}; .ci/run must install it"
 
 
 @pytest.fixture(autouse=True)

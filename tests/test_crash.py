@@ -238,6 +238,10 @@ async def run_soak(tmp_path: Path, scale: Scale, rng: random.Random) -> Soak:
         *(f"--fault-{knob}={FAULT_RATE}" for knob in knobs),
         "--fault-slow-seconds=0.05",
         f"--fault-seed={SEED}",
+        # Every knob fires at least once, whatever the seed: the paths they exercise
+        # (adopting a ghost create, re-fetching a truncated download, ...) are covered
+        # by design, not by luck (before: ~4 runs in 10 saw no ghost create).
+        "--fault-force-first",
     ]
     config = tmp_path / "batchd.toml"
     emulator: asyncio.subprocess.Process | None = None
@@ -382,6 +386,11 @@ async def test_sigkill_loses_nothing_and_submits_nothing_twice(
     duplicates = sum(n - 1 for a, n in per_attempt.items() if a is not None)
     if integrity != [("ok",)]:
         problems.append(f"integrity_check: {integrity}")
+    fired = soak.stats.get("fault_counts") or {}
+    knobs = ("slow", "drop_connection", "rate_limit", "server_error", "ghost_create")
+    for knob in (*knobs, "truncated_download"):
+        if not fired.get(knob):
+            problems.append(f"fault {knob} never fired: {fired}")
     if states != {"done": len(soak.jobs) - 1, "failed": 1}:
         problems.append(f"job states {dict(states)}")
     if unsent:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import generate_latest as _generate_latest
 
 from batchd.metrics import Metrics
+from tests.conftest import skip_without
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM = ROOT / "deploy" / "prometheus"
@@ -43,10 +44,7 @@ MAX_EXPOSURE = 2.0
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
+    return skip_without(name)
 
 
 def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -402,3 +400,25 @@ def test_sysusers_and_tmpfiles_create_the_spool(tmp_path: Path) -> None:
         "done": (0o2750, uid),
         "failed": (0o2750, uid),
     }
+
+
+def test_in_ci_a_test_skipped_for_a_missing_tool_fails(tmp_path: Path) -> None:
+    """Before: `.ci/run` only warned when promtool/systemd could not be installed, and
+    their tests then skipped in silence."""
+    (tmp_path / "conftest.py").write_text("from tests.conftest import *  # noqa: F403\n")
+    (tmp_path / "test_tool.py").write_text(
+        "from tests.conftest import skip_without\n\n"
+        "def test_needs_it() -> None:\n"
+        "    skip_without('no-such-tool-batchd')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_tool.py")]
+    base = {**os.environ, "PYTHONPATH": str(root)}
+    base.pop("CI", None)
+    plain = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=base)
+    assert plain.returncode == 0 and "1 skipped" in plain.stdout, plain.stdout
+    ci = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env={**base, "CI": "true"}
+    )
+    assert ci.returncode == 1 and "1 failed" in ci.stdout, ci.stdout
+    assert ".ci/run must install it" in ci.stdout

@@ -11,9 +11,12 @@ import aiohttp
 import pytest
 
 from batchd.daemon import Daemon
-from tests.conftest import Emulator, chat_lines, drop, make_config
+from tests.conftest import Emulator, chat_lines, drop, make_config, skip_without
 
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs prometheus")
+
+@pytest.fixture(autouse=True)
+def _needs_prometheus() -> None:
+    skip_without("prometheus")
 
 
 def _free_port() -> int:

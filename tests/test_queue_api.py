@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -19,7 +18,7 @@ import pytest
 from batchd.config import Config, ConfigError
 from batchd.daemon import Daemon
 from batchd.spool import enter_inbox
-from tests.conftest import Emulator, chat_lines, make_config, start_emulator
+from tests.conftest import Emulator, chat_lines, make_config, skip_without, start_emulator
 from tests.daemon_http import free_port, running_daemon, until
 
 TOKEN = "tok-0123456789abcdef"
@@ -412,10 +411,10 @@ async def _run_curl(*args: str) -> tuple[int, bytes]:
     return int(code), body
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_what_people_type_first_with_curl(
     served: tuple[Config, str, aiohttp.ClientSession], tmp_path: Path
 ) -> None:
+    skip_without("curl")
     # curl --data-binary says application/x-www-form-urlencoded; -T sends PUT (to
     # URL/FILE when the URL ends in '/'), with no Content-Type and Expect: 100-continue
     # for a large body. All of them are the JSONL file.

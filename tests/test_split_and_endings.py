@@ -44,9 +44,29 @@ async def test_split_merge_in_input_order(tmp_path: Path, emulator: Emulator) ->
     assert not list((cfg.spool.dir / "processing").iterdir())
 
 
-async def test_split_by_bytes_and_embedding_inputs_api_order(
-    tmp_path: Path, emulator: Emulator
-) -> None:
+async def test_split_by_bytes(tmp_path: Path, emulator: Emulator) -> None:
+    """The byte limit alone cuts the file (before, no test set max_bytes_per_batch)."""
+    data = chat_lines(30)
+    line = max(len(x) + 1 for x in data.splitlines())
+    limit = max(1024, 4 * line)  # about four lines per piece; the smallest limit allowed
+    cfg = make_config(
+        tmp_path,
+        emulator.url,
+        limits={"max_bytes_per_batch": limit},
+        retention={"delete_remote_files": False},  # the inputs stay to be measured
+    )
+    drop(cfg, "heavy.jsonl", data)
+    await run_once(cfg)
+    out = read_jsonl(cfg.spool.dir / "done" / "heavy" / "output.jsonl")
+    assert sorted(r["custom_id"] for r in out) == sorted(f"req-{i}" for i in range(30))
+    expected = -(-len(data) // limit)  # at least this many pieces
+    assert emulator.state.batches_created >= expected > 1
+    inputs = [f for f in emulator.state.files.values() if f.purpose == "batch"]
+    assert len(inputs) == emulator.state.batches_created
+    assert all(f.bytes <= limit for f in inputs)
+
+
+async def test_split_by_embedding_inputs_api_order(tmp_path: Path, emulator: Emulator) -> None:
     cfg = make_config(tmp_path, emulator.url, limits={"max_embedding_inputs_per_batch": 5})
     drop(cfg, "emb.jsonl", embedding_lines(9))  # 12 inputs -> at least 3 pieces
     await run_once(cfg)

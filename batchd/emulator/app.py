@@ -16,8 +16,9 @@ from aiohttp import BodyPartReader, web
 from aiohttp.typedefs import Handler, Middleware
 
 from batchd.emulator.faults import fault_middleware, truncate_at
+from batchd.emulator.ids import new_id
 from batchd.emulator.lines import Json
-from batchd.emulator.state import PURPOSES, ApiError, EmulatorConfig, EmulatorState, new_id
+from batchd.emulator.state import PURPOSES, ApiError, EmulatorConfig, EmulatorState
 from batchd.emulator.webhooks import webhook_ctx
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -70,7 +70,8 @@ class ApiError(Exception):
 
     def body(self) -> Json:
         """The ``{"error": {...}}`` envelope."""
-        err = {"message": self.message, "type": "invalid_request_error", "param": self.param}
+        kind = self.kind or "invalid_request_error"
+        err = {"message": self.message, "type": kind, "param": self.param}
         return {"error": err | {"code": self.code}}
 
 
@@ -181,9 +182,34 @@ class Batch:
     outcomes: Counter[str] = field(default_factory=Counter)  # succeeded/errored/expired/canceled
     extra: Json = field(default_factory=dict)  # provider-specific fields kept for rendering
     deleted: bool = False
+    window: int = DAY  # completion window in seconds (reported in expires_at, not enforced)
 
 
-def _require_str(body: Json, key: str) -> str:
+def _openai_window(window: str) -> int | None:
+    return DAY if window == "24h" else None
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """The create-batch rules of an OpenAI-compatible API (OpenAI itself, Azure, Groq)."""
+
+    provider: str = "openai"
+    dialect: Dialect = OPENAI
+    endpoints: tuple[str, ...] = ENDPOINTS
+    window_seconds: Callable[[str], int | None] = _openai_window  # None: not allowed
+    windows_hint: str = "'24h'"
+    file_bytes: int | None = None  # max input file size; None: config.max_file_bytes
+
+    def max_file_bytes(self, config: EmulatorConfig) -> int:
+        """The largest input file this API accepts."""
+        return self.file_bytes if self.file_bytes is not None else config.max_file_bytes
+
+
+OPENAI_FLAVOR = Flavor()
+
+
+def require_str(body: Json, key: str) -> str:
+    """``body[key]`` if it is a string, else a 400 in OpenAI's words."""
     value = body.get(key)
     if value is None:
         raise ApiError(
@@ -194,7 +220,8 @@ def _require_str(body: Json, key: str) -> str:
     return value
 
 
-def _check_metadata(meta: Any) -> None:
+def check_metadata(meta: Any) -> None:
+    """Raise a 400 unless ``meta`` is OpenAI-style metadata (<= 16 string pairs) or None."""
     if meta is None:
         return
     if not isinstance(meta, dict) or len(meta) > 16:
@@ -206,7 +233,8 @@ def _check_metadata(meta: Any) -> None:
             raise ApiError(400, msg, "metadata", "invalid_value")
 
 
-def _output_ttl(spec: Any) -> int:
+def output_ttl(spec: Any) -> int:
+    """Seconds result files live, from ``output_expires_after`` (default 30 days)."""
     if spec is None:
         return 30 * DAY
     secs = spec.get("seconds") if isinstance(spec, dict) else None
@@ -346,8 +374,8 @@ class EmulatorState:
     # -- uploads ---------------------------------------------------------------------------
     def create_upload(self, body: Json) -> Upload:
         """``POST /v1/uploads``."""
-        filename, purpose = _require_str(body, "filename"), _require_str(body, "purpose")
-        mime = _require_str(body, "mime_type")
+        filename, purpose = require_str(body, "filename"), require_str(body, "purpose")
+        mime = require_str(body, "mime_type")
         size = body.get("bytes")
         if purpose not in PURPOSES:
             raise ApiError(400, f"Invalid value for 'purpose': '{purpose}'.", "purpose")
@@ -413,30 +441,43 @@ class EmulatorState:
         u.parts.clear()
 
     # -- batches: API ----------------------------------------------------------------------
-    def create_batch(self, body: Json) -> Batch:
-        """``POST /v1/batches``: synchronous checks, then start parsing in a worker thread."""
-        fid = _require_str(body, "input_file_id")
-        endpoint = _require_str(body, "endpoint")
-        window = _require_str(body, "completion_window")
-        if endpoint not in ENDPOINTS:
-            msg = f"Invalid value: '{endpoint}'. Supported values are: {', '.join(ENDPOINTS)}."
+    def create_batch(
+        self, body: Json, flavor: Flavor = OPENAI_FLAVOR, parsed: Parsed | None = None
+    ) -> Batch:
+        """``POST /v1/batches`` (or an OpenAI-compatible provider's, per ``flavor``): synchronous
+        checks, then start parsing in a worker thread."""
+        fid = require_str(body, "input_file_id")
+        endpoint = require_str(body, "endpoint")
+        window = require_str(body, "completion_window")
+        if endpoint not in flavor.endpoints:
+            supported = ", ".join(flavor.endpoints)
+            msg = f"Invalid value: '{endpoint}'. Supported values are: {supported}."
             raise ApiError(400, msg, "endpoint", "invalid_value")
-        if window != "24h":
-            msg = f"Invalid value: '{window}'. Supported values are: '24h'."
+        window_s = flavor.window_seconds(window)
+        if window_s is None:
+            msg = f"Invalid value: '{window}'. Supported values are: {flavor.windows_hint}."
             raise ApiError(400, msg, "completion_window", "invalid_value")
-        _check_metadata(body.get("metadata"))
-        ttl = _output_ttl(body.get("output_expires_after"))
+        check_metadata(body.get("metadata"))
+        ttl = output_ttl(body.get("output_expires_after"))
         f = self.files.get(fid)
-        if f is None or f.purpose != "batch":
+        if f is None or f.provider != flavor.provider or f.purpose != "batch":
             why = "not found" if f is None else "must have purpose 'batch'"
             msg = f"Invalid 'input_file_id': '{fid}'. File {why}."
             raise ApiError(400, msg, "input_file_id", "invalid_value")
-        if f.bytes > self.config.max_file_bytes:
+        if f.bytes > flavor.max_file_bytes(self.config):
             raise ApiError(400, "The input file exceeds the maximum size.", "input_file_id")
-        meta = body.get("metadata")
-        return self.start_batch(
-            "openai", OPENAI, f.path, endpoint, input_file_id=fid, metadata=meta, output_ttl=ttl
+        b = self.start_batch(
+            flavor.provider,
+            flavor.dialect,
+            f.path,
+            endpoint,
+            input_file_id=fid,
+            metadata=body.get("metadata"),
+            output_ttl=ttl,
+            parsed=parsed,
         )
+        b.window, b.extra["completion_window"] = window_s, window
+        return b
 
     def start_batch(
         self,
@@ -515,16 +556,23 @@ class EmulatorState:
         self._schedule(b)
         return b
 
-    def list_batches(self, limit: int, after: str | None) -> Json:
-        """``GET /v1/batches``: newest first, cursor ``after``."""
+    def list_batches(
+        self,
+        limit: int,
+        after: str | None,
+        provider: str = "openai",
+        render: Callable[[Batch], Json] | None = None,
+    ) -> Json:
+        """``GET /v1/batches``: newest first, cursor ``after`` (OpenAI-compatible providers)."""
         self.advance()
-        mine = self._lists.get("openai", [])
+        render = render or self.batch_dict
+        mine = self._lists.get(provider, [])
         start = len(mine)
         if after is not None:
-            if after not in self._batches or self._batches[after].provider != "openai":
+            if after not in self._batches or self._batches[after].provider != provider:
                 raise ApiError(400, f"Invalid 'after': no batch with id '{after}'.", "after")
             start = self._batches[after].pseq
-        page = [self.batch_dict(b) for b in reversed(mine[max(0, start - limit) : start])]
+        page = [render(b) for b in reversed(mine[max(0, start - limit) : start])]
         return {
             "object": "list",
             "data": page,
@@ -552,15 +600,20 @@ class EmulatorState:
             d["webhooks"] = dict(self.webhook_counts)
         return d | {"batches_by_status": by_status}
 
-    def batch_dict(self, b: Batch) -> Json:
-        """Render the OpenAI batch object."""
-        (completed, failed), (n_in, n_out) = b.counts, b.usage
+    def live_counts(self, b: Batch) -> tuple[int, int]:
+        """(succeeded, failed) requests so far: live while running, final once terminal."""
         if b.status in HOLDS_TOKENS:  # live progress: a prefix of the requests is done
             k = b.done if b.status == "cancelling" else self._progress(b, self.now())
-            completed, failed = k - b.fail_prefix[k], b.fail_prefix[k]
+            return k - b.fail_prefix[k], b.fail_prefix[k]
+        return b.counts
+
+    def batch_dict(self, b: Batch) -> Json:
+        """Render the OpenAI batch object."""
+        (completed, failed), (n_in, n_out) = self.live_counts(b), b.usage
         usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0}}
         usage |= {"output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0}}
-        d = {"object": "batch", "completion_window": "24h", "expires_at": b.created_at + DAY}
+        window = b.extra.get("completion_window", "24h")
+        d = {"object": "batch", "completion_window": window, "expires_at": b.created_at + b.window}
         d |= {k: getattr(b, k) for k in BATCH_FIELDS} | {k: b.ts.get(k) for k in TIMESTAMPS}
         counts = {"total": len(b.reqs), "completed": completed, "failed": failed}
         return d | {"request_counts": counts, "usage": usage | {"total_tokens": n_in + n_out}}

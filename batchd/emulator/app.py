@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from batchd.emulator.faults import TARGET_KEY, fault_middleware
 from batchd.emulator.http import json_response
-from batchd.emulator.providers import PROVIDERS, presigned_routes
+from batchd.emulator.providers import PROVIDERS
 from batchd.emulator.providers.base import Provider
 from batchd.emulator.state import ApiError, EmulatorConfig, EmulatorState
 from batchd.emulator.webhooks import webhook_ctx
@@ -68,10 +68,8 @@ def create_app(state: EmulatorState) -> web.Application:
     if state.config.webhook_url:
         app.cleanup_ctx.append(webhook_ctx(state))
     for api in apis:
-        for method, path, handler in api.routes():
+        for method, path, handler in api.routes() + api.open_routes():
             app.router.add_route(method, path, handler)
-    for method, path, handler in presigned_routes(state):
-        app.router.add_route(method, path, handler)
     app.router.add_get("/_emulator/stats", stats)
     return app
 

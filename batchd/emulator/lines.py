@@ -129,6 +129,13 @@ def _line_problem(
 
 
 def _prompt_text(body: Json) -> str:
+    contents = body.get("contents")  # Gemini: contents[-1].parts[0].text
+    if isinstance(contents, list) and contents and isinstance(contents[-1], dict):
+        parts = contents[-1].get("parts")
+        if isinstance(parts, list) and parts and isinstance(parts[0], dict):
+            text = parts[0].get("text")
+            if isinstance(text, str):
+                return text[:64]
     for key in ("messages", "input", "prompt"):
         v = body.get(key)
         if isinstance(v, list) and v:

@@ -118,6 +118,7 @@ class StoredFile:
     provider: str = "openai"
     kind: str = "input"  # input, output or error (results written by the emulator)
     lines: int | None = None  # result lines, for result files
+    extra: Json = field(default_factory=dict)  # provider-specific fields (mime type, name, ...)
 
     def to_dict(self) -> Json:
         """The OpenAI file object."""
@@ -549,8 +550,14 @@ class EmulatorState:
         b = self.get_batch(bid, provider)
         if b.status not in CANCELLABLE:
             raise ApiError(400, f"Cannot cancel a batch with status '{b.status}'.")
-        now, n = self.now(), len(b.reqs)
-        b.done = n if b.status == "finalizing" else max(n // 2, self._progress(b, now))
+        now = self.now()
+        if b.status == "validating" and b.parsed is not None and not b.parsed.errors:
+            b.reqs = b.parsed.reqs  # nothing ran: every request is cancelled
+        n = len(b.reqs)
+        if b.status == "validating":
+            b.done = 0
+        else:
+            b.done = n if b.status == "finalizing" else max(n // 2, self._progress(b, now))
         b.parsed, b.status, b.phase_mono = None, "cancelling", now
         b.ts["cancelling_at"] = self.unix(now)
         self._schedule(b)

@@ -65,3 +65,7 @@ class Provider:
     def routes(self) -> list[tuple[str, str, Handler]]:
         """(method, path, handler) of every route, paths starting with :attr:`prefix`."""
         raise NotImplementedError
+
+    def open_routes(self) -> list[tuple[str, str, Handler]]:
+        """Routes outside :attr:`prefix` (no auth, no faults), e.g. presigned upload URLs."""
+        return []

@@ -105,7 +105,9 @@ def test_create_time_checks() -> None:
         with pytest.raises(anthropic.BadRequestError):
             c.messages.batches.create(requests=[])
         with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(api_key="wrong", base_url=f"{srv.url}/anthropic").messages.batches.list()
+            anthropic.Anthropic(
+                api_key="wrong", base_url=f"{srv.url}/anthropic"
+            ).messages.batches.list()
     with serve(anthropic_max_requests=3) as srv, client(srv.url) as c:
         with pytest.raises(anthropic.BadRequestError):
             c.messages.batches.create(requests=requests(4))

@@ -1,11 +1,12 @@
-"""Gemini API Batch Mode under ``/gemini`` (``v1beta``), as the google-genai SDK speaks it.
+"""Gemini API Batch Mode under ``/gemini`` (``v1beta`` and ``v1``), as google-genai speaks it.
 
 ``POST /gemini/v1beta/models/{model}:batchGenerateContent`` with ``{"batch": {displayName,
 inputConfig: {fileName} | {requests: {requests: [{request, metadata}]}}}}`` returns a
 long-running operation ``batches/{id}`` whose ``metadata`` holds ``state``
 (``BATCH_STATE_PENDING/RUNNING/SUCCEEDED/FAILED/CANCELLED/EXPIRED``), ``batchStats`` (int64 as
 strings) and, once done, ``output``: ``responsesFile`` (file input; one ``{key, response}`` or
-``{key, error}`` line per request, in input order) or ``inlinedResponses`` (inline input).
+``{key, error: {code, message}}`` line per request, in input order) or ``inlinedResponses``
+(inline input: ``{response | error, metadata}`` in input order).
 Files: the resumable upload protocol (``/gemini/upload/v1beta/files``), get, list, delete,
 ``files/{id}:download?alt=media``. Batches: get, list (``pageSize``/``pageToken``),
 ``:cancel``, delete. Auth ``x-goog-api-key`` header (or ``?key=``).
@@ -26,8 +27,7 @@ from batchd.emulator.lines import Json, Problem, Req, Rules
 from batchd.emulator.providers.base import Handler, Provider
 from batchd.emulator.state import TERMINAL, ApiError, Batch, StoredFile
 
-V = "/gemini/v1beta"
-UPLOAD = "/gemini/upload/v1beta/files"
+VERSIONS = ("v1beta", "v1")  # the SDK's default is v1 (3.x), the docs' v1beta
 ID = "{id:[^/:]+}"
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
 OUTPUT_TYPE = BATCH_TYPE + "Output"
@@ -132,7 +132,7 @@ class GeminiDialect(Dialect):
             head["key"] = r.custom_id
         if outcome == "errored":
             message = r.message or f"Emulated request failure (HTTP {r.status})."
-            err = {"code": r.status, "message": message, "status": grpc_status(r.status)}
+            err = {"code": r.status, "message": message}  # a google.rpc.Status
             return head | {"error": err}, 0
         text = f"Emulated reply to: {r.text}"
         n_out = 1 + len(text) // 4
@@ -156,8 +156,10 @@ class Gemini(Provider):
 
     name: ClassVar[str] = "gemini"
     prefix: ClassVar[str] = "/gemini/"
-    create_routes = frozenset({f"POST {V}/models/{{model}}:batchGenerateContent"})
-    download_routes = frozenset({f"GET {V}/files/{{id}}:download"})
+    create_routes = frozenset(
+        f"POST /gemini/{v}/models/{{model}}:batchGenerateContent" for v in VERSIONS
+    )
+    download_routes = frozenset(f"GET /gemini/{v}/files/{{id}}:download" for v in VERSIONS)
     dialect = GeminiDialect()
 
     def __init__(self, state: Any) -> None:
@@ -165,6 +167,8 @@ class Gemini(Provider):
         self.sessions: dict[str, Json] = {}  # resumable uploads in progress
 
     def auth(self, request: web.Request) -> None:
+        if request.path.startswith("/gemini/upload/") and "upload_id" in request.query:
+            return  # like the real upload URL, the session id is the credential
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         if not key:
             msg = "Method doesn't allow unregistered callers. Please use an API Key."
@@ -182,7 +186,8 @@ class Gemini(Provider):
     # -- files -----------------------------------------------------------------------------
     def file_dict(self, request: web.Request, f: StoredFile) -> Json:
         """The File resource."""
-        base = f"{request.scheme}://{request.host}{V}/files/{f.id}"
+        version = request.path.split("/")[2 if request.path.startswith("/gemini/v") else 3]
+        base = f"{request.scheme}://{request.host}/gemini/{version}/files/{f.id}"
         d = {
             "name": f"files/{f.id}",
             "mimeType": f.extra.get("mime", "application/jsonl"),
@@ -244,7 +249,7 @@ class Gemini(Provider):
             "display": meta.get("displayName") or meta.get("display_name"),
         }
         (self.state.data_dir / fid).write_bytes(b"")
-        url = f"{request.scheme}://{request.host}{UPLOAD}?upload_id={sid}&upload_protocol=resumable"
+        url = f"{request.scheme}://{request.host}{request.path}?upload_id={sid}"
         headers = {"x-goog-upload-url": url, "x-goog-upload-status": "active"}
         return web.Response(headers=headers)
 
@@ -388,18 +393,22 @@ class Gemini(Provider):
         return json_response({})
 
     def routes(self) -> list[tuple[str, str, Handler]]:
-        return [
-            ("POST", UPLOAD, self.upload),
-            ("GET", f"{V}/files", self.list_files),
-            ("GET", f"{V}/files/{ID}", self.get_file),
-            ("DELETE", f"{V}/files/{ID}", self.delete_file),
-            ("GET", f"{V}/files/{ID}:download", self.download),
-            ("POST", f"{V}/models/{{model:[^/:]+}}:batchGenerateContent", self.create),
-            ("GET", f"{V}/batches", self.list_batches),
-            ("GET", f"{V}/batches/{ID}", self.get),
-            ("DELETE", f"{V}/batches/{ID}", self.delete),
-            ("POST", f"{V}/batches/{ID}:cancel", self.cancel),
-        ]
+        out: list[tuple[str, str, Handler]] = []
+        for version in VERSIONS:
+            v = f"/gemini/{version}"
+            out += [
+                ("POST", f"/gemini/upload/{version}/files", self.upload),
+                ("GET", f"{v}/files", self.list_files),
+                ("GET", f"{v}/files/{ID}", self.get_file),
+                ("DELETE", f"{v}/files/{ID}", self.delete_file),
+                ("GET", f"{v}/files/{ID}:download", self.download),
+                ("POST", f"{v}/models/{{model:[^/:]+}}:batchGenerateContent", self.create),
+                ("GET", f"{v}/batches", self.list_batches),
+                ("GET", f"{v}/batches/{ID}", self.get),
+                ("DELETE", f"{v}/batches/{ID}", self.delete),
+                ("POST", f"{v}/batches/{ID}:cancel", self.cancel),
+            ]
+        return out
 
 
 def _page(items: list[Any], request: web.Request) -> tuple[list[Any], str | None]:

@@ -154,7 +154,7 @@ class Mistral(Provider):
         return self.state.get_file(request.match_info["id"], self.name)
 
     async def get_file(self, request: web.Request) -> web.StreamResponse:
-        return json_response(self.file_dict(self._file(request)))
+        return json_response(self.file_dict(self._file(request)) | {"deleted": False})
 
     async def delete_file(self, request: web.Request) -> web.StreamResponse:
         fid = self._file(request).id

@@ -20,7 +20,7 @@ from aiohttp import web
 from batchd.emulator.dialect import Dialect
 from batchd.emulator.http import json_body, json_response, multipart, send_file
 from batchd.emulator.ids import new_id, rfc3339
-from batchd.emulator.lines import Json, Problem, Rules
+from batchd.emulator.lines import Json, Problem, Req, Rules, response_body
 from batchd.emulator.providers.base import Handler, Provider
 from batchd.emulator.state import DAY, TERMINAL, ApiError, Batch, StoredFile
 
@@ -73,6 +73,9 @@ class TogetherDialect(Dialect):
 
     def rules(self, endpoint: str, model: str | None) -> Rules:
         return _Rules(endpoint, model)
+
+    def body(self, b: Batch, r: Req, created: int) -> tuple[Json, int]:
+        return response_body(b.endpoint, b.model or b.model_hint or "", r, created)
 
 
 class Together(Provider):

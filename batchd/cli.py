@@ -25,6 +25,10 @@ from batchd.spool import Spool, SpoolLocked, check_name, enter_inbox
 from batchd.states import TERMINAL_JOB_STATES, JobState
 from batchd.store import Job, Store
 
+# The emulator's APIs (batchd.emulator.providers.PROVIDERS; kept here so that parsing arguments
+# does not import the emulator).
+PROVIDER_NAMES = ("openai", "azure", "groq", "together", "anthropic", "gemini", "mistral")
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
 
 
@@ -502,6 +506,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     from batchd.emulator import EmulatorConfig, serve
     from batchd.emulator.faults import FaultConfig
+    from batchd.emulator.providers import PREFIXES
     from batchd.emulator.webhooks import secret_key
 
     if args.webhook_secret is not None:
@@ -532,8 +537,13 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         faults=faults,
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,
+        providers=frozenset(args.provider) if args.provider else None,
+        azure_deployments=frozenset(args.azure_deployment) if args.azure_deployment else None,
     )
-    print(f"batchd emulator on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    for name, prefix in PREFIXES.items():
+        if not args.provider or name in args.provider:
+            url = f"http://{args.host}:{args.port}{prefix}"
+            print(f"batchd emulator: {name:9} {url}", file=sys.stderr)
     try:
         asyncio.run(serve(args.host, args.port, cfg))
     except KeyboardInterrupt:
@@ -665,6 +675,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODEL=N",
         help="enqueued-token limit per model (repeatable)",
+    )
+    e.add_argument(
+        "--provider",
+        action="append",
+        choices=PROVIDER_NAMES,
+        metavar="NAME",
+        help=f"serve only this API (repeatable; default: all of {', '.join(PROVIDER_NAMES)})",
+    )
+    e.add_argument(
+        "--azure-deployment",
+        action="append",
+        metavar="NAME",
+        help="an Azure batch deployment name (repeatable; default: any name is one)",
     )
     e.add_argument("--webhook-url", help="POST Standard Webhooks batch.* events here")
     e.add_argument("--webhook-secret", metavar="whsec_...", help="sign webhooks with this")

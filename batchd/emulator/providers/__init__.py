@@ -30,4 +30,14 @@ PROVIDERS: dict[str, type[Provider]] = {
     "mistral": Mistral,
 }
 
-__all__ = ["PROVIDERS", "Provider"]
+PREFIXES = {  # where each API's SDK base URL points (besides the host)
+    "openai": "/v1",
+    "azure": "/azure",
+    "groq": "/groq",
+    "together": "/together",
+    "anthropic": "/anthropic",
+    "gemini": "/gemini",
+    "mistral": "/mistral",
+}
+
+__all__ = ["PREFIXES", "PROVIDERS", "Provider"]

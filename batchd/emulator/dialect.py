@@ -38,6 +38,7 @@ class Dialect:
     webhooks = True  # terminal batches fire batch.* webhooks (OpenAI family only)
     output_purpose = "batch_output"
     token_limit_at_validation = True  # over the enqueued-token limit: the batch fails
+    cancel_keeps_requests = False  # cancelled while validating: requests still count (Anthropic)
 
     def rules(self, endpoint: str, model: str | None) -> Rules:
         """The line rules of one batch (``model``: the job-level model, where there is one)."""

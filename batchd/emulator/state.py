@@ -551,8 +551,9 @@ class EmulatorState:
         if b.status not in CANCELLABLE:
             raise ApiError(400, f"Cannot cancel a batch with status '{b.status}'.")
         now = self.now()
-        if b.status == "validating" and b.parsed is not None and not b.parsed.errors:
-            b.reqs = b.parsed.reqs  # nothing ran: every request is cancelled
+        if b.status == "validating" and b.dialect.cancel_keeps_requests:
+            if b.parsed is not None and not b.parsed.errors:
+                b.reqs = b.parsed.reqs  # nothing ran: every request ends "canceled"
         n = len(b.reqs)
         if b.status == "validating":
             b.done = 0

@@ -86,6 +86,7 @@ class AnthropicDialect(Dialect):
     split_errors = False
     webhooks = False
     token_limit_at_validation = False
+    cancel_keeps_requests = True  # request_counts always sum to the batch's size
 
     def rules(self, endpoint: str, model: str | None) -> Rules:
         return _Rules(endpoint)

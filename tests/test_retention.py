@@ -116,11 +116,11 @@ async def test_sigterm_mid_burst_drops_nothing_on_the_floor(
 ) -> None:
     """Before: stopping in the middle of a burst printed `RuntimeWarning: coroutine
     'submit_attempt' was never awaited` (and 'advance'): scheduled work dropped."""
-    conf = config_file(tmp_path, emulator.url, extra="[intake]\nduplicate_window = \"0\"\n")
+    conf = config_file(tmp_path, emulator.url, extra='[intake]\nduplicate_window = "0"\n')
     spool = tmp_path / "spool"
     Spool(spool).ensure()
     env = {**os.environ, KEY_ENV: API_KEY, "PYTHONWARNINGS": "default"}
-    p = subprocess.Popen(
+    p = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
         [sys.executable, "-X", "dev", "-m", "batchd", "run", "-c", str(conf)],
         stderr=subprocess.PIPE,
         cwd=ROOT,

@@ -36,6 +36,11 @@ $BATCHD_CONFIG; see config.example.toml for every key.
 """
 
 
+# The emulator's APIs (batchd.emulator.providers.PROVIDERS; kept here so that parsing
+# arguments does not import the emulator).
+PROVIDER_NAMES = ("openai", "azure", "groq", "together", "anthropic", "gemini", "mistral")
+
+
 def _probability(v: str) -> float:
     p = float(v)
     if not 0.0 <= p <= 1.0:
@@ -102,6 +107,19 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=[],
         metavar="MODEL=N",
         help="enqueued-token limit per model (repeatable)",
+    )
+    e.add_argument(
+        "--provider",
+        action="append",
+        choices=PROVIDER_NAMES,
+        metavar="NAME",
+        help=f"serve only this API (repeatable; default: all of {', '.join(PROVIDER_NAMES)})",
+    )
+    e.add_argument(
+        "--azure-deployment",
+        action="append",
+        metavar="NAME",
+        help="an Azure batch deployment name (repeatable; default: any name is one)",
     )
     e.add_argument("--webhook-url", help="POST Standard Webhooks batch.* events here")
     e.add_argument("--webhook-secret", metavar="whsec_...", help="sign webhooks with this")

@@ -440,6 +440,7 @@ async def emulator(args: argparse.Namespace) -> int:
 
     from batchd.emulator import EmulatorConfig, serve
     from batchd.emulator.faults import FaultConfig
+    from batchd.emulator.providers import PREFIXES
     from batchd.emulator.webhooks import secret_key
 
     if args.webhook_secret is not None:
@@ -470,10 +471,16 @@ async def emulator(args: argparse.Namespace) -> int:
         faults=faults,
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,
+        providers=frozenset(args.provider) if args.provider else None,
+        azure_deployments=frozenset(args.azure_deployment) if args.azure_deployment else None,
     )
 
     def ready(host: str, port: int) -> None:
-        print(f"batchd emulator on http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        print(f"batchd emulator on http://{host}:{port}/v1", file=sys.stderr)
+        for name, prefix in PREFIXES.items():
+            if not args.provider or name in args.provider:
+                print(f"batchd emulator: {name:9} http://{host}:{port}{prefix}", file=sys.stderr)
+        sys.stderr.flush()
 
     try:
         await serve(args.host, args.port, cfg, ready)

@@ -1,7 +1,8 @@
 """Seeded fault injection for the emulator ("nothing lost, nothing twice" tests).
 
 Every knob is a probability per API call (0.0 = off, 1.0 = always). Faults apply only to
-matched ``/v1/*`` routes of requests that passed authentication, never to ``/_emulator/*``.
+matched routes of an emulated API (``/v1/*`` and every provider prefix) on requests that passed
+authentication, never to ``/_emulator/*``; error bodies use that API's envelope.
 Draws come from one ``random.Random(seed)``, so a given request sequence faults identically on
 every run. Each injected fault is counted in ``EmulatorState.fault_counts`` under its knob name
 (served in ``GET /_emulator/stats`` as ``fault_counts``).
@@ -19,8 +20,6 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-CREATE_BATCH = "POST /v1/batches"
-FILE_CONTENT = "GET /v1/files/{id}/content"
 TRUNCATE_KEY = web.RequestKey("emulator_truncate", bool)
 _SERVER_ERRORS = (
     (500, "The server had an error while processing your request. Sorry about that!"),
@@ -40,9 +39,9 @@ class FaultConfig:
     drop_connection: float = 0.0  # close the connection without any response; not acted on
     slow: float = 0.0  # delay the request by slow_seconds before handling it
     slow_seconds: float = 0.5
-    ghost_create: float = 0.0  # POST /v1/batches: batch created, then 500 or dropped connection
-    truncated_download: float = 0.0  # file content: full Content-Length, half the body, close
-    routes: frozenset[str] | None = None  # e.g. {"POST /v1/batches"}; None = every /v1 route
+    ghost_create: float = 0.0  # batch create calls: batch created, then 500 or dropped connection
+    truncated_download: float = 0.0  # file/results download: full Content-Length, half, close
+    routes: frozenset[str] | None = None  # e.g. {"POST /v1/batches"}; None = every API route
     # Every knob that is on fires on the first request it can apply to, then at random:
     # a test that turns a knob on is sure to see it fire (seeded draws may never hit).
     force_first: bool = False
@@ -57,15 +56,25 @@ class _State(Protocol):
     fault_counts: Counter[str]
 
 
-def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:
+class Target(Protocol):
+    """The emulated API a request is for (set on the request by the API middleware)."""
+
+    create_routes: frozenset[str]  # "METHOD /canonical/path" keys that create a batch
+    download_routes: frozenset[str]  # keys that stream a results or file download
+
+    def fault(self, status: int, message: str, code: str | None) -> web.Response:
+        """An injected error in this API's envelope."""
+
+
+TARGET_KEY = web.RequestKey[Target]("emulator_target")
+
+
+def openai_error(status: int, message: str, kind: str, code: str | None) -> web.Response:
+    """An error response in OpenAI's ``{"error": {message, type, param, code}}`` envelope."""
     err = {"message": message, "type": kind, "param": None, "code": code}
     return web.Response(
         body=orjson.dumps({"error": err}), status=status, content_type="application/json"
     )
-
-
-def _server_error(status: int) -> web.Response:
-    return _error(status, dict(_SERVER_ERRORS)[status], "server_error", None)
 
 
 def _drop(request: web.Request) -> web.Response:
@@ -101,7 +110,8 @@ def fault_middleware(cfg: FaultConfig, state: _State) -> Middleware:
     @web.middleware
     async def faults(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
-        if resource is None or not request.path.startswith("/v1/"):
+        target: Target | None = request.get(TARGET_KEY)
+        if resource is None or target is None:
             return await handler(request)
         key = f"{request.method} {resource.canonical}"
         if cfg.routes is not None and key not in cfg.routes:
@@ -111,21 +121,22 @@ def fault_middleware(cfg: FaultConfig, state: _State) -> Middleware:
         if hit("drop_connection", cfg.drop_connection):
             return _drop(request)
         if hit("rate_limit", cfg.rate_limit):
-            resp = _error(429, "Rate limit reached (emulated).", "requests", "rate_limit_exceeded")
+            resp = target.fault(429, "Rate limit reached (emulated).", "rate_limit_exceeded")
             resp.headers["Retry-After"] = f"{cfg.retry_after_seconds:g}"
             resp.headers["retry-after-ms"] = str(round(cfg.retry_after_seconds * 1000))
             return resp
         if hit("server_error", cfg.server_error):
-            return _server_error(rng.choice(_SERVER_ERRORS)[0])
-        if key == FILE_CONTENT and hit("truncated_download", cfg.truncated_download):
+            status = rng.choice(_SERVER_ERRORS)[0]
+            return target.fault(status, dict(_SERVER_ERRORS)[status], None)
+        if key in target.download_routes and hit("truncated_download", cfg.truncated_download):
             request[TRUNCATE_KEY] = True
-        if key == CREATE_BATCH and draw(cfg.ghost_create, "ghost_create"):
+        if key in target.create_routes and draw(cfg.ghost_create, "ghost_create"):
             drop = rng.random() < 0.5
             created = await handler(request)
-            if created.status != 200:  # nothing was created: no ghost
+            if created.status >= 300:  # nothing was created: no ghost
                 return created
             state.fault_counts["ghost_create"] += 1
-            return _drop(request) if drop else _server_error(500)
+            return _drop(request) if drop else target.fault(500, dict(_SERVER_ERRORS)[500], None)
         return await handler(request)
 
     return faults

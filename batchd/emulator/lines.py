@@ -38,6 +38,8 @@ class Req:
     tokens: int = 0  # estimate_tokens(body)
     text: str = ""  # prompt snippet echoed in the reply
     n_inputs: int = 1  # embedding / moderation inputs
+    message: str | None = None  # why the request failed, when the provider validates per request
+    meta: Any = None  # provider data echoed in the result (Gemini inline ``metadata``)
 
 
 @dataclass
@@ -48,6 +50,45 @@ class Parsed:
     errors: list[Json]
     model: str | None
     tokens: int
+
+
+Problem = tuple[str, str, str | None]  # (code, message, param) of a line that fails the batch
+
+
+class Rules:
+    """One provider's input-line rules; this base class holds OpenAI's ``{custom_id, method,
+    url, body}`` lines. Subclasses override the hooks for other envelopes."""
+
+    max_tasks = MAX_TASKS
+    same_model = True  # every line must name the same body.model
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def problem(self, obj: Any, seen: set[str], model: str | None) -> Problem | None:
+        """Why this line fails the whole batch, or None."""
+        return _line_problem(obj, self.endpoint, seen, model if self.same_model else None)
+
+    def custom_id(self, obj: Json, index: int) -> str:
+        """The request's id (``index`` counts requests from 0)."""
+        return str(obj["custom_id"])
+
+    def body(self, obj: Json) -> Json:
+        """The request body, where ``x_emulator`` hooks live."""
+        return dict(obj["body"])
+
+    def model(self, obj: Json) -> str | None:
+        """The model the line names, if any."""
+        m = self.body(obj).get("model")
+        return m if isinstance(m, str) else None
+
+    def request_error(self, obj: Json) -> str | None:
+        """Why this one request fails (errored result, batch unaffected), or None."""
+        return None
+
+    def meta(self, obj: Json) -> Any:
+        """Provider data to echo in the request's result."""
+        return None
 
 
 def estimate_tokens(body: Json) -> int:
@@ -88,6 +129,13 @@ def _line_problem(
 
 
 def _prompt_text(body: Json) -> str:
+    contents = body.get("contents")  # Gemini: contents[-1].parts[0].text
+    if isinstance(contents, list) and contents and isinstance(contents[-1], dict):
+        parts = contents[-1].get("parts")
+        if isinstance(parts, list) and parts and isinstance(parts[0], dict):
+            text = parts[0].get("text")
+            if isinstance(text, str):
+                return text[:64]
     for key in ("messages", "input", "prompt"):
         v = body.get(key)
         if isinstance(v, list) and v:
@@ -101,25 +149,46 @@ def _prompt_text(body: Json) -> str:
     return ""
 
 
-def _to_req(obj: Json) -> Req:
-    body: Json = obj["body"]
+def hooks(body: Json, meta: Any = None) -> tuple[int, bool]:
+    """The (status, expire) test hooks of a request: ``body.x_emulator`` or, where a provider
+    keeps only string metadata (Gemini inline), ``x_emulator_status``/``x_emulator_expire``."""
     x = body.get("x_emulator")
-    x = x if isinstance(x, dict) else {}
+    x = dict(x) if isinstance(x, dict) else {}
+    if isinstance(meta, dict):
+        if str(meta.get("x_emulator_status", "")).isdigit():
+            x.setdefault("status", int(meta["x_emulator_status"]))
+        if meta.get("x_emulator_expire") == "true":
+            x.setdefault("expire", True)
     status = x.get("status")
+    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+        status = 200
+    return status, x.get("expire") is True
+
+
+def make_req(custom_id: str, body: Json, meta: Any = None) -> Req:
+    """The Req of one valid line with request body ``body``."""
+    status, expire = hooks(body, meta)
     inp = body.get("input")
     multi = isinstance(inp, list) and bool(inp) and not isinstance(inp[0], int)
     return Req(
-        custom_id=obj["custom_id"],
-        status=status if isinstance(status, int) and 400 <= status <= 599 else 200,
-        expire=x.get("expire") is True,
+        custom_id=custom_id,
+        status=status,
+        expire=expire,
         tokens=estimate_tokens(body),
         text=_prompt_text(body),
         n_inputs=len(inp) if multi and isinstance(inp, list) else 1,
+        meta=meta,
     )
 
 
 def parse_input(path: Path, endpoint: str) -> Parsed:
-    """Validate a JSONL input file line by line, streaming it from disk (blank lines skipped)."""
+    """Validate an OpenAI-format JSONL input file (see :func:`parse_lines`)."""
+    return parse_lines(path, Rules(endpoint), embedding_cap=endpoint == "/v1/embeddings")
+
+
+def parse_lines(path: Path, rules: Rules, embedding_cap: bool = False) -> Parsed:
+    """Validate a JSONL input file line by line with ``rules``, streaming it from disk (blank
+    lines skipped)."""
     out = Parsed([], [], None, 0)
     seen: set[str] = set()
     count = inputs = 0
@@ -128,28 +197,32 @@ def parse_input(path: Path, endpoint: str) -> Parsed:
             if not raw.strip():
                 continue
             count += 1
-            if count > MAX_TASKS or len(out.errors) >= MAX_REPORTED_ERRORS:
+            if count > rules.max_tasks or len(out.errors) >= MAX_REPORTED_ERRORS:
                 continue
             try:
                 obj = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 obj = None
-            problem = _line_problem(obj, endpoint, seen, out.model)
+            problem = rules.problem(obj, seen, out.model)
             if problem is not None:
                 out.errors.append(_err(*problem, line=lineno))
                 continue
-            out.model = obj["body"]["model"]
-            seen.add(obj["custom_id"])
-            req = _to_req(obj)
+            cid = rules.custom_id(obj, count - 1)
+            out.model = rules.model(obj) or out.model
+            seen.add(cid)
+            req = make_req(cid, rules.body(obj), rules.meta(obj))
+            why = rules.request_error(obj)
+            if why is not None:
+                req.status, req.message = 400, why
             out.reqs.append(req)
             out.tokens += req.tokens
             inputs += req.n_inputs
     if count == 0:
         out.errors.append(_err("empty_file", "The input file is empty."))
-    if count > MAX_TASKS:
-        msg = f"The batch has {count} requests; the maximum is {MAX_TASKS}."
+    if count > rules.max_tasks:
+        msg = f"The batch has {count} requests; the maximum is {rules.max_tasks}."
         out.errors.append(_err("too_many_tasks", msg))
-    if endpoint == "/v1/embeddings" and inputs > MAX_EMBEDDING_INPUTS:
+    if embedding_cap and inputs > MAX_EMBEDDING_INPUTS:
         msg = f"The batch has {inputs} embedding inputs; the maximum is {MAX_EMBEDDING_INPUTS}."
         out.errors.append(_err("too_many_tasks", msg))
     return out

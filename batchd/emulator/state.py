@@ -17,20 +17,21 @@ import heapq
 import itertools
 import os
 import random
-import secrets
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
+from batchd.emulator.dialect import Dialect, outcome_of
 from batchd.emulator.faults import FaultConfig
-from batchd.emulator.lines import Json, Parsed, Req, error_body, parse_input, response_body
+from batchd.emulator.ids import new_id
+from batchd.emulator.lines import Json, Parsed, Req
 
 ENDPOINTS = tuple(
     "/v1/responses /v1/chat/completions /v1/embeddings /v1/completions /v1/moderations "
@@ -49,21 +50,28 @@ BATCH_FIELDS = tuple(
     "metadata".split()
 )
 DAY = 86_400
-EXPIRED_MSG = "This request could not be executed before the completion window expired."
+OPENAI = Dialect()
 
 
 class ApiError(Exception):
     """An API failure rendered as the OpenAI error envelope."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind  # the provider's error type, where it is not implied by the status
 
     def body(self) -> Json:
         """The ``{"error": {...}}`` envelope."""
-        err = {"message": self.message, "type": "invalid_request_error", "param": self.param}
+        kind = self.kind or "invalid_request_error"
+        err = {"message": self.message, "type": kind, "param": self.param}
         return {"error": err | {"code": self.code}}
 
 
@@ -86,6 +94,10 @@ class EmulatorConfig:
     max_file_bytes: int = 200 * 1024 * 1024  # POST /v1/files and uploads with purpose batch
     max_part_bytes: int = 64 * 1024 * 1024  # POST /v1/uploads/{id}/parts
     faults: FaultConfig = field(default_factory=FaultConfig)  # see batchd.emulator.faults
+    providers: frozenset[str] | None = None  # APIs to serve (batchd.emulator.providers); None=all
+    azure_deployments: frozenset[str] | None = None  # Azure batch deployments; None = any name
+    anthropic_max_requests: int = 100_000  # requests per Message Batch
+    anthropic_max_bytes: int = 256 * 1024 * 1024  # body bytes per Message Batch
     webhook_url: str | None = None  # POST batch.<status> events here (batchd.emulator.webhooks)
     webhook_secret: str | None = None  # "whsec_<base64>"; None = unsigned events
     webhook_max_attempts: int = 5  # deliveries of one event before giving up
@@ -103,6 +115,10 @@ class StoredFile:
     created_at: int
     expires_at: int | None
     path: Path
+    provider: str = "openai"
+    kind: str = "input"  # input, output or error (results written by the emulator)
+    lines: int | None = None  # result lines, for result files
+    extra: Json = field(default_factory=dict)  # provider-specific fields (mime type, name, ...)
 
     def to_dict(self) -> Json:
         """The OpenAI file object."""
@@ -159,14 +175,42 @@ class Batch:
     output_file_id: str | None = None
     error_file_id: str | None = None
     version: int = 0
+    provider: str = "openai"
+    dialect: Dialect = OPENAI
+    pseq: int = 0  # position in its provider's list
+    total: int = 0  # requests known at create time (inline input), before validation
+    model_hint: str | None = None  # job-level model (Mistral, Gemini, Together model_id)
+    outcomes: Counter[str] = field(default_factory=Counter)  # succeeded/errored/expired/canceled
+    extra: Json = field(default_factory=dict)  # provider-specific fields kept for rendering
+    deleted: bool = False
+    window: int = DAY  # completion window in seconds (reported in expires_at, not enforced)
 
 
-def new_id(prefix: str) -> str:
-    """A fresh random object id such as ``batch_<hex>``."""
-    return prefix + secrets.token_hex(12)
+def _openai_window(window: str) -> int | None:
+    return DAY if window == "24h" else None
 
 
-def _require_str(body: Json, key: str) -> str:
+@dataclass(frozen=True)
+class Flavor:
+    """The create-batch rules of an OpenAI-compatible API (OpenAI itself, Azure, Groq)."""
+
+    provider: str = "openai"
+    dialect: Dialect = OPENAI
+    endpoints: tuple[str, ...] = ENDPOINTS
+    window_seconds: Callable[[str], int | None] = _openai_window  # None: not allowed
+    windows_hint: str = "'24h'"
+    file_bytes: int | None = None  # max input file size; None: config.max_file_bytes
+
+    def max_file_bytes(self, config: EmulatorConfig) -> int:
+        """The largest input file this API accepts."""
+        return self.file_bytes if self.file_bytes is not None else config.max_file_bytes
+
+
+OPENAI_FLAVOR = Flavor()
+
+
+def require_str(body: Json, key: str) -> str:
+    """``body[key]`` if it is a string, else a 400 in OpenAI's words."""
     value = body.get(key)
     if value is None:
         raise ApiError(
@@ -177,7 +221,8 @@ def _require_str(body: Json, key: str) -> str:
     return value
 
 
-def _check_metadata(meta: Any) -> None:
+def check_metadata(meta: Any) -> None:
+    """Raise a 400 unless ``meta`` is OpenAI-style metadata (<= 16 string pairs) or None."""
     if meta is None:
         return
     if not isinstance(meta, dict) or len(meta) > 16:
@@ -189,7 +234,8 @@ def _check_metadata(meta: Any) -> None:
             raise ApiError(400, msg, "metadata", "invalid_value")
 
 
-def _output_ttl(spec: Any) -> int:
+def output_ttl(spec: Any) -> int:
+    """Seconds result files live, from ``output_expires_after`` (default 30 days)."""
     if spec is None:
         return 30 * DAY
     secs = spec.get("seconds") if isinstance(spec, dict) else None
@@ -250,6 +296,7 @@ class EmulatorState:
         self.uploads: dict[str, Upload] = {}
         self._batches: dict[str, Batch] = {}
         self._by_seq: list[Batch] = []
+        self._lists: dict[str, list[Batch]] = {}  # per provider, oldest first
         self._heap: list[tuple[float, int, int]] = []
         self._mono0, self._wall0 = time.monotonic(), time.time()
 
@@ -271,25 +318,39 @@ class EmulatorState:
 
     # -- files -----------------------------------------------------------------------------
     def add_file(
-        self, fid: str, filename: str, purpose: str, size: int, ttl: int | None
+        self,
+        fid: str,
+        filename: str,
+        purpose: str,
+        size: int,
+        ttl: int | None,
+        provider: str = "openai",
     ) -> StoredFile:
         """Register bytes already written at ``self.data_dir / fid`` as a file object."""
         now = self.unix()
         if ttl is None and purpose == "batch":
             ttl = 30 * DAY
         f = StoredFile(fid, filename, purpose, size, now, ttl and now + ttl, self.data_dir / fid)
+        f.provider = provider
         self.files[fid] = f
         return f
 
-    def get_file(self, fid: str) -> StoredFile:
-        """Look a file up or raise 404."""
-        if fid not in self.files:
+    def get_file(self, fid: str, provider: str = "openai") -> StoredFile:
+        """Look one of ``provider``'s files up or raise 404."""
+        f = self.files.get(fid)
+        if f is None or f.provider != provider:
             raise ApiError(404, f"No such File object: {fid}", "id")
-        return self.files[fid]
+        return f
 
-    def list_files(self, purpose: str | None, limit: int, after: str | None) -> Json:
+    def list_files(
+        self, purpose: str | None, limit: int, after: str | None, provider: str = "openai"
+    ) -> Json:
         """``GET /v1/files``: newest first, optional purpose filter, cursor ``after``."""
-        files = [f for f in reversed(self.files.values()) if purpose in (None, f.purpose)]
+        files = [
+            f
+            for f in reversed(self.files.values())
+            if purpose in (None, f.purpose) and f.provider == provider
+        ]
         if after is not None:
             ids = [f.id for f in files]
             if after not in ids:
@@ -304,9 +365,9 @@ class EmulatorState:
             "has_more": len(files) > limit,
         }
 
-    def delete_file(self, fid: str) -> Json:
+    def delete_file(self, fid: str, provider: str = "openai") -> Json:
         """Delete a file and its bytes."""
-        f = self.get_file(fid)
+        f = self.get_file(fid, provider)
         del self.files[fid]
         f.path.unlink(missing_ok=True)
         return {"id": fid, "object": "file", "deleted": True}
@@ -314,8 +375,8 @@ class EmulatorState:
     # -- uploads ---------------------------------------------------------------------------
     def create_upload(self, body: Json) -> Upload:
         """``POST /v1/uploads``."""
-        filename, purpose = _require_str(body, "filename"), _require_str(body, "purpose")
-        mime = _require_str(body, "mime_type")
+        filename, purpose = require_str(body, "filename"), require_str(body, "purpose")
+        mime = require_str(body, "mime_type")
         size = body.get("bytes")
         if purpose not in PURPOSES:
             raise ApiError(400, f"Invalid value for 'purpose': '{purpose}'.", "purpose")
@@ -381,64 +442,145 @@ class EmulatorState:
         u.parts.clear()
 
     # -- batches: API ----------------------------------------------------------------------
-    def create_batch(self, body: Json) -> Batch:
-        """``POST /v1/batches``: synchronous checks, then start parsing in a worker thread."""
-        fid = _require_str(body, "input_file_id")
-        endpoint = _require_str(body, "endpoint")
-        window = _require_str(body, "completion_window")
-        if endpoint not in ENDPOINTS:
-            msg = f"Invalid value: '{endpoint}'. Supported values are: {', '.join(ENDPOINTS)}."
+    def create_batch(
+        self, body: Json, flavor: Flavor = OPENAI_FLAVOR, parsed: Parsed | None = None
+    ) -> Batch:
+        """``POST /v1/batches`` (or an OpenAI-compatible provider's, per ``flavor``): synchronous
+        checks, then start parsing in a worker thread."""
+        fid = require_str(body, "input_file_id")
+        endpoint = require_str(body, "endpoint")
+        window = require_str(body, "completion_window")
+        if endpoint not in flavor.endpoints:
+            supported = ", ".join(flavor.endpoints)
+            msg = f"Invalid value: '{endpoint}'. Supported values are: {supported}."
             raise ApiError(400, msg, "endpoint", "invalid_value")
-        if window != "24h":
-            msg = f"Invalid value: '{window}'. Supported values are: '24h'."
+        window_s = flavor.window_seconds(window)
+        if window_s is None:
+            msg = f"Invalid value: '{window}'. Supported values are: {flavor.windows_hint}."
             raise ApiError(400, msg, "completion_window", "invalid_value")
-        _check_metadata(body.get("metadata"))
-        ttl = _output_ttl(body.get("output_expires_after"))
+        check_metadata(body.get("metadata"))
+        ttl = output_ttl(body.get("output_expires_after"))
         f = self.files.get(fid)
-        if f is None or f.purpose != "batch":
+        if f is None or f.provider != flavor.provider or f.purpose != "batch":
             why = "not found" if f is None else "must have purpose 'batch'"
             msg = f"Invalid 'input_file_id': '{fid}'. File {why}."
             raise ApiError(400, msg, "input_file_id", "invalid_value")
-        if f.bytes > self.config.max_file_bytes:
+        if f.bytes > flavor.max_file_bytes(self.config):
             raise ApiError(400, "The input file exceeds the maximum size.", "input_file_id")
+        b = self.start_batch(
+            flavor.provider,
+            flavor.dialect,
+            f.path,
+            endpoint,
+            input_file_id=fid,
+            metadata=body.get("metadata"),
+            output_ttl=ttl,
+            parsed=parsed,
+        )
+        b.window, b.extra["completion_window"] = window_s, window
+        return b
+
+    def start_batch(
+        self,
+        provider: str,
+        dialect: Dialect,
+        source: Path,
+        endpoint: str,
+        *,
+        input_file_id: str = "",
+        metadata: dict[str, str] | None = None,
+        output_ttl: int = 30 * DAY,
+        bid: str | None = None,
+        total: int = 0,
+        model: str | None = None,
+        parsed: Parsed | None = None,
+    ) -> Batch:
+        """Create a batch of ``provider`` over the input at ``source`` (any provider's line
+        format, read by ``dialect``); parse it in a worker thread unless ``parsed`` is given."""
         now = self.now()
-        b = Batch(new_id("batch_"), len(self._by_seq), endpoint, fid, body.get("metadata"), ttl)
+        seq = len(self._by_seq)
+        b = Batch(bid or new_id("batch_"), seq, endpoint, input_file_id, metadata, output_ttl)
+        b.provider, b.dialect = provider, dialect
+        b.total, b.model_hint = total, model
         b.created_mono, b.created_at = now, self.unix(now)
         self._batches[b.id] = b
         self._by_seq.append(b)
+        siblings = self._lists.setdefault(provider, [])
+        b.pseq = len(siblings)
+        siblings.append(b)
         self.batches_created += 1
-        fut = asyncio.get_running_loop().run_in_executor(None, parse_input, f.path, endpoint)
+        if parsed is not None:
+            b.parsed, b.parsed_mono = parsed, now
+            self._schedule(b)
+            return b
+        parse = functools.partial(dialect.parse, source, endpoint, model)
+        fut = asyncio.get_running_loop().run_in_executor(None, parse)
         fut.add_done_callback(functools.partial(self._on_parsed, b))
         return b
 
-    def get_batch(self, bid: str) -> Batch:
-        """Look a batch up (after advancing the clock) or raise 404."""
+    def get_batch(self, bid: str, provider: str = "openai") -> Batch:
+        """Look one of ``provider``'s batches up (after advancing the clock) or raise 404."""
         self.advance()
-        if bid not in self._batches:
+        b = self._batches.get(bid)
+        if b is None or b.provider != provider:
             raise ApiError(404, f"No batch found with id '{bid}'.", "batch_id")
-        return self._batches[bid]
+        return b
 
-    def cancel_batch(self, bid: str) -> Batch:
+    def delete_batch(self, b: Batch) -> None:
+        """Forget a batch (providers with a delete call); its result files stay."""
+        del self._batches[b.id]
+        b.deleted = True
+        b.version += 1  # drop any scheduled transition
+
+    def provider_batches(self, provider: str) -> list[Batch]:
+        """``provider``'s live batches, newest first (after advancing the clock)."""
+        self.advance()
+        return [b for b in reversed(self._lists.get(provider, [])) if not b.deleted]
+
+    def tokens_held(self, provider: str, model: str | None) -> int:
+        """Enqueued tokens of ``provider``'s unfinished batches for ``model``."""
+        return sum(
+            o.tokens
+            for o in self._lists.get(provider, [])
+            if o.model == model and o.status in HOLDS_TOKENS and not o.deleted
+        )
+
+    def cancel_batch(self, bid: str, provider: str = "openai") -> Batch:
         """``POST /v1/batches/{id}/cancel``; the first half of the requests count as done."""
-        b = self.get_batch(bid)
+        b = self.get_batch(bid, provider)
         if b.status not in CANCELLABLE:
             raise ApiError(400, f"Cannot cancel a batch with status '{b.status}'.")
-        now, n = self.now(), len(b.reqs)
-        b.done = n if b.status == "finalizing" else max(n // 2, self._progress(b, now))
+        now = self.now()
+        if b.status == "validating" and b.dialect.cancel_keeps_requests:
+            if b.parsed is not None and not b.parsed.errors:
+                b.reqs = b.parsed.reqs  # nothing ran: every request ends "canceled"
+        n = len(b.reqs)
+        if b.status == "validating":
+            b.done = 0
+        else:
+            b.done = n if b.status == "finalizing" else max(n // 2, self._progress(b, now))
         b.parsed, b.status, b.phase_mono = None, "cancelling", now
         b.ts["cancelling_at"] = self.unix(now)
         self._schedule(b)
         return b
 
-    def list_batches(self, limit: int, after: str | None) -> Json:
-        """``GET /v1/batches``: newest first, cursor ``after``."""
+    def list_batches(
+        self,
+        limit: int,
+        after: str | None,
+        provider: str = "openai",
+        render: Callable[[Batch], Json] | None = None,
+    ) -> Json:
+        """``GET /v1/batches``: newest first, cursor ``after`` (OpenAI-compatible providers)."""
         self.advance()
-        start = len(self._by_seq)
+        render = render or self.batch_dict
+        mine = self._lists.get(provider, [])
+        start = len(mine)
         if after is not None:
-            if after not in self._batches:
+            if after not in self._batches or self._batches[after].provider != provider:
                 raise ApiError(400, f"Invalid 'after': no batch with id '{after}'.", "after")
-            start = self._batches[after].seq
-        page = [self.batch_dict(b) for b in reversed(self._by_seq[max(0, start - limit) : start])]
+            start = self._batches[after].pseq
+        page = [render(b) for b in reversed(mine[max(0, start - limit) : start])]
         return {
             "object": "list",
             "data": page,
@@ -466,15 +608,20 @@ class EmulatorState:
             d["webhooks"] = dict(self.webhook_counts)
         return d | {"batches_by_status": by_status}
 
-    def batch_dict(self, b: Batch) -> Json:
-        """Render the OpenAI batch object."""
-        (completed, failed), (n_in, n_out) = b.counts, b.usage
+    def live_counts(self, b: Batch) -> tuple[int, int]:
+        """(succeeded, failed) requests so far: live while running, final once terminal."""
         if b.status in HOLDS_TOKENS:  # live progress: a prefix of the requests is done
             k = b.done if b.status == "cancelling" else self._progress(b, self.now())
-            completed, failed = k - b.fail_prefix[k], b.fail_prefix[k]
+            return k - b.fail_prefix[k], b.fail_prefix[k]
+        return b.counts
+
+    def batch_dict(self, b: Batch) -> Json:
+        """Render the OpenAI batch object."""
+        (completed, failed), (n_in, n_out) = self.live_counts(b), b.usage
         usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0}}
         usage |= {"output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0}}
-        d = {"object": "batch", "completion_window": "24h", "expires_at": b.created_at + DAY}
+        window = b.extra.get("completion_window", "24h")
+        d = {"object": "batch", "completion_window": window, "expires_at": b.created_at + b.window}
         d |= {k: getattr(b, k) for k in BATCH_FIELDS} | {k: b.ts.get(k) for k in TIMESTAMPS}
         counts = {"total": len(b.reqs), "completed": completed, "failed": failed}
         return d | {"request_counts": counts, "usage": usage | {"total_tokens": n_in + n_out}}
@@ -533,7 +680,7 @@ class EmulatorState:
             if version == b.version:
                 self._step(b, t)
                 self._schedule(b)
-                if b.status in TERMINAL and self.config.webhook_url:
+                if b.status in TERMINAL and self.config.webhook_url and b.dialect.webhooks:
                     self.finished.append(b)
 
     def _step(self, b: Batch, t: float) -> None:
@@ -546,23 +693,21 @@ class EmulatorState:
             else:
                 k = self._progress(b, t)
                 run, lost = b.reqs[:k], b.reqs[k:]
-            self._finish(b, t, "expired", run, lost)
+            self._finish(b, t, "expired", run, lost, "expired")
         elif b.status == "in_progress":
             b.status, b.phase_mono, b.ts["finalizing_at"] = "finalizing", t, self.unix(t)
         elif b.status == "finalizing":
-            self._finish(b, t, "completed", b.reqs, [])
+            self._finish(b, t, "completed", b.reqs, [], "canceled")
         elif b.status == "cancelling":
-            self._finish(b, t, "cancelled", b.reqs[: b.done], [])
+            self._finish(b, t, "cancelled", b.reqs[: b.done], b.reqs[b.done :], "canceled")
 
     def _validate(self, b: Batch, t: float) -> None:
         p, b.parsed = b.parsed, None
         assert p is not None
         b.model = p.model
         limit = self.config.token_limits.get(p.model or "")
-        if not p.errors and limit is not None:
-            held = sum(
-                o.tokens for o in self._by_seq if o.model == p.model and o.status in HOLDS_TOKENS
-            )
+        if not p.errors and limit is not None and b.dialect.token_limit_at_validation:
+            held = self.tokens_held(b.provider, p.model)
             if held + p.tokens > limit:
                 msg = (
                     f"Enqueued token limit reached for {p.model} in organization org-emulator. "
@@ -579,44 +724,52 @@ class EmulatorState:
         b.fail_prefix = list(itertools.accumulate((r.status >= 400 for r in p.reqs), initial=0))
         b.ts["in_progress_at"] = self.unix(t)
 
-    def _finish(self, b: Batch, t: float, status: str, run: list[Req], lost: list[Req]) -> None:
-        """Enter a terminal state, writing the output and error files (shuffled order)."""
-        items = [(r, False) for r in run] + [(r, True) for r in lost]
-        shuffled = items[:]
-        random.Random(f"{self.config.seed}:{b.seq}").shuffle(shuffled)
-        if len(items) > 1 and shuffled == items:
-            shuffled = shuffled[1:] + shuffled[:1]
+    def _finish(
+        self, b: Batch, t: float, status: str, run: list[Req], lost: list[Req], why: str
+    ) -> None:
+        """Enter a terminal state, writing the result files (shuffled order, unless the dialect
+        keeps input order); ``lost`` requests did not run, because of ``why``."""
+        d = b.dialect
+        items = [(r, None) for r in run] + [(r, why) for r in lost]
+        if not d.ordered:
+            shuffled = items[:]
+            random.Random(f"{self.config.seed}:{b.seq}").shuffle(shuffled)
+            if len(items) > 1 and shuffled == items:
+                shuffled = shuffled[1:] + shuffled[:1]
+            items = shuffled
+        else:
+            pos = {id(r): i for i, r in enumerate(b.reqs)}
+            items.sort(key=lambda item: pos[id(item[0])])
         created, ids = self.unix(t), (new_id("file-"), new_id("file-"))
         n, n_in, n_out = [0, 0], 0, 0  # n[failed]: lines written to the output/error file
         with (self.data_dir / ids[0]).open("wb") as ok, (self.data_dir / ids[1]).open("wb") as err:
-            for r, expired in shuffled:
-                line, tokens = self._result(b, r, expired, created)
-                failed = line["response"] is None or r.status >= 400
+            for r, lost_why in items:
+                outcome = outcome_of(r, lost_why)
+                b.outcomes[outcome] += 1
+                line, tokens = d.result_line(b, r, outcome, created)
+                if line is None:
+                    continue
+                if outcome == "succeeded" and self.config.output_pad_bytes:
+                    line = d.pad(line, "x" * self.config.output_pad_bytes)
+                failed = outcome != "succeeded" and d.split_errors
                 (err if failed else ok).write(orjson.dumps(line) + b"\n")
                 n[failed] += 1
-                n_in, n_out = n_in + (0 if failed else r.tokens), n_out + tokens
+                n_in += r.tokens if outcome == "succeeded" else 0
+                n_out += tokens
         b.output_file_id = self._result_file(b, ids[0], "output", n[0])
-        b.error_file_id = self._result_file(b, ids[1], "error", n[1])
+        keep = d.keep_empty_error_file and d.split_errors
+        b.error_file_id = self._result_file(b, ids[1], "error", n[1], keep)
         b.counts, b.usage = (n[0], n[1]), (n_in, n_out)
         b.status, b.ts[f"{status}_at"] = status, created
 
-    def _result(self, b: Batch, r: Req, expired: bool, created: int) -> tuple[Json, int]:
-        line: Json = {"id": new_id("batch_req_"), "custom_id": r.custom_id, "response": None}
-        if expired:
-            return line | {"error": {"code": "batch_expired", "message": EXPIRED_MSG}}, 0
-        body, tokens = error_body(r.status), 0
-        if r.status < 400:
-            body, tokens = response_body(b.endpoint, b.model or "", r, created)
-            if self.config.output_pad_bytes:
-                body["x_pad"] = "x" * self.config.output_pad_bytes
-        resp = {"status_code": r.status, "request_id": new_id("req_"), "body": body}
-        return line | {"response": resp, "error": None}, tokens
-
-    def _result_file(self, b: Batch, fid: str, kind: str, lines: int) -> str | None:
+    def _result_file(
+        self, b: Batch, fid: str, kind: str, lines: int, keep: bool = False
+    ) -> str | None:
         path = self.data_dir / fid
-        if not lines:
+        if not lines and not keep:
             path.unlink()
             return None
-        return self.add_file(
-            fid, f"{b.id}_{kind}.jsonl", "batch_output", path.stat().st_size, b.output_ttl
-        ).id
+        size, purpose = path.stat().st_size, b.dialect.output_purpose
+        f = self.add_file(fid, f"{b.id}_{kind}.jsonl", purpose, size, b.output_ttl, b.provider)
+        f.kind, f.lines = kind, lines
+        return f.id

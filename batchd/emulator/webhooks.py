@@ -25,8 +25,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from batchd.emulator.ids import new_id
 from batchd.emulator.lines import Json
-from batchd.emulator.state import Batch, EmulatorState, new_id
+from batchd.emulator.state import Batch, EmulatorState
 
 TICK_SECONDS = 0.05
 

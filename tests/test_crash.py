@@ -533,14 +533,11 @@ async def test_crash_after_uploading_while_validating(
     drop(cfg, "in.jsonl", data)
     # Just after the upload of the whole file is recorded, before validation acts on it.
     if case == "one_piece":
-        update = Store.update_attempt
 
-        async def crashing(self: Store, attempt_id: str, *a: Any, **kw: Any) -> None:
-            if "requests" in kw:  # recording what validation found
-                raise Crash
-            await update(self, attempt_id, *a, **kw)
+        async def crashing(self: Store, *a: Any, **kw: Any) -> None:
+            raise Crash  # recording what validation found (the upload is kept as piece 0)
 
-        await crash_once(cfg, Store, "update_attempt", crashing)
+        await crash_once(cfg, Store, "validated", crashing)
     else:
         await crash_once(cfg, submit, "_discard", crash)
     job, atts = await one_job(cfg)

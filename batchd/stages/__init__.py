@@ -119,7 +119,7 @@ async def sync_job(ctx: Context, job_id: str) -> None:
         job.cancel_requested,
     )
     if new != job.state:
-        await ctx.store.transition(job_id, new)
+        await ctx.store.transition(job_id, new, current=job)
         if new == JobState.COLLECTING:
             ctx.wake_collect.set()
         elif new == JobState.SUBMITTING:

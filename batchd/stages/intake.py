@@ -90,14 +90,14 @@ class Intake:
             if not claims:
                 return
             ctx.spool.sync_claims()  # durable before recorded (adopt_orphans covers a crash)
-            jobs = await ctx.store.create_jobs(
+            given = await ctx.store.create_jobs(
                 [NewJob(c.job_id, c.name, c.rel_path, "inbox") for c in claims],
                 ctx.spool.dir_taken,
             )
         finally:
             ctx.claiming = False
-        for job in jobs:
-            ctx.log.info("job_claimed", job_id=job.id, name=job.name, file=job.stem)
+        for c in claims:
+            ctx.log.info("job_claimed", job_id=c.job_id, name=given[c.job_id], file=c.name)
         ctx.wake_submit.set()
 
 
@@ -115,14 +115,14 @@ async def adopt_orphans(ctx: Context) -> int:
             await ctx.store.job(job_id)
         except KeyError:
             path.unlink(missing_ok=True)
-    jobs = await ctx.store.create_jobs(
+    names = await ctx.store.create_jobs(
         [NewJob(c.job_id, c.name, c.rel_path, "inbox") for c in orphans], ctx.spool.dir_taken
     )
-    for job in jobs:
-        ctx.log.info("job_adopted", job_id=job.id, name=job.name)
-    if jobs:
+    for job_id, name in names.items():
+        ctx.log.info("job_adopted", job_id=job_id, name=name)
+    if names:
         ctx.wake_submit.set()
-    return len(jobs)
+    return len(names)
 
 
 def _watch_inotify(ctx: Context, intake: Intake) -> Callable[[], None] | None:

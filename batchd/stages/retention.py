@@ -35,6 +35,10 @@ class Retention:
         ctx = self.ctx
         now = ctx.clock()
         due = await ctx.store.due_remote_files(now, STEP)
+        if due:
+            # The results these copies back up are recorded; make that record survive a
+            # power cut before the copies go (one fsync for the whole step).
+            await ctx.store.durable()
         for file_id, job_id, kind, tries in due:
             if ctx.stopping or ctx.hold.blocked:
                 return False

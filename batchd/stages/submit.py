@@ -12,6 +12,7 @@ attempts, as many as there are free slots (plus what is running or backing off).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import os
@@ -113,8 +114,13 @@ async def _upload_while_validating(
             if (await ctx.store.attempt(att.id)).file_id is not None:
                 return None
     else:
-        att = await ctx.store.attempt(await _new_attempt(ctx, job.id, 0, job.input_path))
-    await ctx.store.update_attempt(att.id, upload_started_at=ctx.clock())
+        att = await ctx.store.attempt(
+            await _new_attempt(
+                ctx, job.id, 0, job.input_path, durable=True, upload_started_at=ctx.clock()
+            )
+        )
+    if att.upload_started_at is None or atts:
+        await ctx.store.update_attempt(att.id, durable=True, upload_started_at=ctx.clock())
     up = ctx.cfg.upload
     f = await ctx.api.upload(
         path,
@@ -123,8 +129,8 @@ async def _upload_while_validating(
         up.part_bytes,
         Tap(consume),
     )
-    await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
-    return await ctx.store.attempt(att.id)
+    await ctx.store.update_attempt(att.id, "uploaded", job_id=job.id, file_id=f["id"])
+    return dataclasses.replace(att, file_id=f["id"])
 
 
 async def _adopt_lost_upload(ctx: Context, att: Attempt) -> None:
@@ -236,11 +242,17 @@ async def _validate_job(ctx: Context, job: Job) -> None:
     except InputChanged:
         await _discard(ctx, att)
         raise
+    reused = None
+    if att is not None:
+        fill = {"model": summary.model, "requests": summary.requests}
+        reused = (att.id, {**fill, "est_tokens": summary.est_tokens})
     await ctx.store.validated(
         job.id,
         rows,
         attempts,
-        {
+        reused=reused,
+        current=job,
+        detail={
             "requests": summary.requests,
             "bytes": summary.bytes,
             "pieces": len(rows),
@@ -281,13 +293,7 @@ async def _pieces(
         piece = Piece(
             job.id, 0, job.input_path, summary.requests, summary.bytes, summary.est_tokens, False
         )
-        if att is not None:
-            await ctx.store.update_attempt(
-                att.id,
-                model=summary.model,
-                requests=summary.requests,
-                est_tokens=summary.est_tokens,
-            )
+        if att is not None:  # piece 0's attempt, recorded by validated() below
             return [piece], [], att
         new = {
             **first,
@@ -348,9 +354,11 @@ async def _reject_duplicate(ctx: Context, job: Job, dup: Job, sha: str) -> None:
     )
 
 
-async def _new_attempt(ctx: Context, job_id: str, piece: int, input_path: str, **extra: Any) -> str:
+async def _new_attempt(
+    ctx: Context, job_id: str, piece: int, input_path: str, durable: bool = False, **extra: Any
+) -> str:
     attempt_id = str(ULID())
-    await ctx.store.add_attempt(attempt_id, job_id, piece, input_path, **extra)
+    await ctx.store.add_attempt(attempt_id, job_id, piece, input_path, durable, **extra)
     return attempt_id
 
 
@@ -384,6 +392,7 @@ async def _adopt(ctx: Context, att: Attempt, batch: dict[str, Any], how: str) ->
     await ctx.store.update_attempt(
         att.id,
         how,
+        job_id=job.id,
         batch_id=batch["id"],
         status=batch.get("status"),
         batch=batch,
@@ -440,25 +449,24 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
                 },
             )
             return
-        await ctx.store.update_attempt(att.id, upload_started_at=ctx.clock())
+        await ctx.store.update_attempt(att.id, durable=True, upload_started_at=ctx.clock())
         f = await ctx.api.upload(
             path,
             f"batchd-{att.id}.jsonl",
             ctx.cfg.upload.uploads_api_threshold_bytes,
             ctx.cfg.upload.part_bytes,
         )
-        await ctx.store.update_attempt(att.id, "uploaded", file_id=f["id"])
-        att = await ctx.store.attempt(att.id)
-    assert att.file_id is not None
-    job, att = await ctx.store.job(att.job_id), await ctx.store.attempt(att.id)
-    if _unwanted(job, att):  # cancelled or failed while this attempt was uploading
+        await ctx.store.update_attempt(att.id, "uploaded", job_id=job.id, file_id=f["id"])
+        # Cancelled or failed while this attempt was uploading?
+        job, att = await ctx.store.job(att.job_id), await ctx.store.attempt(att.id)
+    if _unwanted(job, att):
         return
     assert att.file_id is not None and job.endpoint is not None
     if await _input_changed(ctx, job, att):
         return
     extra = jobmeta.read(ctx.spool, job)  # {} unless the job came with metadata (HTTP)
     metadata = {**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
-    await ctx.store.update_attempt(att.id, create_sent_at=ctx.clock())
+    await ctx.store.update_attempt(att.id, durable=True, create_sent_at=ctx.clock())
     try:
         batch = await ctx.api.create_batch(
             att.file_id,
@@ -506,7 +514,7 @@ async def advance(ctx: Context, job_id: str) -> None:
         await fail_job(ctx, job, job.reason)
         return
     if job.state == JobState.QUEUED:
-        job = await ctx.store.transition(job.id, JobState.VALIDATING)
+        job = await ctx.store.transition(job.id, JobState.VALIDATING, current=job)
     if job.state == JobState.VALIDATING:
         await _validate_job(ctx, job)
 
@@ -572,16 +580,15 @@ class Submit:
         if ctx.stopping:
             return None
         window = w.limit + len(w.backoff)  # what runs or backs off, plus the free slots
-        if w.free:
-            for job_id in await ctx.store.due_new_jobs(window):
-                w.start(job_id, job_id, partial(advance, ctx, job_id), partial(_api_rejected, ctx))
         due = w.backoff.next_ready()
-        if ctx.hold.blocked:
-            return due
         now = ctx.clock()
         held_back = False
-        if w.free:
-            pending = await ctx.store.due_pending(now, max(window, 200))
+        # Work under way first: a validated job's batch is created before the next file
+        # is validated, so a burst yields batches from the start, not after its last file.
+        if w.free and not ctx.hold.blocked:
+            _used, limits = await self._admission()
+            # With a budget, admission chooses among many; without, the oldest due do.
+            pending = await ctx.store.due_pending(now, max(window, 200) if limits else window)
             candidates = [p for p in pending if not w.busy(p.id)]
             chosen = await self.choose(candidates)
             held_back = len(chosen) < len(candidates)
@@ -590,6 +597,11 @@ class Submit:
                     break
                 if w.start(p.id, p.job_id, partial(self._submit, p), partial(_api_rejected, ctx)):
                     self._took(p)
+        if w.free:
+            for job_id in await ctx.store.due_new_jobs(window):
+                w.start(job_id, job_id, partial(advance, ctx, job_id), partial(_api_rejected, ctx))
+        if ctx.hold.blocked:
+            return due
         nxt = await ctx.store.next_pending_at(now)
         if held_back:  # a budget holds some back: look again when it may fit
             nxt = min(nxt or now + _FLIGHT_TTL, now + _FLIGHT_TTL)

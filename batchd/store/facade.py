@@ -8,6 +8,7 @@ daemon and a CLI command) can never both move a job.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -134,6 +135,7 @@ def _attempt_row(a: Mapping[str, Any], now: float) -> Params:
         "requests": a.get("requests"),
         "est_tokens": a.get("est_tokens") or 0,
         "not_before": a.get("not_before") or 0.0,
+        "upload_started_at": a.get("upload_started_at"),
         "now": now,
     }
 
@@ -203,14 +205,23 @@ class Store:
     async def _names(
         self, new: Sequence[NewJob], dir_taken: Callable[[str], bool]
     ) -> dict[str, str]:
-        """The name actually used by each new job: its stem, else stem-2, stem-3, …"""
+        """The name actually used by each new job: its stem, else stem-2, stem-3, …
+
+        One query finds which stems are in use at all (a burst of new names costs that);
+        only a stem in use costs a look at its family (stem, stem-2, …)."""
+        stems = sorted({j.stem for j in new})
+        rows = await self._b.fetch(
+            "SELECT name FROM jobs WHERE name IN (SELECT value FROM json_each(:names))",
+            {"names": orjson.dumps(stems).decode()},
+        )
+        in_use = {r[0] for r in rows}
         used: dict[str, set[str]] = {}
         assigned: set[str] = set()
         out: dict[str, str] = {}
         for j in new:
             taken = used.get(j.stem)
             if taken is None:
-                taken = used[j.stem] = await self._family(j.stem)
+                taken = used[j.stem] = await self._family(j.stem) if j.stem in in_use else set()
             n = 1
             while True:
                 name = j.stem if n == 1 else f"{j.stem}-{n}"
@@ -223,14 +234,15 @@ class Store:
 
     async def create_jobs(
         self, new: Sequence[NewJob], dir_taken: Callable[[str], bool] = lambda _n: False
-    ) -> list[Job]:
-        """Record claimed files as queued jobs, all in one transaction.
+    ) -> dict[str, str]:
+        """Record claimed files as queued jobs, all in one transaction; returns the name
+        each job got, by id.
 
         Each gets a unique name (`nightly`, `nightly-2`, …) not used by another job nor
         by a result dir on disk (`dir_taken`); that name is its result dir's name too.
         """
         if not new:
-            return []
+            return {}
         for _ in range(5):  # a name taken by another process meanwhile: choose again
             names = await self._names(new, dir_taken)
             now = self._clock()
@@ -266,13 +278,14 @@ class Store:
                     raise
         else:
             raise RuntimeError("could not find free job names")
-        return [await self.job(j.id) for j in new]
+        return names
 
     async def create_job(
         self, job_id: str, name: str, input_path: str, source: str, **kw: Any
     ) -> Job:
         """Record one claimed file (see create_jobs)."""
-        return (await self.create_jobs([NewJob(job_id, name, input_path, source, **kw)]))[0]
+        await self.create_jobs([NewJob(job_id, name, input_path, source, **kw)])
+        return await self.job(job_id)
 
     async def job(self, job_id: str) -> Job:
         """The job with this exact id (KeyError when absent)."""
@@ -373,23 +386,30 @@ class Store:
         new: JobState,
         kind: str | None = None,
         detail: Mapping[str, Any] | None = None,
+        current: Job | None = None,
         **values: Any,
     ) -> Job:
         """Move a job to `new` (checked against the table), updating columns, with an event.
 
-        The write is guarded by the state it was read in; if another writer moved the
-        job meanwhile, the move is decided again on the state it now has.
+        The write is guarded by the state it was read in (`current`, if the caller has
+        just read it); if another writer moved the job meanwhile, the move is decided
+        again on the state it now has.
         """
+        job = current
         for _ in range(10):
-            job = await self.job(job_id)
+            job = job if job is not None else await self.job(job_id)
             if job.state == new:  # two stages decided the same move at once
                 return job
             check_transition(job.state, new)
+            stmts = self._job_update(job, kind or str(new), detail, new, values)
             try:
-                await self._b.tx(self._job_update(job, kind or str(new), detail, new, values))
+                await self._b.tx(stmts)
             except Conflict:
+                job = None
                 continue
-            return await self.job(job_id)
+            now = stmts[0].params["updated_at"]  # type: ignore[call-overload]
+            ended = {"finished_at": now} if new in TERMINAL_JOB_STATES else {}
+            return dataclasses.replace(job, **values, state=new, updated_at=now, **ended)
         raise RuntimeError(f"job {job_id}: state keeps changing under us")
 
     def _job_update(
@@ -499,14 +519,20 @@ class Store:
         pieces: Sequence[Piece],
         attempts: Sequence[Mapping[str, Any]],
         detail: Mapping[str, Any],
+        reused: tuple[str, Mapping[str, Any]] | None = None,
+        current: Job | None = None,
         **values: Any,
     ) -> None:
         """Record a job's pieces and their first attempts and move it to SUBMITTING, in one
-        transaction (so no piece is ever left without an attempt)."""
-        job = await self.job(job_id)
+        transaction (so no piece is ever left without an attempt). `reused`: (attempt id,
+        columns) of an attempt made while validating that becomes piece 0's."""
+        job = current or await self.job(job_id)
         check_transition(job.state, JobState.SUBMITTING)
         now = self._clock()
         stmts = [Stmt(q("delete_pieces"), {"job_id": job_id})]
+        if reused is not None:
+            vals = encode({**reused[1], "updated_at": now})
+            stmts.append(Stmt(_update("attempts", vals), {**vals, "_key": reused[0]}))
         if pieces:
             stmts.append(
                 Stmt(
@@ -548,11 +574,17 @@ class Store:
     # --- attempts ---------------------------------------------------------------------
 
     async def add_attempt(
-        self, attempt_id: str, job_id: str, piece: int, input_path: str, **extra: Any
+        self,
+        attempt_id: str,
+        job_id: str,
+        piece: int,
+        input_path: str,
+        durable: bool = False,
+        **extra: Any,
     ) -> None:
-        """Record an attempt before anything is sent for it."""
+        """Record an attempt before anything is sent for it (`durable`: see update_attempt)."""
         a = {"id": attempt_id, "job_id": job_id, "piece": piece, "input_path": input_path, **extra}
-        await self._b.tx(_attempt_stmts(a, self._clock()))
+        await self._b.tx(_attempt_stmts(a, self._clock()), durable)
 
     async def settle_attempt(
         self,
@@ -615,9 +647,16 @@ class Store:
         await self._b.tx(self._remote_file_stmts(job_id, files, self._clock()))
 
     async def update_attempt(
-        self, attempt_id: str, event: str | None = None, **values: Any
+        self,
+        attempt_id: str,
+        event: str | None = None,
+        durable: bool = False,
+        job_id: str | None = None,
+        **values: Any,
     ) -> None:
-        """Update attempt columns; with `event`, also append a job event in the same tx."""
+        """Update attempt columns; with `event`, also append a job event in the same tx.
+        `durable`: on disk before this returns, even across a power cut (write it before
+        acting on the world: the record that a create or an upload is being sent)."""
         bad = set(values) - _ATTEMPT_COLS
         if bad:
             raise ValueError(f"unknown attempt columns: {sorted(bad)}")
@@ -627,10 +666,10 @@ class Store:
         vals = encode({**values, "updated_at": now})
         stmts = [Stmt(_update("attempts", vals), {**vals, "_key": attempt_id})]
         if event:
-            att = await self.attempt(attempt_id)
+            job_id = job_id or (await self.attempt(attempt_id)).job_id
             detail = {"attempt": attempt_id, **{k: v for k, v in values.items() if k != "batch"}}
-            stmts.append(_event(att.job_id, now, event, detail=detail))
-        await self._b.tx(stmts)
+            stmts.append(_event(job_id, now, event, detail=detail))
+        await self._b.tx(stmts, durable)
 
     async def record_batch(
         self,
@@ -812,6 +851,10 @@ class Store:
                 _event(job_id, now, "results_deleted"),
             ]
         )
+
+    async def durable(self) -> None:
+        """Make every commit so far survive a power cut (one fsync of the WAL)."""
+        await self._b.durable()
 
     async def vacuum_step(self, pages: int = 2000) -> None:
         """Hand freed pages back to the file system (bounded)."""

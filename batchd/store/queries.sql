@@ -118,9 +118,9 @@ UPDATE pieces SET done = 1 WHERE job_id = :job_id AND idx = :idx;
 
 -- name: insert_attempt
 INSERT INTO attempts (id, job_id, piece, input_path, model, requests, est_tokens, not_before,
-                      created_at, updated_at)
+                      upload_started_at, created_at, updated_at)
 VALUES (:id, :job_id, :piece, :input_path, :model, :requests, :est_tokens, :not_before,
-        :now, :now);
+        :upload_started_at, :now, :now);
 
 -- name: abandon_open_attempts
 UPDATE attempts SET abandoned = 1, updated_at = :now
@@ -140,7 +140,7 @@ WHERE id = :id;
 -- name: due_pending  (hot: submit)
 SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_before,
        COALESCE(a.requests, 0) AS requests, a.job_id
-FROM attempts a JOIN jobs j ON j.id = a.job_id
+FROM attempts a CROSS JOIN jobs j ON j.id = a.job_id  -- CROSS: the pending attempts drive
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
 ORDER BY a.not_before, a.created_at LIMIT :limit;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -24,7 +25,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_random_exponential,
 )
 
 from batchd import transport
@@ -236,28 +236,49 @@ class BatchApi:
 
     # --- plumbing ---------------------------------------------------------------------
 
-    def _wait(self, state: RetryCallState) -> float:
-        base = wait_random_exponential(multiplier=0.5, max=self._max_backoff)(state)
-        exc = state.outcome.exception() if state.outcome else None
+    def _delay(self, exc: BaseException | None, attempt: int) -> float:
+        """Seconds before retrying after failed try number `attempt`: jittered
+        exponential (as tenacity's wait_random_exponential), at least Retry-After."""
+        base = random.uniform(0, min(self._max_backoff, 0.5 * 2 ** (attempt - 1)))
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
             return max(exc.retry_after, min(base, 1.0))
         return base
 
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
+    def _count_retry(self, exc: BaseException | None) -> None:
         reason = "rate_limited" if isinstance(exc, RateLimited) else "transient"
         self._metrics.retries.labels(reason).inc()
 
     async def _retrying(
         self, fn: Callable[[], Awaitable[T]], retry_on: tuple[type[BaseException], ...]
     ) -> T:
+        """Call `fn`, retrying `retry_on` errors up to `[api] max_retries` tries in all.
+
+        The first try runs without tenacity's machinery (most calls succeed at once:
+        the tracker makes hundreds a second); tenacity takes over from the second."""
+
+        def retryable(e: BaseException) -> bool:
+            return isinstance(e, retry_on) and not isinstance(e, TlsError)
+
+        try:
+            return await fn()
+        except Exception as e:
+            if not retryable(e) or self._cfg.max_retries <= 1:
+                raise
+            self._count_retry(e)
+            await asyncio.sleep(self._delay(e, 1))
+
+        def wait(state: RetryCallState) -> float:  # tries counted from the second
+            exc = state.outcome.exception() if state.outcome else None
+            return self._delay(exc, state.attempt_number + 1)
+
+        def before_sleep(state: RetryCallState) -> None:
+            self._count_retry(state.outcome.exception() if state.outcome else None)
+
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(
-                lambda e: isinstance(e, retry_on) and not isinstance(e, TlsError)
-            ),
-            stop=stop_after_attempt(self._cfg.max_retries),
-            wait=self._wait,
-            before_sleep=self._before_sleep,
+            retry=retry_if_exception(retryable),
+            stop=stop_after_attempt(self._cfg.max_retries - 1),
+            wait=wait,
+            before_sleep=before_sleep,
             reraise=True,
         ):
             with attempt:
@@ -482,12 +503,23 @@ class BatchApi:
 
     async def list_batches(self, limit: int = 100, after: str | None = None) -> dict[str, Any]:
         """One page of GET /v1/batches, newest first."""
+        data = orjson.loads(await self.list_batches_raw(limit, after))
+        if not isinstance(data, dict):
+            raise Transient("list_batches: unexpected response body")
+        return data
+
+    async def list_batches_raw(self, limit: int = 100, after: str | None = None) -> bytes:
+        """One page of GET /v1/batches as the API sent it (the tracker skips parsing a
+        page whose bytes it has seen before)."""
         params: dict[str, str] = {"limit": str(limit)}
         if after:
             params["after"] = after
-        return await self._retrying(
-            lambda: self._json("list_batches", "GET", "/batches", params=params), (Transient,)
-        )
+
+        async def once() -> bytes:
+            async with self._request("list_batches", "GET", "/batches", params=params) as resp:
+                return await resp.read()
+
+        return await self._retrying(once, (Transient,))
 
     async def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         """POST /v1/batches/{id}/cancel."""

@@ -15,9 +15,14 @@ sleeps until a batch is created.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections import Counter
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from batchd.api import AccessDenied, ApiError
 from batchd.stages import Context, loop
@@ -28,6 +33,18 @@ _BUSY = frozenset({"validating", "finalizing", "cancelling"})
 MAX_PAGES = 200
 RELOAD_SECONDS = 60.0  # re-read the batches in flight from the store now and then
 PROGRESS_LOG_SECONDS = 60.0
+GAUGE_SECONDS = 2.0
+
+
+@dataclass
+class _Page:
+    """A list page as last seen: the hash of its bytes, and what it said."""
+
+    key: int
+    batches: list[dict[str, Any]] | None  # None once recorded
+    ids: list[str]
+    has_more: bool
+    last_created: float
 
 
 def budget(n: int) -> int:
@@ -60,15 +77,21 @@ class Tracker:
         self._next_busy: float | None = None
         self._spent = 0  # status calls in the current interval
         self._logged_at = float("-inf")
+        self._gauged_at = float("-inf")
         self._seen: dict[str, float] = {}  # batch id -> when a status call last saw it
+        self._pages: dict[str | None, _Page] = {}  # list pages by cursor, as last seen
+        self._calls: deque[float] = deque()  # times of the recent status calls
 
     async def reload(self) -> None:
         """Read the batches in flight from the store."""
         self.live = {b.batch_id: b for b in await self.ctx.store.live_batches()}
+        self._pages.clear()  # what is known may differ from what the pages said
         self.ctx.new_batches.clear()
         self._loaded_at = self.ctx.clock()
 
     def _absorb(self) -> None:
+        if self.ctx.new_batches:
+            self._pages.clear()
         for b in self.ctx.new_batches:
             self.live.setdefault(b.batch_id, b)
         self.ctx.new_batches.clear()
@@ -96,6 +119,7 @@ class Tracker:
             )
 
     async def _get(self, lb: LiveBatch) -> bool:
+        await self._pace(budget(len(self.live)))
         try:
             b = await self.ctx.api.get_batch(lb.batch_id)
         except AccessDenied as e:
@@ -108,8 +132,50 @@ class Tracker:
             return False
         finally:
             self._spent += 1
+            self._answered()
         await self.record(lb, b)
         return True
+
+    async def _pace(self, limit: int) -> None:
+        """At most `limit` status calls in any span of one interval (a sliding window).
+
+        Timed from when earlier calls were answered, not sent: the server handled each
+        before its answer came, so this holds on the server's clock too."""
+        now = time.monotonic()
+        span = interval(self.ctx)
+        calls = self._calls
+        while calls and now - calls[0] >= span:
+            calls.popleft()
+        if len(calls) >= limit:
+            await asyncio.sleep(span - (now - calls[0]))
+            calls.popleft()
+
+    def _answered(self) -> None:
+        self._calls.append(time.monotonic())
+
+    async def _page(self, after: str | None, limit: int) -> _Page:
+        """One list page: parsed only when its bytes differ from last time."""
+        await self._pace(limit)
+        try:
+            raw = await self.ctx.api.list_batches_raw(100, after)
+        finally:
+            self._spent += 1
+            self._answered()
+        key = hash(raw)
+        seen = self._pages.get(after)
+        if seen is not None and seen.key == key:
+            return seen
+        data = orjson.loads(raw)
+        batches = [b for b in data.get("data") or [] if isinstance(b, dict)]
+        page = _Page(
+            key,
+            batches,
+            [str(b.get("id")) for b in batches],
+            bool(data.get("has_more")),
+            float(batches[-1].get("created_at") or 0) if batches else 0.0,
+        )
+        self._pages[after] = page
+        return page
 
     async def sweep(self, limit: int) -> None:
         """Refresh every batch in flight with at most `limit` status calls."""
@@ -122,7 +188,7 @@ class Tracker:
             after: str | None = None
             for _ in range(min(MAX_PAGES, limit)):
                 try:
-                    page = await ctx.api.list_batches(100, after)
+                    page = await self._page(after, limit)
                 except AccessDenied as e:
                     await ctx.hold.block(ctx, e)
                     return
@@ -133,18 +199,22 @@ class Tracker:
                     return
                 finally:
                     calls += 1
-                    self._spent += 1
                 reached = True
-                data = page.get("data") or []
-                for b in data:
-                    lb = unseen.pop(b.get("id"), None)
-                    if lb is not None:
-                        await self.record(lb, b)
-                if not unseen or not page.get("has_more") or not data:
+                if page.batches is None:  # the same bytes as last time: nothing changed
+                    for batch_id in page.ids:
+                        if unseen.pop(batch_id, None) is not None:
+                            self._seen[batch_id] = ctx.clock()
+                else:
+                    for b in page.batches:
+                        lb = unseen.pop(str(b.get("id")), None)
+                        if lb is not None:
+                            await self.record(lb, b)
+                    page.batches = None  # recorded: from now on only the ids are needed
+                if not unseen or not page.has_more or not page.ids:
                     break
-                if float(data[-1].get("created_at") or 0) < oldest:
+                if page.last_created < oldest:
                     break
-                after = data[-1]["id"]
+                after = page.ids[-1]
         # Not on the pages read: ask one by one, the longest unseen first, within the
         # budget (the rest at the next sweep).
         waiting = sorted(unseen.values(), key=lambda b: (self._seen.get(b.batch_id, 0), b.created))
@@ -162,7 +232,13 @@ class Tracker:
             if lb is not None:
                 await self._get(lb)
 
-    def _gauges(self) -> None:
+    def _gauges(self, force: bool = False) -> None:
+        """Batches by status, requests in flight, the progress line: a pass over every
+        batch in flight, so at most every GAUGE_SECONDS."""
+        now = self.ctx.clock()
+        if not force and now - self._gauged_at < GAUGE_SECONDS:
+            return
+        self._gauged_at = now
         m = self.ctx.metrics
         by_status = Counter(b.status for b in self.live.values())
         for (st,) in list(m.batches._metrics):
@@ -173,7 +249,6 @@ class Tracker:
         m.requests_in_flight.labels("completed").set(done)
         m.requests_in_flight.labels("failed").set(failed)
         m.requests_in_flight.labels("pending").set(max(0, total - done - failed))
-        now = self.ctx.clock()
         if self.live and now - self._logged_at >= PROGRESS_LOG_SECONDS:
             self._logged_at = now
             self.ctx.log.info(
@@ -199,7 +274,7 @@ class Tracker:
         if ctx.webhook_batches:
             await self._pushed()
         if not self.live:
-            self._gauges()
+            self._gauges(force=True)
             self._next_full = None
             return None
         every = interval(ctx)

@@ -15,7 +15,7 @@ import time
 
 from bench.common import ROOT, parser
 
-BENCHMARKS = ("big_submit", "drop_latency", "burst", "tracking", "idle", "download")
+BENCHMARKS = ("big_submit", "drop_latency", "burst", "tracking", "idle", "download", "estimate")
 
 
 def main() -> int:

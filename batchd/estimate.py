@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import orjson
 
-from batchd.prices import MTOK, Price, Unknown, format_usd, round_amount
+from batchd.prices import Price, Unknown, format_usd, round_amount
 
 __all__ = [
     "Estimate",
@@ -163,7 +163,7 @@ class Estimate:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form for job.json (costs as nano-dollars; null + reason when unknown)."""
-        unknown = next((c.reason for c in (self.cost_high,) if isinstance(c, Unknown)), None)
+        unknown = self.cost_high.reason if isinstance(self.cost_high, Unknown) else None
         return {
             "requests": self.requests,
             "input_tokens": self.input_tokens,
@@ -475,6 +475,3 @@ class Estimator:
             unbounded=self.unbounded,
             images=self.images,
         )
-
-
-assert MTOK == 1_000_000  # rates are per million tokens (see prices.py)

@@ -3,7 +3,7 @@
 Fed one parsed request line at a time (the validator already parses each line), so it
 adds a walk over the body and no second parse. Input tokens: the UTF-8 bytes of the
 prompt text / 4, calibrated by really tokenizing a deterministic sample of lines (the
-first `sample_head`, then every `sample_every`-th) when an offline tokenizer is
+first 32, then one in 256) when an offline tokenizer is
 installed, plus exact counts where the line holds token ids, per-message overheads and
 a fixed charge per image. Tokenizing every line would make validation 10-30x slower
 (bench/estimate.py). Output tokens: low = `output_ratio` x input (0 by default: the
@@ -210,8 +210,8 @@ class Estimator:
         output_ratio: float = 0.0,
         default_max_output_tokens: int = 16_384,
         tokenizer: bool | Counter = True,
-        sample_head: int = 100,
-        sample_every: int = 100,
+        sample_head: int = 32,
+        sample_every: int = 256,
     ) -> None:
         """`price_of(model)` prices the job's model; `tokenizer` False = bytes/4 only."""
         self._price_of = price_of
@@ -219,7 +219,9 @@ class Estimator:
         self._default_max = default_max_output_tokens
         self._tokenizer = tokenizer
         self._head = sample_head
-        self._every = max(sample_every, 1)
+        # About one line in `sample_every`, picked by a multiplicative hash of the line
+        # number: deterministic, yet not in step with any period the file may have.
+        self._threshold = (1 << 32) // max(sample_every, 1)
         self._model: str | None = None
         self._price: Price | Unknown = Unknown("no request line names a model")
         self._count: Counter | None = None
@@ -227,6 +229,8 @@ class Estimator:
         self._max_out = default_max_output_tokens
         self._image_high = _IMAGE_HIGH
         self._unpriced: str | None = None
+        self._tiered = False
+        self._tier: Callable[[int], int] = lambda tokens: 0
         self.requests = 0
         self.images = 0
         self.unbounded = 0
@@ -255,6 +259,7 @@ class Estimator:
         if isinstance(self._price, Price) and self._price.thresholds:
             n = len(self._price.rates)
             self._fixed, self._text, self._out = [0] * n, [0] * n, [0] * n
+            self._tiered, self._tier = True, self._price.tier
         if callable(self._tokenizer):
             self._count, self._method = self._tokenizer, "tokenizer"
         elif self._tokenizer:
@@ -274,7 +279,9 @@ class Estimator:
             model = body.get("model")
             if isinstance(model, str) and model:
                 self._set_model(model)
-        sample = self._count is not None and (n <= self._head or n % self._every == 0)
+        sample = self._count is not None and (
+            n <= self._head or (n * 2654435761) & 0xFFFFFFFF < self._threshold
+        )
         sink: list[str] | None = [] if sample else None
         self._sink = sink
         self._line_fixed = self._line_text = 0
@@ -283,22 +290,16 @@ class Estimator:
             out = self._chat(body)
         elif url == RESPONSES:
             out = self._responses(body)
-        elif url == EMBEDDINGS:
+        elif url == EMBEDDINGS or url == MODERATIONS:
             self._inputs(body.get("input"))
             out = 0
         elif url == COMPLETIONS:
             out = self._completions(body)
-        elif url == MODERATIONS:
-            self._inputs(body.get("input"))
-            out = 0
         else:
             self._unpriced = f"{url} is not priced per token"
             return
         fixed, text = self._line_fixed, self._line_text
-        tier = 0
-        price = self._price
-        if isinstance(price, Price) and price.thresholds:
-            tier = price.tier(fixed + round(text * self._tokens_per_byte()))
+        tier = self._tier(fixed + round(text * self._tokens_per_byte())) if self._tiered else 0
         self._fixed[tier] += fixed
         self._text[tier] += text
         self._out[tier] += out
@@ -307,7 +308,7 @@ class Estimator:
             self._sample_tokens += sum(count(s) for s in sink)
             self._sample_bytes += text
             self._sampled += 1
-        self._sink = None
+            self._sink = None
 
     def _tokens_per_byte(self) -> float:
         if self._sample_bytes:

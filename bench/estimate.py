@@ -5,7 +5,7 @@
 A chat-completions file of 50,000 lines (~1 KB each by default) is validated by
 `jsonl.Validator`, alone (the baseline) and with a `batchd.estimate.Estimator` fed
 every parsed line (the way intake would wire it: the line is parsed once). Variants:
-bytes/4 only, the default sampled tokenizer (first 100 lines, then every 100th), and
+bytes/4 only, the default sampled tokenizer (first 32 lines, then one in 256), and
 every line tokenized (why sampling is the default). In-process, one core, medians.
 Target: the default estimate keeps validation within 1.5x of validation alone.
 """

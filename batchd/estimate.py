@@ -234,7 +234,7 @@ class Estimator:
         self.requests = 0
         self.images = 0
         self.unbounded = 0
-        # Per price tier: requests, fixed input tokens, input text bytes, output high.
+        # Per price tier: fixed input tokens, input text bytes, output tokens (high).
         self._fixed = [0]
         self._text = [0]
         self._out = [0]
@@ -279,10 +279,42 @@ class Estimator:
             model = body.get("model")
             if isinstance(model, str) and model:
                 self._set_model(model)
-        sample = self._count is not None and (
+        if self._count is not None and (
             n <= self._head or (n * 2654435761) & 0xFFFFFFFF < self._threshold
-        )
-        sink: list[str] | None = [] if sample else None
+        ):
+            self._add(request, body, [])
+        elif not (self._simple_chat(request, body)):
+            self._add(request, body, None)
+
+    def _simple_chat(self, request: Mapping[str, Any], body: dict[str, Any]) -> bool:
+        """The common line (chat; string contents; an output limit; nothing else) inlined,
+        since this runs once per line; False: leave it to the general walk."""
+        if len(body) > 3 or self._tiered or request.get("url") != CHAT:
+            return False
+        messages = body.get("messages")
+        if type(messages) is not list:
+            return False
+        fixed, text = _PRIMING, 0
+        for m in messages:
+            if type(m) is not dict or len(m) > 2:  # a name, tool calls: the general walk
+                return False
+            content = m.get("content")
+            if type(content) is not str:
+                return False
+            fixed += _PER_MESSAGE
+            text += len(content) if content.isascii() else _nbytes(content)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if type(limit) is not int or limit <= 0:
+            return False
+        self._fixed[0] += fixed
+        self._text[0] += text
+        self._out[0] += limit
+        return True
+
+    def _add(
+        self, request: Mapping[str, Any], body: dict[str, Any], sink: list[str] | None
+    ) -> None:
+        """The general walk of one line; with a `sink`, its text is also tokenized."""
         self._sink = sink
         self._line_fixed = self._line_text = 0
         url = request.get("url")

@@ -57,6 +57,15 @@ def test_without_a_tokenizer_text_is_utf8_bytes_over_4() -> None:
     assert est.method == "bytes/4"
 
 
+def test_the_inlined_common_line_counts_like_the_general_walk() -> None:
+    text = "some text é 北京 " * 20
+    fast = [chat(text, max_tokens=9, i=i) for i in range(50)]  # the inlined common line
+    general = [chat(text, max_tokens=9, temperature=0, i=i) for i in range(50)]
+    a, b = estimate(fast, tokenizer=False), estimate(general, tokenizer=False)
+    assert (a.input_tokens, a.output_high) == (b.input_tokens, b.output_high)
+    assert a.input_tokens == 50 * (6 + len(text.encode()) / 4)
+
+
 def test_a_sample_calibrates_every_line() -> None:
     # Lines 1-2 and about one in 5 are tokenized; the others are scaled by the sample's
     # tokens per byte. On homogeneous lines the estimate is exact.

@@ -13,8 +13,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from batchd.jobmeta import API_MAX_PAIRS, BATCHD_PAIRS
 
@@ -172,6 +174,8 @@ class AdmissionConfig:
     """[admission]: per-model enqueued-token budgets (learned ones are added at run time)."""
 
     token_budgets: Mapping[str, int] = field(default_factory=dict)
+    # Enqueued-request limit per model (OpenAI caps e.g. embeddings at 1,000,000).
+    request_limits: Mapping[str, int] = field(default_factory=dict)
     refusal_backoff_seconds: float = 30.0
     max_refusal_backoff_seconds: float = 1800.0
 
@@ -218,6 +222,57 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class PriceOverride:
+    """One [prices."MODEL"] entry: USD per million tokens, or `same_as` another model's price.
+
+    `batch` says whether the rates are already batch prices (true) or synchronous list
+    prices that still get the provider's batch discount (false).
+    """
+
+    input_per_mtok: Decimal | None = None
+    output_per_mtok: Decimal | None = None
+    cached_input_per_mtok: Decimal | None = None
+    batch: bool = False
+    same_as: str | None = None
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    """[estimate]: how the output side of a job's cost estimate is bounded."""
+
+    output_ratio: float = 0.0
+    default_max_output_tokens: int = 16_384
+
+
+NANOS_PER_USD = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Limit:
+    """Spending limits of one scope, in nano-dollars; None = no limit for that period."""
+
+    daily: int | None = None
+    monthly: int | None = None
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """[budget]: per day / per month limits, globally, per model and per source."""
+
+    timezone: str = "UTC"
+    unknown_price: str = "wait"  # "wait" | "admit": a job whose price is unknown
+    total: Limit = field(default_factory=Limit)
+    models: Mapping[str, Limit] = field(default_factory=dict)  # "*" = every other model
+    sources: Mapping[str, Limit] = field(default_factory=dict)  # "*" = every other source
+
+    @property
+    def enabled(self) -> bool:
+        """True when any limit is configured."""
+        limits = [self.total, *self.models.values(), *self.sources.values()]
+        return any(lim.daily is not None or lim.monthly is not None for lim in limits)
+
+
+@dataclass(frozen=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
@@ -234,6 +289,9 @@ class Config:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    prices: Mapping[str, PriceOverride] = field(default_factory=dict)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     source: Path | None = None
 
 
@@ -267,11 +325,19 @@ _SECTIONS = {
     "limits": {"max_requests_per_batch", "max_bytes_per_batch", "max_embedding_inputs_per_batch"},
     "upload": {"uploads_api_threshold_bytes", "part_bytes"},
     "retry": {"max_attempts_per_piece"},
-    "admission": {"token_budgets", "refusal_backoff_seconds", "max_refusal_backoff_seconds"},
+    "admission": {
+        "token_budgets",
+        "request_limits",
+        "refusal_backoff_seconds",
+        "max_refusal_backoff_seconds",
+    },
     "output": {"order"},
     "intake": {"settle_seconds", "duplicate_window"},
     "retention": {"delete_remote_files", "jobs_days", "results_days"},
     "daemon": {"shutdown_grace_seconds"},
+    "prices": set(),  # keys are model names (see _FREE_KEYS)
+    "estimate": {"output_ratio", "default_max_output_tokens"},
+    "budget": {"timezone", "unknown_price", "daily_usd", "monthly_usd", "models", "sources"},
 }
 # Keys SIGHUP applies to a running daemon; any other change needs a restart.
 RELOADABLE = frozenset(
@@ -291,6 +357,10 @@ RELOADABLE = frozenset(
         "webhooks.poll_interval_seconds",
     }
 )
+# Sections whose keys are names chosen by the user; their parsers check the inner tables.
+_FREE_KEYS = {"prices"}
+_PRICE_KEYS = {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "batch", "same_as"}
+_LIMIT_KEYS = {"daily_usd", "monthly_usd"}
 
 
 def _get(table: Mapping[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
@@ -324,6 +394,8 @@ def _check_keys(data: Mapping[str, Any]) -> None:
             raise ConfigError(f"[{section}]: unknown section (known: {', '.join(_SECTIONS)})")
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}]: must be a table")
+        if section in _FREE_KEYS:
+            continue
         for key in table:
             if key not in _SECTIONS[section]:
                 raise ConfigError(f"[{section}] {key}: unknown key")
@@ -472,9 +544,11 @@ def _pieces(data: Mapping[str, Any]) -> dict[str, Any]:
     lim, up = data.get("limits", {}), data.get("upload", {})
     adm, out = data.get("admission", {}), data.get("output", {})
     budgets = _get(adm, "admission", "token_budgets", dict, {})
-    for model, n in budgets.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ConfigError(f"[admission] token_budgets.{model}: a positive integer, got {n!r}")
+    request_limits = _get(adm, "admission", "request_limits", dict, {})
+    for key, table in (("token_budgets", budgets), ("request_limits", request_limits)):
+        for model, n in table.items():
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise ConfigError(f"[admission] {key}.{model}: a positive integer, got {n!r}")
     order = _get(out, "output", "order", str, "api")
     if order not in ("api", "input"):
         raise ConfigError(f'[output] order: "api" or "input", got {order!r}')
@@ -494,6 +568,7 @@ def _pieces(data: Mapping[str, Any]) -> dict[str, Any]:
         ),
         "admission": AdmissionConfig(
             dict(budgets),
+            dict(request_limits),
             _positive(
                 "admission",
                 "refusal_backoff_seconds",
@@ -576,6 +651,109 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 _KEY_NAMES = {"duplicate_window_seconds": "duplicate_window"}
 
 
+def _usd(key: str, value: Any, per: str = "") -> Decimal:
+    """A non-negative amount of USD from a TOML int or float (floats via their shortest repr)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of USD{per}, got {value!r}")
+    try:
+        amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    except InvalidOperation:
+        raise ConfigError(f"{key}: expected a number of USD{per}, got {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"{key}: must be a finite amount >= 0, got {value!r}")
+    return amount
+
+
+def _price_override(model: str, t: Any) -> PriceOverride:
+    key = f'[prices."{model}"]'
+    if not isinstance(t, dict):
+        raise ConfigError(f"{key}: must be a table (input_per_mtok, output_per_mtok, batch, ...)")
+    for k in t:
+        if k not in _PRICE_KEYS:
+            raise ConfigError(f"{key} {k}: unknown key (known: {', '.join(sorted(_PRICE_KEYS))})")
+    if "same_as" in t:
+        same = t["same_as"]
+        if not isinstance(same, str) or not same or same == model:
+            raise ConfigError(f"{key} same_as: the name of another model, got {same!r}")
+        if len(t) > 1:
+            raise ConfigError(f"{key} same_as: give either same_as or prices, not both")
+        return PriceOverride(same_as=same)
+    for k in ("input_per_mtok", "output_per_mtok", "batch"):
+        if k not in t:
+            raise ConfigError(f'{key} {k}: required (or same_as = "OTHER-MODEL")')
+    if not isinstance(t["batch"], bool):
+        raise ConfigError(
+            f"{key} batch: true if these are batch prices already, false if the provider's"
+            f" batch discount still applies; got {t['batch']!r}"
+        )
+    per = " per million tokens"
+    cached = t.get("cached_input_per_mtok")
+    return PriceOverride(
+        input_per_mtok=_usd(f"{key} input_per_mtok", t["input_per_mtok"], per),
+        output_per_mtok=_usd(f"{key} output_per_mtok", t["output_per_mtok"], per),
+        cached_input_per_mtok=None
+        if cached is None
+        else _usd(f"{key} cached_input_per_mtok", cached, per),
+        batch=t["batch"],
+    )
+
+
+def _prices(t: Mapping[str, Any]) -> dict[str, PriceOverride]:
+    return {model: _price_override(model, entry) for model, entry in t.items()}
+
+
+def _estimate(t: Mapping[str, Any]) -> EstimateConfig:
+    s = "estimate"
+    ratio = _get(t, s, "output_ratio", float, 0.0)
+    if not 0 <= ratio <= 1000:
+        raise ConfigError(f"[estimate] output_ratio: must be 0..1000, got {ratio!r}")
+    return EstimateConfig(
+        output_ratio=ratio,
+        default_max_output_tokens=_int(t, s, "default_max_output_tokens", 16_384, 1, 10_000_000),
+    )
+
+
+def _limit(key: str, t: Any, check_keys: bool = True) -> Limit:
+    if not isinstance(t, dict):
+        raise ConfigError(f"{key}: must be a table like {{ daily_usd = 10, monthly_usd = 200 }}")
+    if check_keys:
+        for k in t:
+            if k not in _LIMIT_KEYS:
+                raise ConfigError(f"{key} {k}: unknown key (known: daily_usd, monthly_usd)")
+    daily, monthly = t.get("daily_usd"), t.get("monthly_usd")
+    return Limit(
+        daily=None if daily is None else int(_usd(f"{key} daily_usd", daily) * NANOS_PER_USD),
+        monthly=None
+        if monthly is None
+        else int(_usd(f"{key} monthly_usd", monthly) * NANOS_PER_USD),
+    )
+
+
+def _budget(t: Mapping[str, Any]) -> BudgetConfig:
+    s = "budget"
+    tz = _get(t, s, "timezone", str, "UTC")
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f'[budget] timezone: an IANA time zone like "UTC", got {tz!r}') from None
+    unknown = _get(t, s, "unknown_price", str, "wait")
+    if unknown not in ("wait", "admit"):
+        raise ConfigError(f'[budget] unknown_price: "wait" or "admit", got {unknown!r}')
+    scopes: dict[str, dict[str, Limit]] = {}
+    for scope in ("models", "sources"):
+        table = _get(t, s, scope, dict, {})
+        scopes[scope] = {
+            name: _limit(f'[budget.{scope}."{name}"]', entry) for name, entry in table.items()
+        }
+    return BudgetConfig(
+        timezone=tz,
+        unknown_price=unknown,
+        total=_limit("[budget]", t, check_keys=False),
+        models=scopes["models"],
+        sources=scopes["sources"],
+    )
+
+
 def _log(t: Mapping[str, Any]) -> LogConfig:
     level = _get(t, "log", "level", str, "info").lower()
     if level not in _LEVELS:
@@ -601,6 +779,9 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         http=_http(data.get("http", {}), base),
         webhooks=_webhooks(data.get("webhooks", {}), base),
         log=_log(data.get("log", {})),
+        prices=_prices(data.get("prices", {})),
+        estimate=_estimate(data.get("estimate", {})),
+        budget=_budget(data.get("budget", {})),
         **_pieces(data),
         **_sections(data),
     )

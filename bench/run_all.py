@@ -24,6 +24,7 @@ BENCHMARKS = (
     "finished_db",  # builds (or finds cached) the database big_db uses
     "big_db",
     "download",
+    "estimate",
 )
 
 

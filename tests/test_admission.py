@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchd.admission import Candidate, admit, limit_from_message
+from batchd.admission import Candidate, admit, limit_from_message, request_limit_from_message
 from batchd.states import JobState, desired_job_state
 
 
@@ -46,6 +46,59 @@ def test_limit_from_message() -> None:
     )
     assert limit_from_message(msg) == 90_000
     assert limit_from_message("something else") is None
+
+
+def r(i: str, requests: int, tokens: int = 1, since: float = 0.0, model: str = "m") -> Candidate:
+    return Candidate(i, model, tokens, since, requests=requests)
+
+
+def test_enqueued_requests_under_the_limit() -> None:
+    cands = [r("a", 50_000, since=1), r("b", 50_000, since=2), r("c", 50_000, since=3)]
+    # 1,000,000 requests allowed, 920,000 in flight: one more 50k piece fits, not two.
+    got = admit(
+        cands, {}, {}, now=10, request_limits={"m": 1_000_000}, in_flight_requests={"m": 920_000}
+    )
+    assert got == ["a"]
+    assert admit(cands, {}, {}, 10, request_limits={"m": 1_000_000}) == ["a", "b", "c"]
+    full = {"m": 1_000_000}
+    assert admit(cands, {}, {}, 10, request_limits=full, in_flight_requests=full) == []
+
+
+def test_tokens_and_requests_must_both_fit() -> None:
+    cands = [r("many-small", 40, tokens=10, since=1), r("few-big", 5, tokens=60, since=2)]
+    limits = {"request_limits": {"m": 50}, "in_flight_requests": {"m": 20}}
+    # Tokens alone would take both (70 <= 100); requests allow only 30 more.
+    assert admit(cands, {"m": 0}, {"m": 100}, now=10, **limits) == ["few-big"]  # type: ignore[arg-type]
+    assert admit(cands, {"m": 0}, {"m": 100}, now=10) == ["few-big", "many-small"]
+
+
+def test_request_limits_per_model_and_the_oversized_piece() -> None:
+    cands = [r("x", 500), r("y", 10, model="o")]
+    lim = {"m": 100, "o": 5}
+    # Each is bigger than its model's whole limit: it may go alone (the API decides).
+    assert admit(cands, {}, {}, 1, request_limits=lim) == ["x", "y"]
+    assert admit(cands, {}, {}, 1, request_limits=lim, in_flight_requests={"m": 1}) == ["y"]
+
+
+def test_a_starving_piece_reserves_the_request_limit() -> None:
+    cands = [r("old-big", 80, since=0), r("new-small", 10, since=900)]
+    lim, used = {"m": 100}, {"m": 50}
+    assert admit(cands, {}, {}, 100, request_limits=lim, in_flight_requests=used) == ["new-small"]
+    assert admit(cands, {}, {}, 1000, request_limits=lim, in_flight_requests=used) == []
+
+
+def test_request_limit_from_message() -> None:
+    # As reported by a user (OpenAI community forum) for text-embedding-3-small.
+    msg = (
+        "Enqueued request limit reached for text-embedding-3-small in organization "
+        "org-XXXXXX. Limit: 1,000,000 enqueued requests. Please try again once some "
+        "in_progress batches have been completed."
+    )
+    assert request_limit_from_message(msg) == 1_000_000
+    assert limit_from_message(msg) is None  # not the token limit
+    tokens = "Enqueued token limit reached for gpt-4o. Limit: 90,000 enqueued tokens."
+    assert request_limit_from_message(tokens) is None
+    assert request_limit_from_message("") is None
 
 
 def test_desired_job_state() -> None:

@@ -7,7 +7,6 @@ import binascii
 import dataclasses
 import math
 import os
-import ssl
 import time
 import tomllib
 from collections.abc import Mapping
@@ -16,7 +15,6 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from batchd.jobmeta import API_MAX_PAIRS, BATCHD_PAIRS
 
@@ -454,6 +452,10 @@ def _tls_and_proxy(t: Mapping[str, Any], base: Path) -> dict[str, Any]:
 
 def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
     """Load the CA and client certificate once, so a bad file stops start-up by name."""
+    if ca is None and cert is None:
+        return
+    import ssl  # only when TLS files are configured: the CLI starts quicker without it
+
     ctx = ssl.create_default_context()
     if ca is not None:
         try:
@@ -732,6 +734,8 @@ def _limit(key: str, t: Any, check_keys: bool = True) -> Limit:
 def _budget(t: Mapping[str, Any]) -> BudgetConfig:
     s = "budget"
     tz = _get(t, s, "timezone", str, "UTC")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):

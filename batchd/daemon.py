@@ -68,8 +68,9 @@ class Daemon:
         self.metrics.inbox_files.set(len(ctx.spool.waiting()))
 
     async def _idle_watch(self, ctx: Context) -> None:
-        """In --once mode: stop when the inbox is empty and every job has ended, or when
-        the API refuses access (nothing could get further; the jobs wait)."""
+        """In --once mode: stop when the inbox is empty, every job has ended and the
+        provider's copies due for deletion are gone, or when the API refuses access
+        (nothing could get further; the jobs wait)."""
         while True:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
             if ctx.hold.blocked:
@@ -80,7 +81,11 @@ class Daemon:
                 return
             if ctx.claiming or ctx.spool.waiting():
                 continue
-            if not await ctx.store.live_count() and not ctx.claiming:
+            if await ctx.store.live_count() or ctx.claiming:
+                continue
+            # The provider's copies due for deletion now go too (not those backing off).
+            due = await ctx.store.next_remote_file_at()
+            if due is None or due > self.clock():
                 self.stop_event.set()
                 return
 

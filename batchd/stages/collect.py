@@ -368,12 +368,15 @@ def _batch_failed(att: Attempt, batch: dict[str, Any]) -> dict[str, Any]:
 
 async def settle(ctx: Context, att: Attempt) -> None:
     """Download an ended attempt's results and decide what comes next for its piece."""
+    await _settle(ctx, att)
+    ctx.wake_retention.set()  # the provider's copies it made due for deletion, if any
+
+
+async def _settle(ctx: Context, att: Attempt) -> None:
     job = await ctx.store.job(att.job_id)
     parts = _parts(ctx, job.id)
     batch, outcome = await _download(ctx, att, parts)
     remote = _remote_copies(ctx, att, batch)
-    if remote:
-        ctx.wake_retention.set()
     status = batch.get("status")
     if status == "failed":
         errors = (batch.get("errors") or {}).get("data") or []

@@ -212,8 +212,9 @@ def test_a_retried_create_makes_one_batch(live: Running, how: str) -> None:
     assert orjson.loads(px.creates[0])["id"] == orjson.loads(px.creates[1])["id"] == b.id
     mine = [x for x in live.client("alpha").batches.list() if x.metadata == {"retried": how}]
     assert [x.id for x in mine] == [b.id]
-    assert wait_ended(client := live.client("alpha"), b.id).status == "completed"
-    assert len(lines_of(client, client.batches.retrieve(b.id).output_file_id)) == 3
+    client = live.client("alpha")
+    end = wait_ended(client, b.id)
+    assert end.status == "completed" and len(lines_of(client, end.output_file_id)) == 3
 
 
 def test_idempotency_key(live: Running) -> None:

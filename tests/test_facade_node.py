@@ -20,25 +20,31 @@ from tests.emulator_server import serve
 from tests.facade_support import KEYS, WEBHOOK_SECRET, daemon, receiver, wait_for, write_config
 
 HERE = Path(__file__).resolve().parent / "node"
-PACKAGE = "openai@^7"
+
+
+def _package(node: str) -> str:
+    """openai 7 asks for node >= 22 but runs on 20 (tested); older nodes get openai 6."""
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
+    major = int(version.stdout.strip().lstrip("v").split(".")[0] or 0)
+    return "openai@^7" if major >= 20 else "openai@^6"
 
 
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
-    skip_without("node")
+    package = _package(skip_without("node"))
     npm = skip_without("npm")
     default = Path.home() / ".cache" / "batchd-tests" / "node"
-    cache = Path(os.environ.get("BATCHD_NODE_CACHE", default))
+    cache = Path(os.environ.get("BATCHD_NODE_CACHE", default)) / package.replace("@^", "-")
     if not (cache / "node_modules" / "openai" / "package.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
-            [npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", PACKAGE],
+            [npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", package],
             capture_output=True,
             text=True,
             timeout=600,
         )
         if done.returncode != 0:
-            why = f"npm install {PACKAGE} failed: {done.stderr[-1000:]}"
+            why = f"npm install {package} failed: {done.stderr[-1000:]}"
             if os.environ.get("CI"):
                 pytest.fail(why)
             pytest.skip(why)

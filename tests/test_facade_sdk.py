@@ -112,10 +112,10 @@ def test_upload_create_poll_download(live: Running, emu: Server, hooks: Receiver
     assert meta.purpose == "batch_output" and meta.filename == f"{b.id}_output.jsonl"
     listed = {x.id for x in client.files.list()}
     assert {f.id, b.output_file_id, b.error_file_id} <= listed
-    # An ordinary job: in `batchd jobs`, named after the batch, source facade.
+    # An ordinary job: in `batchd jobs`, named after the batch, its source the tenant.
     jobs = run_cli("jobs", "--json", "-c", str(live.config))
     rows = {j["name"]: j for j in orjson.loads(jobs.stdout)}
-    assert rows[b.id]["state"] == "done" and rows[b.id]["source"] == "facade"
+    assert rows[b.id]["state"] == "done" and rows[b.id]["source"] == "facade:alpha"
     # Results stay on batchd's disk; the provider's copies go once they are verified.
     up = upstream_of(emu, job_id_of(live, b.id))
     assert len(up) == 1 and up[0]["id"] != b.id

@@ -39,7 +39,12 @@ from batchd.store.objects import FacadeBatch, FacadeFile
 if TYPE_CHECKING:
     from batchd.facade.app import Facade
 
-SOURCE = "facade"  # the job's source (`batchd jobs`, `batchd show`, budgets per source)
+
+def source(tenant: str) -> str:
+    """The job's source: `facade:TENANT` (`batchd show`, `[budget.sources]` per tenant)."""
+    return f"facade:{tenant}"
+
+
 WINDOWS = ("24h",)
 _ORDER = (
     "/v1/responses",
@@ -135,13 +140,13 @@ async def ensure_job(fac: Facade, b: FacadeBatch) -> None:
         if src is not None and src.is_file():  # else the job fails: input_missing
             await asyncio.to_thread(_link, src, dest)
             fsync_dir(spool.processing)
-    new = NewJob(b.job_id, b.id, rel, SOURCE, allow_duplicate=True)
+    new = NewJob(b.job_id, b.id, rel, source(b.tenant), allow_duplicate=True)
     try:
         await fac.objects.create_job(new, spool.dir_taken)
     except sqlite3.IntegrityError:
         # Recorded meanwhile (a restarted intake adopted the link): make it ours.
         await store.job(b.job_id)
-        await store.update_job(b.job_id, source=SOURCE, allow_duplicate=True)
+        await store.update_job(b.job_id, source=source(b.tenant), allow_duplicate=True)
 
 
 class BatchRoutes:
@@ -298,5 +303,5 @@ class BatchRoutes:
         if live:
             ctx.wake_track.set()
             ctx.wake_collect.set()
-            ctx.log.info("cancel_requested", job_id=b.job_id, batch_id=b.id, source=SOURCE)
+            ctx.log.info("cancel_requested", job_id=b.job_id, batch_id=b.id, source="facade")
         return json_response(await self.fac.batch_view(b))

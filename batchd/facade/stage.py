@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 STEP = 100
 SWEEP_SECONDS = 3600.0
+SLACK = 5.0  # seconds: a job's end committed just after the stage looked is still seen
 GIVE_UP_SECONDS = 3 * 86400.0
 DELIVERY_TIMEOUT = 10.0
 DAY = 86400.0
@@ -73,6 +74,10 @@ class FacadeStage:
         self.ctx = fac.ctx
         self.session = session
         self.worker = Worker(fac.ctx, "facade", 16, fac.ctx.wake_facade)
+        # Jobs that ended before this (minus SLACK) have been looked at; None: walk every
+        # live batch first (start-up), as again every SWEEP_SECONDS.
+        self.since: float | None = None
+        self.next_sweep = 0.0
 
     # --- settling -----------------------------------------------------------------------
 
@@ -214,10 +219,18 @@ class FacadeStage:
         self.worker.check()
         if ctx.stopping:
             return None
-        ended = await objs.to_settle(STEP)
+        now = ctx.clock()
+        if self.since is None or now >= self.next_sweep:
+            ended = await objs.to_settle(STEP)
+            if len(ended) < STEP:
+                self.since, self.next_sweep = now - SLACK, now + SWEEP_SECONDS
+        else:
+            found = await objs.ended_since(self.since, STEP)
+            ended = [b for b, _ in found]
+            mark = found[-1][1] if len(found) == STEP else now
+            self.since = max(self.since, mark - SLACK)
         for b in ended:
             await self.settle(b)
-        now = ctx.clock()
         for ev in await objs.due_events(now, STEP):
             if not self.worker.free:
                 break
@@ -232,7 +245,7 @@ class FacadeStage:
             event_at if event_at is not None and event_at > now else None,
             await objs.next_file_expiry(),
             await objs.next_upload_expiry(),
-            now + SWEEP_SECONDS,
+            max(self.next_sweep, now + 1.0),
         ]
         return min(t for t in due if t is not None)
 

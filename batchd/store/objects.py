@@ -264,8 +264,21 @@ class Objects:
         return _batch(rows[0]) if rows else None
 
     async def to_settle(self, limit: int) -> list[FacadeBatch]:
-        """Live batches whose job has ended."""
+        """Live batches whose job has ended (walks every live batch: start-up and sweeps)."""
         return [_batch(r) for r in await self._rows("facade_batches_to_settle", limit=limit)]
+
+    async def ended_since(self, since: float, limit: int) -> list[tuple[FacadeBatch, float]]:
+        """Live batches whose job ended at or after `since`, with when, in that order (walks
+        only the jobs that ended since then)."""
+        rows = await self._rows("facade_batches_ended_since", since=since, limit=limit)
+        out = []
+        for r in rows:
+            values = {k: r[k] for k in r.keys() if k != "job_finished_at"}
+            for k in ("metadata", "final"):
+                if values[k] is not None:
+                    values[k] = orjson.loads(values[k])
+            out.append((FacadeBatch(**values), float(r["job_finished_at"])))
+        return out
 
     async def without_job(self) -> list[FacadeBatch]:
         """Live batches whose job was never recorded (a crash mid-create; start-up)."""

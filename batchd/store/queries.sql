@@ -314,10 +314,16 @@ ORDER BY created_at DESC LIMIT 1;
 -- name: facade_batch_by_key
 SELECT * FROM facade_batches WHERE tenant = :tenant AND idempotency_key = :key;
 
--- name: facade_batches_to_settle  (hot: facade)
+-- name: facade_batches_to_settle
 SELECT b.* FROM facade_batches b CROSS JOIN jobs j ON j.id = b.job_id  -- CROSS: live drive
 WHERE b.status IS NULL AND j.finished_at IS NOT NULL
 ORDER BY b.created_at LIMIT :limit;
+
+-- name: facade_batches_ended_since  (hot: facade)
+SELECT b.*, j.finished_at AS job_finished_at
+FROM jobs j CROSS JOIN facade_batches b ON b.job_id = j.id  -- CROSS: recent ends drive
+WHERE j.finished_at >= :since AND b.status IS NULL
+ORDER BY j.finished_at LIMIT :limit;
 
 -- name: facade_batches_without_job
 SELECT b.* FROM facade_batches b

@@ -304,6 +304,10 @@ class FileRoutes:
                     await part.release()
             if size < 0:
                 raise missing("data")
+            so_far = sum(p.bytes for p in await self.fac.objects.parts(u.id))
+            if so_far + size > u.bytes:
+                msg = f"The parts would total more than the {u.bytes} bytes of the upload."
+                raise invalid("data", msg)
             os.rename(tmp, folder / part_id)
             fsync_dir(folder)
         except ValueError as e:

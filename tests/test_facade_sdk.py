@@ -131,8 +131,10 @@ def test_upload_create_poll_download(live: Running, emu: Server, hooks: Receiver
 
 def test_a_failed_validation_has_line_numbered_errors(live: Running) -> None:
     client = live.client("beta")
-    b = wait_ended(client, create(client, upload(client, BAD).id).id)
+    bad = upload(client, BAD)
+    b = wait_ended(client, create(client, bad.id).id)
     assert b.status == "failed" and b.failed_at and b.output_file_id is None
+    assert create(client, bad.id).id != b.id  # a failed batch is not what a new create gets
     assert b.errors is not None
     codes = {(e.code, e.line) for e in b.errors.data}
     assert ("missing_model", 1) in codes and ("invalid_json", 2) in codes

@@ -252,7 +252,8 @@ class Objects:
         return [_batch(r) for r in rows]
 
     async def by_dedupe(self, tenant: str, key: str, since: float) -> FacadeBatch | None:
-        """The newest batch made without an Idempotency-Key from the same parameters."""
+        """The newest batch made without an Idempotency-Key from the same parameters (one
+        that failed or was cancelled does not count: creating it again is a new try)."""
         rows = await self._rows(
             "facade_batch_by_dedupe", tenant=tenant, dedupe_key=key, since=since
         )

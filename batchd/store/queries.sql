@@ -308,7 +308,7 @@ ORDER BY id DESC LIMIT :limit;
 -- name: facade_batch_by_dedupe
 SELECT * FROM facade_batches
 WHERE tenant = :tenant AND dedupe_key = :dedupe_key AND created_at >= :since
-AND idempotency_key IS NULL
+AND idempotency_key IS NULL AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))
 ORDER BY created_at DESC LIMIT 1;
 
 -- name: facade_batch_by_key

@@ -87,6 +87,7 @@ def job_id_of(live: Running, batch_id: str) -> str:
 
 def test_upload_create_poll_download(live: Running, emu: Server, hooks: Receiver) -> None:
     client = live.client("alpha")
+    hooks.fail_first = 1  # the first delivery is answered 500: it is made again
     f = upload(client, chat_lines(20, fail=[3]))
     assert f.object == "file" and f.purpose == "batch" and f.bytes == len(chat_lines(20, fail=[3]))
     assert f.id.startswith("file-") and len(f.id) <= 64 and f.expires_at
@@ -127,6 +128,7 @@ def test_upload_create_poll_download(live: Running, emu: Server, hooks: Receiver
     headers, body = got[0]
     event = client.webhooks.unwrap(body, headers, secret=WEBHOOK_SECRET)
     assert event.type == "batch.completed" and event.data.id == b.id
+    assert hooks.fail_first == 0 and "facade_webhook_failed" in live.text()
 
 
 def test_a_failed_validation_has_line_numbered_errors(live: Running) -> None:

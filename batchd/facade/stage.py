@@ -184,7 +184,7 @@ class FacadeStage:
             ctx.metrics.facade_webhooks.labels("dropped").inc()
             ctx.log.error("facade_webhook_dropped", error=error, tries=ev.tries + 1, **log)
         else:
-            delay = min(3600.0, 5.0 * 2 ** min(ev.tries, 12)) * random.uniform(0.5, 1.0)
+            delay = min(3600.0, 2.0 ** min(ev.tries, 12)) * random.uniform(0.5, 1.0)
             await objs.event_later(ev.id, now + delay)
             ctx.metrics.facade_webhooks.labels("failed").inc()
             ctx.log.warning("facade_webhook_failed", error=error, retry_in=round(delay, 1), **log)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from batchd import logs, sdnotify
+from batchd import facade, logs, sdnotify
 from batchd.api import BatchApi
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
@@ -55,6 +55,7 @@ class Daemon:
         self.outcomes: Counter[str] = Counter()  # jobs ended while this daemon ran
         self.listen: str | None = None  # the address actually bound
         self.exit_code: int | None = None
+        self.facade: facade.Facade | None = None  # the OpenAI-compatible API, with tenants
 
     async def _refresh_gauges(self) -> None:
         ctx = self.ctx
@@ -222,7 +223,7 @@ class Daemon:
 
     async def _serve(self, ctx: Context, token: str | None, secret: bytes | None) -> web.AppRunner:
         cfg = self.cfg
-        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret)
+        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret, self.facade)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
@@ -257,6 +258,7 @@ class Daemon:
         # Read secrets before touching anything: a bad one is a config error (exit 2).
         token = cfg.http.token() if self.serve_http else None
         webhook_secret = cfg.webhooks.secret() if self.serve_http else None
+        tenants = facade.load(cfg.facade) if self.serve_http and cfg.facade.tenants else None
         try:
             key = cfg.api.api_key()
         except OSError as e:
@@ -278,6 +280,9 @@ class Daemon:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.request_stop)
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
+                if tenants:
+                    self.facade = facade.Facade(ctx, tenants)
+                    await self.facade.start()  # before the stages: a create cut off by a crash
                 if self.serve_http:
                     runner = await self._serve(ctx, token, webhook_secret)
                 sdnotify.ready()
@@ -296,17 +301,19 @@ class Daemon:
         return self.exit_code
 
     async def _run_stages(self, ctx: Context) -> None:
+        named: list[tuple[str, Callable[[Context], Awaitable[None]]]] = [
+            ("intake", intake.run),
+            ("submit", submit.run),
+            ("track", track.run),
+            ("collect", collect.run),
+            ("retention", retention.run),
+            ("health", health.run),
+        ]
+        if self.facade is not None:
+            named.append(("facade", self.facade.run))
         async with asyncio.TaskGroup() as tg:
             stages = [
-                tg.create_task(self._supervised(name, fn, ctx), name=name)
-                for name, fn in (
-                    ("intake", intake.run),
-                    ("submit", submit.run),
-                    ("track", track.run),
-                    ("collect", collect.run),
-                    ("retention", retention.run),
-                    ("health", health.run),
-                )
+                tg.create_task(self._supervised(name, fn, ctx), name=name) for name, fn in named
             ]
             side = [
                 tg.create_task(self._watchdog(), name="watchdog"),

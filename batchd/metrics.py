@@ -180,3 +180,25 @@ class Metrics:
         )
         for what in ("jobs", "results"):
             self.retention_deleted.labels(what)
+        # The OpenAI-compatible facade (batchd/facade/); its batches are jobs as well.
+        self.facade_batches_ended = Counter(
+            "batchd_facade_batches_ended",
+            "Facade batches that reached a final status, by status",
+            ["status"],
+            registry=r,
+        )
+        for end in ("completed", "failed", "expired", "cancelled"):
+            self.facade_batches_ended.labels(end)
+        self.facade_deduplicated = Counter(
+            "batchd_facade_deduplicated_creates",
+            "Batch creates answered with the batch an identical create already made",
+            registry=r,
+        )
+        self.facade_webhooks = Counter(
+            "batchd_facade_webhooks",
+            "Webhook deliveries to tenants, by outcome (delivered, failed, dropped)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "failed", "dropped"):
+            self.facade_webhooks.labels(outcome)

@@ -48,6 +48,7 @@ class Context:
     wake_collect: asyncio.Event = field(default_factory=asyncio.Event)
     wake_retention: asyncio.Event = field(default_factory=asyncio.Event)
     wake_intake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_facade: asyncio.Event = field(default_factory=asyncio.Event)  # a job ended
     # Serialises result-dir naming and publishing so two jobs never pick one NAME.
     publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Serialises failing jobs: the stage that decided and the loop that resumes
@@ -78,6 +79,7 @@ class Context:
             self.wake_collect,
             self.wake_retention,
             self.wake_intake,
+            self.wake_facade,
         ):
             e.set()
 

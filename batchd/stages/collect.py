@@ -101,6 +101,7 @@ async def publish(
             shutil.rmtree(spool.processing / extra, ignore_errors=True)
         detail = {"result_dir": job.result_dir, **(summary or {})}
         job = await store.transition(job.id, new_state, str(new_state), detail)
+    ctx.wake_facade.set()  # a facade batch of this job can be settled
     ctx.metrics.jobs_finished.labels(new_state.value).inc()
     ctx.outcomes[new_state.value] += 1
     log = ctx.log.warning if new_state == JobState.FAILED else ctx.log.info

@@ -517,6 +517,8 @@ async def advance(ctx: Context, job_id: str) -> None:
         job = await ctx.store.transition(job.id, JobState.VALIDATING, current=job)
     if job.state == JobState.VALIDATING:
         await _validate_job(ctx, job)
+        if (await ctx.store.job(job_id)).cancel_requested:
+            ctx.wake_collect.set()  # cancelled while queued: nothing to wait for now
 
 
 async def _api_rejected(ctx: Context, job_id: str, e: InvalidRequest) -> None:

@@ -228,3 +228,133 @@ DELETE FROM pieces WHERE job_id = :id;
 
 -- name: delete_job
 DELETE FROM jobs WHERE id = :id;
+
+-- --- the OpenAI-compatible facade (batchd/store/objects.py) ---------------------------
+
+-- name: facade_insert_file
+INSERT INTO facade_files (id, tenant, filename, purpose, bytes, path, created_at, expires_at,
+                          batch_id)
+VALUES (:id, :tenant, :filename, :purpose, :bytes, :path, :created_at, :expires_at, :batch_id);
+
+-- name: facade_file
+SELECT * FROM facade_files WHERE id = :id;
+
+-- name: facade_files_desc
+SELECT * FROM facade_files
+WHERE tenant = :tenant AND id < :cursor AND (:purpose IS NULL OR purpose = :purpose)
+ORDER BY id DESC LIMIT :limit;
+
+-- name: facade_files_asc
+SELECT * FROM facade_files
+WHERE tenant = :tenant AND id > :cursor AND (:purpose IS NULL OR purpose = :purpose)
+ORDER BY id LIMIT :limit;
+
+-- name: facade_delete_file
+DELETE FROM facade_files WHERE id = :id;
+
+-- name: facade_expired_files  (hot: facade)
+SELECT * FROM facade_files WHERE expires_at <= :now ORDER BY expires_at LIMIT :limit;
+
+-- name: facade_next_file_expiry  (hot: facade)
+SELECT MIN(expires_at) FROM facade_files WHERE expires_at IS NOT NULL;
+
+-- name: facade_files_of_batch
+SELECT * FROM facade_files WHERE batch_id = :batch_id;
+
+-- name: facade_insert_upload
+INSERT INTO facade_uploads (id, tenant, filename, purpose, bytes, mime_type,
+                            file_expires_after, created_at, expires_at, status)
+VALUES (:id, :tenant, :filename, :purpose, :bytes, :mime_type, :file_expires_after,
+        :created_at, :expires_at, 'pending');
+
+-- name: facade_upload
+SELECT * FROM facade_uploads WHERE id = :id;
+
+-- name: facade_insert_part
+INSERT INTO facade_upload_parts (id, upload_id, bytes, created_at)
+VALUES (:id, :upload_id, :bytes, :created_at);
+
+-- name: facade_parts_of
+SELECT * FROM facade_upload_parts WHERE upload_id = :upload_id;
+
+-- name: facade_upload_ended
+UPDATE facade_uploads SET status = :status, file_id = :file_id
+WHERE id = :id AND status = 'pending';
+
+-- name: facade_delete_parts
+DELETE FROM facade_upload_parts WHERE upload_id = :upload_id;
+
+-- name: facade_expired_uploads  (hot: facade)
+SELECT * FROM facade_uploads WHERE status = 'pending' AND expires_at <= :now
+ORDER BY expires_at LIMIT :limit;
+
+-- name: facade_next_upload_expiry  (hot: facade)
+SELECT MIN(expires_at) FROM facade_uploads WHERE status = 'pending';
+
+-- name: facade_insert_batch
+INSERT INTO facade_batches (id, tenant, job_id, input_file_id, endpoint, completion_window,
+                            metadata, output_expires_after, dedupe_key, idempotency_key,
+                            created_at)
+VALUES (:id, :tenant, :job_id, :input_file_id, :endpoint, :completion_window, :metadata,
+        :output_expires_after, :dedupe_key, :idempotency_key, :created_at);
+
+-- name: facade_batch
+SELECT * FROM facade_batches WHERE id = :id;
+
+-- name: facade_batches_desc
+SELECT * FROM facade_batches WHERE tenant = :tenant AND id < :cursor
+ORDER BY id DESC LIMIT :limit;
+
+-- name: facade_batch_by_dedupe
+SELECT * FROM facade_batches
+WHERE tenant = :tenant AND dedupe_key = :dedupe_key AND created_at >= :since
+AND idempotency_key IS NULL AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))
+ORDER BY created_at DESC LIMIT 1;
+
+-- name: facade_batch_by_key
+SELECT * FROM facade_batches WHERE tenant = :tenant AND idempotency_key = :key;
+
+-- name: facade_batches_to_settle
+SELECT b.* FROM facade_batches b CROSS JOIN jobs j ON j.id = b.job_id  -- CROSS: live drive
+WHERE b.status IS NULL AND j.finished_at IS NOT NULL
+ORDER BY b.created_at LIMIT :limit;
+
+-- name: facade_batches_ended_since  (hot: facade)
+SELECT b.*, j.finished_at AS job_finished_at
+FROM jobs j CROSS JOIN facade_batches b ON b.job_id = j.id  -- CROSS: recent ends drive
+WHERE j.finished_at >= :since AND b.status IS NULL
+ORDER BY j.finished_at LIMIT :limit;
+
+-- name: facade_batches_without_job
+SELECT b.* FROM facade_batches b
+WHERE b.status IS NULL AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = b.job_id);
+
+-- name: facade_settle_batch
+UPDATE facade_batches SET status = :status, output_file_id = :output_file_id,
+    error_file_id = :error_file_id, final = :final, ended_at = :ended_at
+WHERE id = :id AND status IS NULL;
+
+-- name: facade_expired_batches  (hot: facade)
+SELECT id FROM facade_batches WHERE ended_at < :before ORDER BY ended_at LIMIT :limit;
+
+-- name: facade_delete_batch
+DELETE FROM facade_batches WHERE id = :id;
+
+-- name: facade_delete_batch_files
+DELETE FROM facade_files WHERE batch_id = :id;
+
+-- name: facade_insert_event
+INSERT INTO facade_events (id, tenant, batch_id, type, created_at, due_at)
+VALUES (:id, :tenant, :batch_id, :type, :created_at, :created_at);
+
+-- name: facade_due_events  (hot: facade)
+SELECT * FROM facade_events WHERE due_at <= :now ORDER BY due_at LIMIT :limit;
+
+-- name: facade_next_event_at  (hot: facade)
+SELECT MIN(due_at) FROM facade_events;
+
+-- name: facade_event_done
+DELETE FROM facade_events WHERE id = :id;
+
+-- name: facade_event_later
+UPDATE facade_events SET due_at = :due_at, tries = tries + 1 WHERE id = :id;

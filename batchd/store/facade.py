@@ -373,13 +373,6 @@ class Store:
             out += [r[0] for r in await self._rows("due_new_jobs", state=s.value, limit=limit)]
         return out[:limit]
 
-    async def job_ids(self, states: Iterable[JobState]) -> list[str]:
-        """Ids of every job in these (live) states, oldest first."""
-        out: list[str] = []
-        for s in states:
-            out += [r[0] for r in await self._rows("live_job_ids", state=s.value)]
-        return out
-
     async def transition(
         self,
         job_id: str,
@@ -726,10 +719,6 @@ class Store:
     async def in_flight(self) -> dict[str, tuple[int, int]]:
         """(estimated tokens, requests) of live batches per model ('' = unknown)."""
         return {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in await self._rows("live_in_flight")}
-
-    async def live_tokens(self) -> dict[str, int]:
-        """Estimated prompt tokens of live batches per model."""
-        return {m: t for m, (t, _) in (await self.in_flight()).items()}
 
     async def live_batches(self) -> list[LiveBatch]:
         """Batches in flight, with what the tracker compares (nothing decoded)."""

@@ -51,9 +51,6 @@ SELECT MIN(created_at) FROM jobs WHERE state = :state;
 -- name: due_new_jobs  (hot: submit)
 SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id LIMIT :limit;
 
--- name: live_job_ids
-SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id;
-
 -- name: failing_jobs  (hot: collect)
 SELECT * FROM jobs WHERE reason IS NOT NULL AND finished_at IS NULL
 ORDER BY created_at LIMIT :limit;

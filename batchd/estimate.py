@@ -26,11 +26,13 @@ from typing import Any, Final
 
 import orjson
 
+from batchd.config import EstimateConfig
 from batchd.prices import Price, Unknown, format_usd, round_amount
 
 __all__ = [
     "Estimate",
     "Estimator",
+    "configured",
     "encoding_for_model",
     "max_output_tokens",
     "token_counter",
@@ -508,3 +510,13 @@ class Estimator:
             unbounded=self.unbounded,
             images=self.images,
         )
+
+
+def configured(cfg: EstimateConfig, price_of: Callable[[str], Price | Unknown]) -> Estimator:
+    """The estimator of one job as [estimate] configures it (daemon and CLI alike)."""
+    return Estimator(
+        price_of,
+        output_ratio=cfg.output_ratio,
+        default_max_output_tokens=cfg.default_max_output_tokens,
+        tokenizer=cfg.tokenizer,
+    )

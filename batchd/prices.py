@@ -200,6 +200,11 @@ class PriceBook:
         self._database = database or database_price
         self._cache: dict[tuple[str, date], Price | Unknown] = {}
 
+    def warm(self) -> None:
+        """Load the price database now (it is otherwise loaded at the first lookup)."""
+        if self._database is database_price:
+            _genai()
+
     def price(self, model: str, at: datetime | None = None) -> Price | Unknown:
         """The batch price of `model` at time `at` (default now); Unknown with a reason."""
         at = at or datetime.now(UTC)

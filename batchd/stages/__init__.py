@@ -132,8 +132,11 @@ async def sync_job(ctx: Context, job_id: str) -> None:
         await ctx.store.transition(job_id, new, current=job)
         if new == JobState.COLLECTING:
             ctx.wake_collect.set()
-        elif new == JobState.SUBMITTING:
-            ctx.wake_submit.set()
+    if new == JobState.SUBMITTING:
+        # Also when it was submitting already: a follow-up attempt just queued (another
+        # piece still pending, or a restart that found it so) must not wait for an
+        # unrelated wake-up; the submit stage may be asleep with nothing else due.
+        ctx.wake_submit.set()
 
 
 class Backoff:

@@ -232,6 +232,10 @@ class Worker:
         """True while `key` runs or backs off."""
         return key in self._tasks or not self.backoff.ready(key)
 
+    def running(self, key: str) -> bool:
+        """True while `key`'s item runs."""
+        return key in self._tasks
+
     def start(self, key: str, job_id: str, item: Item, on_invalid: OnInvalid | None = None) -> bool:
         """Start `item` unless `key` is busy or every slot is taken."""
         if self.busy(key) or not self.free or self.ctx.stopping:

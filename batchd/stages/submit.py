@@ -608,6 +608,9 @@ class Submit:
         self.ctx = ctx
         self.worker = Worker(ctx, "submit", ctx.cfg.batch.max_concurrent_submits, ctx.wake_submit)
         self._flight: dict[str, tuple[int, int]] = {}
+        # Attempts being uploaded and created: not live in the store until their batch
+        # exists, yet already counted against the limits.
+        self._submitting: dict[str, Pending] = {}
         self._limits = _Limits()
         self._flight_at = float("-inf")
         self._version = ctx.admission_version
@@ -624,6 +627,11 @@ class Submit:
             force, self._version = True, ctx.admission_version
         if force or now - self._flight_at >= _FLIGHT_TTL:
             self._flight = await ctx.store.in_flight()
+            for key, p in list(self._submitting.items()):
+                if self.worker.running(key):
+                    self._took(p)  # (counted twice for a moment once its batch exists)
+                else:
+                    del self._submitting[key]
             adm = ctx.cfg.admission
             token_limits = _merge(adm.token_budgets, await ctx.store.learned_limits())
             request_limits = _merge(adm.request_limits, await ctx.store.learned_request_limits())
@@ -753,6 +761,8 @@ class Submit:
                     break
                 if w.start(p.id, p.job_id, partial(self._submit, p), partial(_api_rejected, ctx)):
                     self._took(p)
+                    if lim.apply(p.model):
+                        self._submitting[p.id] = p
         if w.free:
             for job_id in await ctx.store.due_new_jobs(window):
                 w.start(job_id, job_id, partial(advance, ctx, job_id), partial(_api_rejected, ctx))

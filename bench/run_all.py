@@ -25,6 +25,7 @@ BENCHMARKS = (
     "big_db",
     "download",
     "estimate",
+    "cost_accuracy",
 )
 
 

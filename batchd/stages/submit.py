@@ -614,6 +614,7 @@ class Submit:
         self._limits = _Limits()
         self._flight_at = float("-inf")
         self._version = ctx.admission_version
+        self._gauged: set[str] = set()  # models whose in-flight gauges were set
         self._spend: Spend | None = None
         self._spend_at = float("-inf")
         self._spend_version = ctx.admission_version
@@ -649,10 +650,13 @@ class Submit:
             m.token_budget.labels(model).set(limit)
         for model, limit in lim.request_limits.items():
             m.request_limit.labels(model).set(limit)
-        for model, (tokens, requests) in self._flight.items():
+        # A model with nothing in flight is absent from the snapshot: its gauges go to 0.
+        for model in self._gauged | set(self._flight):
+            tokens, requests = self._flight.get(model, (0, 0))
             m.tokens_in_flight.labels(model).set(tokens)
             if model in lim.request_limits:
                 m.enqueued_requests.labels(model).set(requests)
+        self._gauged |= set(self._flight)
 
     def _took(self, p: Pending) -> None:
         """An admitted attempt counts as in flight until the next refresh."""

@@ -197,11 +197,11 @@ async def _until_collecting(
         )
         if rows:
             return str(rows[0][0])
-        live = await asyncio.to_thread(
-            _query, db, "SELECT COUNT(*) FROM jobs WHERE finished_at IS NULL"
+        # One read: two would race with a claim in between (0 live, then 2 jobs).
+        counts = await asyncio.to_thread(
+            _query, db, "SELECT COUNT(*), COUNT(*) - COUNT(finished_at) FROM jobs"
         )
-        total = await asyncio.to_thread(_query, db, "SELECT COUNT(*) FROM jobs")
-        if live and total and live[0][0] == 0 and total[0][0] == 2:
+        if counts and counts[0] == (2, 0):
             return None
         await asyncio.sleep(0.005)
     raise AssertionError("no attempt reached collection")

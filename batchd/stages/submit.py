@@ -593,9 +593,9 @@ class _Limits:
         return model in self.token_limits or model in self.request_limits
 
 
-def _merge(configured: Mapping[str, int], learned: Mapping[str, int]) -> dict[str, int]:
+def _merge(given: Mapping[str, int], learned: Mapping[str, int]) -> dict[str, int]:
     """Per model, the smaller of the configured and the learned limit."""
-    out = dict(configured)
+    out = dict(given)
     for model, limit in learned.items():
         out[model] = min(limit, out.get(model, limit))
     return out

@@ -24,7 +24,8 @@ from batchd.cli.common import (
     since,
     store,
 )
-from batchd.config import Config, ConfigError, LimitsConfig
+from batchd.config import Config, ConfigError
+from batchd.provider_config import DEFAULT_PROVIDER, ProviderConfig
 from batchd.states import TERMINAL_JOB_STATES, JobState
 
 # Modules with heavy imports (the HTTP client, the validator, logging) are imported
@@ -53,20 +54,47 @@ async def run(args: argparse.Namespace) -> int:
 # --- validate / submit ----------------------------------------------------------------
 
 
-def _limits(args: argparse.Namespace) -> LimitsConfig:
-    """The per-batch limits of --config / $BATCHD_CONFIG, else the API's."""
-    if getattr(args, "config", None) or os.environ.get("BATCHD_CONFIG"):
-        return config(args).limits
-    return LimitsConfig()
+def _rules(args: argparse.Namespace) -> ProviderConfig:
+    """The provider whose rules and per-batch limits apply: `--provider P` (a configured
+    NAME, or without a config a kind such as `anthropic`), else the default ([api])."""
+    from batchd import formats
+    from batchd.provider_config import KINDS, parse_one
+
+    name = getattr(args, "provider", None)
+    have_config = bool(getattr(args, "config", None) or os.environ.get("BATCHD_CONFIG"))
+    cfg = config(args) if have_config else Config()
+    providers = cfg.provider_configs()
+    if name is None:
+        return providers[DEFAULT_PROVIDER]
+    if name in providers:
+        return providers[name]
+    if name in KINDS and name != "azure_openai":  # a kind's own rules and limits
+        table = {"kind": name}
+        return parse_one(f"{name}-rules", table, Path("."), cfg.upload)
+    if name == "azure_openai":
+        table = {"kind": name, "base_url": "https://example.openai.azure.com"}
+        return parse_one("azure-rules", table, Path("."), cfg.upload)
+    known = ", ".join([*providers, *(k for k in formats.KINDS if k not in providers)])
+    raise Fail(
+        f"--provider: {name!r} is neither a configured provider nor a kind ({known})", EXIT_USAGE
+    )
 
 
-def _check_file(name: str, limits: LimitsConfig) -> tuple[bool, str]:
-    """Validate one file as the daemon does (bigger than one batch is fine: it is split);
-    prints its problems; returns (ok, one-line summary)."""
-    from batchd import jsonl, pieces
+def _check_file(name: str, pc: ProviderConfig) -> tuple[bool, str]:
+    """Validate one file as the daemon does for provider `pc` (bigger than one batch is
+    fine: it is split); prints its problems; returns (ok, one-line summary)."""
+    from batchd import formats, jsonl, pieces
 
+    limits = pc.limits
     try:
-        summary = jsonl.validate_path(name, jsonl.UNBOUNDED)
+        summary = formats.validate_path(
+            name,
+            pc.kind,
+            jsonl.UNBOUNDED,
+            model=pc.model,
+            endpoint=pc.endpoint,
+            deployments=pc.deployments,
+        )
     except OSError as e:
         print(f"{name}:0: unreadable: {e.strerror or e}")
         return False, ""
@@ -81,15 +109,16 @@ def _check_file(name: str, limits: LimitsConfig) -> tuple[bool, str]:
     )
     batches = len(pieces.plan(Path(name), lim, summary.endpoint == "/v1/embeddings"))
     split = f"; split into {batches} batches" if batches > 1 else ""
-    return True, f"{summary.requests} requests, {summary.endpoint}, {summary.model}{split}"
+    model = summary.model or "mixed models"
+    return True, f"{summary.requests} requests, {summary.endpoint}, {model}{split}"
 
 
 async def validate(args: argparse.Namespace) -> int:
     """Validate files locally with the same rules the daemon applies."""
-    limits = _limits(args)
+    rules = _rules(args)
     bad = 0
     for name in args.files:
-        ok, what = await asyncio.to_thread(_check_file, name, limits)
+        ok, what = await asyncio.to_thread(_check_file, name, rules)
         if ok:
             print(f"{name}: ok ({what})", file=sys.stderr)
         else:
@@ -137,7 +166,15 @@ async def submit(args: argparse.Namespace) -> int:
 
     cfg = config(args)
     stems = _submit_names(args)
-    spool = Spool(cfg.spool.dir)
+    spool = Spool(cfg.spool.dir, cfg.providers)
+    provider = args.provider
+    if provider == DEFAULT_PROVIDER:
+        provider = None
+    if provider is not None and provider not in cfg.providers:
+        known = ", ".join(cfg.provider_configs())
+        raise Fail(f"--provider: {provider!r} is not configured ({known})", EXIT_USAGE)
+    rules = cfg.provider_configs()[provider or DEFAULT_PROVIDER]
+    inbox = spool.inbox / provider if provider else spool.inbox
     try:
         spool.ensure()
     except OSError as e:
@@ -147,11 +184,11 @@ async def submit(args: argparse.Namespace) -> int:
         src = Path(name)
         what = ""
         if not args.no_validate:
-            ok, what = await asyncio.to_thread(_check_file, name, cfg.limits)
+            ok, what = await asyncio.to_thread(_check_file, name, rules)
             if not ok:
                 bad += 1
                 continue
-        tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"
+        tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"  # (same filesystem)
         try:
             sha = await asyncio.to_thread(_copy, src, tmp)
             if args.allow_duplicate:  # before the file is in inbox/: intake may be quick
@@ -159,13 +196,13 @@ async def submit(args: argparse.Namespace) -> int:
                 marker.parent.mkdir(exist_ok=True)
                 marker.touch()
                 fsync_dir(marker.parent)
-            fname = enter_inbox(spool.inbox, tmp, stem)
+            fname = enter_inbox(inbox, tmp, stem)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             print(f"batchd: {name}: {e.strerror or e}", file=sys.stderr)
             bad += 1
             continue
-        print(f"{name} -> {spool.inbox / fname}" + (f" ({what})" if what else ""))
+        print(f"{name} -> {inbox / fname}" + (f" ({what})" if what else ""))
     return EXIT_FAIL if bad else EXIT_OK
 
 
@@ -273,7 +310,7 @@ async def cancel(args: argparse.Namespace) -> int:
         if not await s.request_cancel(job.id):
             raise Fail(f"job {job.id} already ended ({job.state})")
         print(f"cancelling {job.id} ({job.name})")
-        spool = Spool(cfg.spool.dir)
+        spool = Spool(cfg.spool.dir, cfg.providers)
         try:
             spool.lock()
         except SpoolLocked:
@@ -323,7 +360,7 @@ async def retry(args: argparse.Namespace) -> int:
     async with store(cfg) as s:
         job = await one_job(s, args.job)
         try:
-            new, n = await retry_job(s, Spool(cfg.spool.dir), job)
+            new, n = await retry_job(s, Spool(cfg.spool.dir, cfg.providers), job)
         except RetryRefused as e:
             raise Fail(f"cannot retry {job.name}: {e}") from None
     print(
@@ -376,42 +413,55 @@ def _check_database(cfg: Config) -> Result:
     return True, "database", f"{db} ({n} jobs, schema {version})"
 
 
-async def _check_api(cfg: Config) -> list[Result]:
+async def _check_provider(pc: ProviderConfig) -> list[Result]:
+    """The key, proxy and one authenticated call of one provider."""
     import ssl
 
-    from batchd.api import ApiError, BatchApi, TlsError
     from batchd.metrics import Metrics
+    from batchd.providers import make
+    from batchd.providers.errors import ApiError, TlsError
     from batchd.transport import describe_proxy, probe_tls, proxy_for
 
+    label = "" if pc.name == DEFAULT_PROVIDER else f" {pc.name}"
     try:
-        key = cfg.api.api_key()
+        key = pc.api.api_key()
     except OSError as e:
-        return [(False, "api key", f"[api] api_key_file: {e.strerror or e}")]
+        return [(False, f"api key{label}", f"{pc.section} api_key_file: {e.strerror or e}")]
     if key is None:
         where = (
-            f"${cfg.api.api_key_env}, [api] api_key_file or $CREDENTIALS_DIRECTORY/openai_api_key"
+            f"${pc.api.api_key_env}, {pc.section} api_key_file or "
+            f"$CREDENTIALS_DIRECTORY/{pc.api.credential}"
         )
-        return [(False, "api key", f"not set ({where})")]
-    out: list[Result] = [(True, "api key", f"found ({len(key)} characters)")]
-    out.append((True, "proxy", describe_proxy(cfg.api)))
-    api_cfg = dataclasses.replace(cfg.api, max_retries=1)
+        return [(False, f"api key{label}", f"not set ({where})")]
+    out: list[Result] = [(True, f"api key{label}", f"found ({len(key)} characters)")]
+    out.append((True, f"proxy{label}", describe_proxy(pc.api)))
+    once = dataclasses.replace(pc, api=dataclasses.replace(pc.api, max_retries=1))
+    url = pc.api.base_url
+    what = f"api{label}"
     try:
-        async with BatchApi(api_cfg, key, Metrics()) as api:
-            page = await api.list_batches(1)
-        listed = len(page.get("data") or [])
-        out.append((True, "api", f"{cfg.api.base_url} reachable, key accepted ({listed} listed)"))
+        async with make(once, key, Metrics([pc.name])) as provider:
+            listed = await provider.probe()
+        kind = "" if pc.name == DEFAULT_PROVIDER else f" ({pc.kind})"
+        out.append((True, what, f"{url}{kind} reachable, key accepted ({listed} listed)"))
     except TlsError as e:
-        out.append((False, "api", f"{cfg.api.base_url}: {e.cause}"))
+        out.append((False, what, f"{url}: {e.cause}"))
     except ApiError as e:
         why = f"HTTP {e.status}: {e.message}" if e.status else e.message
-        if not e.status and cfg.api.base_url.startswith("https://"):
+        if not e.status and url.startswith("https://"):
             # A dropped connection may be a TLS refusal that came too late for the HTTP
             # client to read: one quiet handshake names it.
-            cause = await asyncio.to_thread(probe_tls, cfg.api, proxy_for(cfg.api))
+            cause = await asyncio.to_thread(probe_tls, pc.api, proxy_for(pc.api))
             why = cause or why
-        out.append((False, "api", f"{cfg.api.base_url}: {why}"))
-    except (OSError, ssl.SSLError) as e:  # [api] ca_file / client certificate unusable
-        out.append((False, "api", f"{cfg.api.base_url}: TLS setup: {e}"))
+        out.append((False, what, f"{url}: {why}"))
+    except (OSError, ssl.SSLError) as e:  # ca_file / client certificate unusable
+        out.append((False, what, f"{url}: TLS setup: {e}"))
+    return out
+
+
+async def _check_api(cfg: Config) -> list[Result]:
+    out: list[Result] = []
+    for pc in cfg.provider_configs().values():
+        out += await _check_provider(pc)
     return out
 
 

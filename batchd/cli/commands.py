@@ -219,7 +219,7 @@ async def jobs(args: argparse.Namespace) -> int:
     try:
         async with store(cfg) as s:
             found = await s.list_jobs(states, t, args.limit + 1)
-            held = await s.hold()
+            holds = await s.holds()
             oldest = await s.oldest_job_at()
     except NoDatabase as e:
         print(f"batchd: {e}", file=sys.stderr)
@@ -229,12 +229,13 @@ async def jobs(args: argparse.Namespace) -> int:
     if args.json:
         render.print_json([j.to_dict() for j in found])
         return EXIT_OK
-    if line := render.held_line(held):
-        print(f"batchd: {line}", file=sys.stderr)
+    for held in holds.values():
+        if line := render.held_line(held):
+            print(f"batchd: {line}", file=sys.stderr)
     if not found:
         print("no jobs yet" if oldest is None else "no jobs match", file=sys.stderr)
         return EXIT_OK
-    print(render.jobs_table(found, held))
+    print(render.jobs_table(found, holds))
     notes = []
     if more:
         notes.append(f"the newest {args.limit} shown; --limit N for more")
@@ -257,7 +258,7 @@ async def show(args: argparse.Namespace) -> int:
             job = await one_job(s, args.job)
             attempts = await s.attempts(job.id)
             events = await s.events(job.id)
-            held = await s.hold()
+            held = render.held_for(job, await s.holds())
             retries = await s.retries_of(job.id)
     except NoDatabase:
         raise Fail(f"no job matches {args.job!r} (no jobs yet)", EXIT_NOT_FOUND) from None

@@ -803,6 +803,16 @@ class Store:
         data = orjson.loads(row[0])
         return data if isinstance(data, dict) else None
 
+    async def holds(self) -> dict[str, dict[str, Any]]:
+        """Every provider's recorded hold by provider NAME (the default's as "openai")."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in await self._rows("hold_settings"):
+            data = orjson.loads(value)
+            if isinstance(data, dict):
+                name = key.partition(":")[2] or str(data.get("provider") or "openai")
+                out[name] = data
+        return out
+
     async def setting(self, key: str) -> tuple[str, float] | None:
         """A daemon-wide fact (value, since) other processes can read."""
         rows = await self._rows("get_setting", key=key)

@@ -187,6 +187,9 @@ SELECT model, token_limit FROM model_limits;
 -- name: get_setting
 SELECT value, updated_at FROM settings WHERE key = :key;
 
+-- name: hold_settings
+SELECT key, value FROM settings WHERE key = 'api_hold' OR key LIKE 'api_hold:%';
+
 -- name: set_setting
 INSERT INTO settings (key, value, updated_at) VALUES (:key, :value, :now)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at;

@@ -17,7 +17,7 @@ from batchd.daemon import Daemon
 from batchd.emulator.faults import FaultConfig
 from batchd.providers.base import Provider
 from batchd.store import Store
-from tests.conftest import API_KEY, make_config, read_jsonl, run_cli, run_once
+from tests.conftest import API_KEY, KEY_ENV, make_config, read_jsonl, run_cli, run_once
 from tests.providers_support import (
     DEPLOYMENT,
     Emu,
@@ -322,3 +322,20 @@ def test_validate_and_submit_with_provider_rules(tmp_path: Path) -> None:
     assert (tmp_path / "spool" / "inbox" / "gem" / "gem.jsonl").exists()
     r = run_cli("validate", "--provider", "nosuch", str(gem))
     assert r.returncode == 2
+
+
+async def test_check_tries_every_providers_key(tmp_path: Path) -> None:
+    async with emulator() as emu:
+        conf = tmp_path / "c.toml"
+        conf.write_text(
+            f'[api]\nbase_url = "{emu.url}/v1"\napi_key_env = "{KEY_ENV}"\n'
+            f'[providers.claude]\nkind = "anthropic"\nbase_url = "{emu.url}/anthropic"\n'
+            f'api_key_env = "{KEY_ENV}"\n'
+            f'[providers.gem]\nkind = "gemini"\nbase_url = "{emu.url}/gemini"\n'
+            'api_key_env = "NO_SUCH_KEY_VAR"\n[spool]\ndir = "spool"\n'
+        )
+        r = await asyncio.to_thread(run_cli, "check", "-c", str(conf))
+        assert r.returncode == 1, r.stdout  # gem has no key
+        assert "ok    api claude" in r.stdout and "(anthropic) reachable" in r.stdout
+        assert "FAIL  api key gem" in r.stdout and "$NO_SUCH_KEY_VAR" in r.stdout
+        assert API_KEY not in r.stdout + r.stderr

@@ -707,7 +707,7 @@ async def cancel_requested(ctx: Context) -> float | None:
                         batch=found.raw,
                         batch_created_at=found.created_at or ctx.clock(),
                     )
-                    ctx.wake_track.set()
+                    (ctx.wake_collect if found.ended else ctx.wake_track).set()
                 else:
                     await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
         await _cancel_live(ctx, job.id)

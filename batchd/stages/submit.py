@@ -402,20 +402,23 @@ async def adopt(ctx: Context, att: Attempt, snap: Snapshot, how: str) -> None:
         batch_created_at=snap.created_at or ctx.clock(),
         abandoned=int(job.state in TERMINAL_JOB_STATES),
     )
-    ctx.new_batches.append(
-        LiveBatch(
-            att.id,
-            job.id,
-            snap.id,
-            snap.status,
-            0,
-            0,
-            0,
-            snap.created_at or ctx.clock(),
-            job.provider,
+    if snap.ended:  # found after it had already ended (a lost create, found late)
+        ctx.wake_collect.set()
+    else:
+        ctx.new_batches.append(
+            LiveBatch(
+                att.id,
+                job.id,
+                snap.id,
+                snap.status,
+                0,
+                0,
+                0,
+                snap.created_at or ctx.clock(),
+                job.provider,
+            )
         )
-    )
-    ctx.wake_track.set()
+        ctx.wake_track.set()
     if late:
         ctx.log.warning("late_batch_cancelled", job_id=job.id, batch_id=snap.id)
         try:

@@ -339,3 +339,29 @@ async def test_check_tries_every_providers_key(tmp_path: Path) -> None:
         assert "ok    api claude" in r.stdout and "(anthropic) reachable" in r.stdout
         assert "FAIL  api key gem" in r.stdout and "$NO_SUCH_KEY_VAR" in r.stdout
         assert API_KEY not in r.stdout + r.stderr
+
+
+async def test_retry_stays_with_the_provider_and_its_request_ids(tmp_path: Path) -> None:
+    """`batchd retry` of a Gemini job sends the lines that failed (named by `key`) to the
+    same provider."""
+    from batchd import config
+
+    async with emulator() as emu:
+        conf = tmp_path / "c.toml"
+        conf.write_text(
+            f'[api]\nbase_url = "{emu.url}/v1"\napi_key_env = "{KEY_ENV}"\n'
+            f'[providers.gem]\nkind = "gemini"\nbase_url = "{emu.url}/gemini"\n'
+            f'api_key_env = "{KEY_ENV}"\nmodel = "gemini-2.5-flash"\n'
+            '[spool]\ndir = "spool"\n[state]\ndatabase = "batchd.db"\n'
+            '[batch]\npoll_interval_seconds = 0.1\n[http]\nlisten = "127.0.0.1:0"\n'
+            '[retry]\nmax_attempts_per_piece = 1\n[intake]\nduplicate_window = "0"\n'
+        )
+        cfg = config.load(conf, env={})
+        drop_to(cfg, "gem", "g.jsonl", lines("gemini", 3, fail=[1]))
+        await run_once(cfg)
+        r = await asyncio.to_thread(run_cli, "retry", "g", "-c", str(conf))
+        assert r.returncode == 0 and "queued 1 request(s)" in r.stdout, r.stdout + r.stderr
+        await run_once(cfg)
+        info = orjson.loads((cfg.spool.dir / "done" / "g-retry" / "job.json").read_bytes())
+        assert (info["provider"], info["kind"]) == ("gem", "gemini")
+        assert _ids(cfg.spool.dir / "done" / "g-retry" / "errors.jsonl", "key") == ["req-1"]

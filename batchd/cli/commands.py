@@ -321,7 +321,8 @@ async def cancel(args: argparse.Namespace) -> int:
         else:
             daemon = False
             try:
-                if cfg.api.api_key() is None:
+                pc = cfg.provider_configs().get(job.provider or DEFAULT_PROVIDER)
+                if pc is None or pc.api.api_key() is None:
                     raise Fail(
                         "no API key and no daemon running: the cancellation is recorded; "
                         "the next `batchd run` carries it out",
@@ -354,14 +355,17 @@ async def cancel(args: argparse.Namespace) -> int:
 
 async def retry(args: argparse.Namespace) -> int:
     """Queue an ended job's failed and missing requests as a new job."""
+    from batchd.formats import id_key
     from batchd.spool import Spool
     from batchd.stages.retry import RetryRefused, retry_job
 
     cfg = config(args)
     async with store(cfg) as s:
         job = await one_job(s, args.job)
+        pc = cfg.provider_configs().get(job.provider or DEFAULT_PROVIDER)
+        key = id_key(pc.kind) if pc else "custom_id"
         try:
-            new, n = await retry_job(s, Spool(cfg.spool.dir, cfg.providers), job)
+            new, n = await retry_job(s, Spool(cfg.spool.dir, cfg.providers), job, key)
         except RetryRefused as e:
             raise Fail(f"cannot retry {job.name}: {e}") from None
     print(

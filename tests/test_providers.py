@@ -365,3 +365,33 @@ async def test_retry_stays_with_the_provider_and_its_request_ids(tmp_path: Path)
         info = orjson.loads((cfg.spool.dir / "done" / "g-retry" / "job.json").read_bytes())
         assert (info["provider"], info["kind"]) == ("gem", "gemini")
         assert _ids(cfg.spool.dir / "done" / "g-retry" / "errors.jsonl", "key") == ["req-1"]
+
+
+async def test_a_provider_removed_from_the_config_holds_only_its_jobs(tmp_path: Path) -> None:
+    """Its batches are left alone (not tracked, never failed); the rest carries on."""
+    async with emulator(in_progress_seconds=100) as emu:
+        quick = {"shutdown_grace_seconds": 0.5}
+        cfg = provider_config(tmp_path, emu.url, "p", "anthropic", daemon=quick)
+        drop_to(cfg, "p", "kept.jsonl", lines("anthropic", 2))
+        d = Daemon(cfg)
+        task = asyncio.create_task(d.run())
+        while not emu.state.batches_created:
+            await asyncio.sleep(0.02)
+        d.request_stop()
+        await asyncio.wait_for(task, 20)
+        alone = make_config(tmp_path, emu.url + "/v1", daemon=quick)  # no [providers.p]
+        drop_to(alone, None, "other.jsonl", lines("openai", 2))
+        d = Daemon(alone)
+        task = asyncio.create_task(d.run())
+        done = alone.spool.dir / "done" / "other" / "job.json"
+        for _ in range(400):
+            if done.exists():
+                break
+            await asyncio.sleep(0.05)
+        d.request_stop()
+        await asyncio.wait_for(task, 20)
+        assert done.exists()
+        assert d.metrics.stage_restarts.labels("track")._value.get() == 0
+        async with Store.connect(alone.state.database) as store:
+            [kept] = [j for j in await store.list_jobs() if j.name == "kept"]
+            assert kept.state == "tracking" and kept.provider == "p"

@@ -82,6 +82,7 @@ class Tracker:
         self._gauged_at = float("-inf")
         self._seen: dict[str, float] = {}  # batch id -> when a status call last saw it
         self._lanes: dict[str, _Lane] = {}
+        self._unknown: set[str] = set()  # provider NAMEs of batches, no longer configured
 
     def lane(self, name: str | None) -> _Lane:
         """One provider's lane (None: the default provider's)."""
@@ -92,10 +93,22 @@ class Tracker:
         return lane
 
     def _by_lane(self) -> dict[str, dict[str, LiveBatch]]:
+        """Batches in flight per provider; those of a provider no longer configured wait
+        (said once) until it is configured again."""
         out: dict[str, dict[str, LiveBatch]] = {}
         default = self.ctx.providers.default_name
         for b in self.live.values():
-            out.setdefault(b.provider or default, {})[b.batch_id] = b
+            name = b.provider or default
+            if name not in self.ctx.providers:
+                if name not in self._unknown:
+                    self._unknown.add(name)
+                    self.ctx.log.error(
+                        "provider_not_configured",
+                        provider=name,
+                        action="its batches are not tracked until it is configured again",
+                    )
+                continue
+            out.setdefault(name, {})[b.batch_id] = b
         return out
 
     @property
@@ -290,7 +303,10 @@ class Tracker:
         self.ctx.webhook_batches.difference_update(pushed)
         for batch_id in pushed:
             lb = self.live.get(batch_id)
-            if lb is not None:
+            if (
+                lb is not None
+                and (lb.provider or self.ctx.providers.default_name) in self.ctx.providers
+            ):
                 await self._get(lb)
 
     def _gauges(self, force: bool = False) -> None:

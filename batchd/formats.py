@@ -15,6 +15,7 @@ rules are what `batchd validate --provider P`, `batchd submit` and the daemon ap
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection
 from typing import Any
@@ -274,8 +275,6 @@ def validate_path(
     path: str, kind: str, limits: jsonl.Limits = jsonl.UNBOUNDED, **kw: Any
 ) -> jsonl.Summary:
     """Stream a file through a kind's validator."""
-    import os
-
     v = validator(kind, limits, **kw)
     fd = os.open(path, os.O_RDONLY)
     with os.fdopen(fd, "rb", buffering=0) as f:

@@ -39,6 +39,7 @@ from batchd.providers.base import (
 from batchd.providers.errors import RateLimited, Transient
 from batchd.providers.http import HttpClient, JsonArray, Lines
 from batchd.providers.openai import custom_id_of
+from batchd.usage import Usage, usage_of_body
 
 BATCHES = "/v1/messages/batches"
 # Errors another try will not fix; the rest (api_error, overloaded_error, rate_limit_error,
@@ -213,9 +214,7 @@ class Anthropic(Provider):
         err = (result.get("error") or {}).get("error") or {}
         return cid, Verdict.FAILED if err.get("type") in _FINAL else Verdict.RETRYABLE
 
-    def line_usage(self, line: bytes) -> Any:
-        from batchd.usage import usage_of_body
-
+    def line_usage(self, line: bytes) -> Usage | None:
         result = orjson.loads(line).get("result") or {}
         return usage_of_body(result.get("message")) if result.get("type") == "succeeded" else None
 

@@ -27,10 +27,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
+import orjson
+
+from batchd import formats, jsonl
 from batchd.metrics import Metrics
 from batchd.provider_config import ProviderConfig
 from batchd.providers.http import HttpClient, Lines, Tap
-from batchd.usage import Usage
+from batchd.usage import Usage, usage_of_body
 
 Owned = Callable[[str], Awaitable[bool]]
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -196,8 +199,6 @@ class Provider(ABC):
 
     def validator(self, limits: Any) -> Any:
         """The line rules of this provider (a `jsonl.Validator` enforcing `limits`)."""
-        from batchd import formats
-
         c = self.cfg
         return formats.validator(
             c.kind, limits, model=c.model, endpoint=c.endpoint, deployments=c.deployments
@@ -206,8 +207,6 @@ class Provider(ABC):
     @property
     def piece_limits(self) -> Any:
         """What one batch may hold (`jsonl.Limits`): bigger jobs are split."""
-        from batchd import jsonl
-
         lim = self.cfg.limits
         return jsonl.Limits(
             lim.max_requests_per_batch, lim.max_bytes_per_batch, lim.max_embedding_inputs_per_batch
@@ -290,8 +289,6 @@ class Provider(ABC):
 
     def result_id(self, line: bytes) -> str:
         """The request id of a result line."""
-        import orjson
-
         return str(orjson.loads(line).get(self.id_key))
 
     @abstractmethod
@@ -300,10 +297,6 @@ class Provider(ABC):
 
     def line_usage(self, line: bytes) -> Usage | None:
         """The billed usage of one successful result line, if it carries any."""
-        import orjson
-
-        from batchd.usage import usage_of_body
-
         rec = orjson.loads(line)
         resp = rec.get("response") if isinstance(rec, dict) else None
         return usage_of_body(resp.get("body")) if isinstance(resp, dict) else None

@@ -27,6 +27,7 @@ import orjson
 
 from batchd import transport
 from batchd.metrics import Metrics
+from batchd.pieces import iter_lines
 from batchd.provider_config import ProviderConfig
 from batchd.providers.base import (
     Create,
@@ -174,8 +175,6 @@ class Gemini(Provider):
 
     def _inline(self, path: Path) -> bytes:
         """The inline requests of a small input: `{request, metadata: {key}}` each."""
-        from batchd.pieces import iter_lines
-
         reqs = []
         for line in iter_lines(path):
             rec = orjson.loads(line)

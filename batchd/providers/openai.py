@@ -9,6 +9,7 @@ Groq, Together) are subclasses with their quirks.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from batchd.providers.base import (
     ResultFile,
     Snapshot,
     Verdict,
+    unix,
 )
 from batchd.providers.errors import RateLimited, Transient
 from batchd.providers.http import HttpClient, Lines, Tap, bearer, form
@@ -132,8 +134,6 @@ class BatchApi(HttpClient):
         return file
 
     def _file_time(self, f: Mapping[str, Any]) -> float:
-        from batchd.providers.base import unix
-
         return unix(f.get("created_at")) or 0.0
 
     async def find_file(
@@ -237,8 +237,6 @@ class BatchApi(HttpClient):
         Stops once past batches created before `not_before` (unix seconds) or after
         `max_pages` pages.
         """
-        from batchd.providers.base import unix
-
         after: str | None = None
         for _ in range(max_pages):
             page = await self.list_batches(100, after)
@@ -318,8 +316,6 @@ class OpenAI(Provider):
 
     def client_config(self) -> Any:
         """The ApiConfig the HTTP client uses (the base URL as the client needs it)."""
-        import dataclasses
-
         api = self.cfg.api
         if not self.path_suffix:
             return api
@@ -404,8 +400,6 @@ class OpenAI(Provider):
         return str(b.get("status") or "")
 
     def snapshot(self, b: Mapping[str, Any]) -> Snapshot:
-        from batchd.providers.base import unix
-
         raw = self.raw_status(b)
         rc = b.get("request_counts") or {}
         errors = (b.get("errors") or {}).get("data") or []

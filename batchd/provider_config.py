@@ -50,7 +50,11 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "openai": Kind(
-        DEFAULT_BASE_URL, "OPENAI_API_KEY", 50_000, 200 * MB, frozenset({"organization", "project"})
+        DEFAULT_BASE_URL,
+        "OPENAI_API_KEY",
+        50_000,
+        200 * MB,
+        frozenset({"organization", "project", "completion_window", "output_expires_after_seconds"}),
     ),
     # Azure: the resource endpoint, as AzureOpenAI(azure_endpoint=...) takes it; batchd
     # adds /openai (classic, with api_version) or /openai/v1 (the v1 API, no api_version).
@@ -59,7 +63,15 @@ KINDS: dict[str, Kind] = {
         "AZURE_OPENAI_API_KEY",
         100_000,
         200 * MB,
-        frozenset({"api_version", "auth", "deployments"}),
+        frozenset(
+            {
+                "api_version",
+                "auth",
+                "deployments",
+                "completion_window",
+                "output_expires_after_seconds",
+            }
+        ),
     ),
     # 256 MB per Message Batch request body; the lines are most of it.
     "anthropic": Kind(
@@ -83,8 +95,16 @@ KINDS: dict[str, Kind] = {
         200 * MB,
         frozenset({"model", "endpoint", "timeout_hours"}),
     ),
-    "groq": Kind("https://api.groq.com", "GROQ_API_KEY", 50_000, 100 * MB),
-    "together": Kind("https://api.together.xyz", "TOGETHER_API_KEY", 50_000, 100 * MB),
+    "groq": Kind(
+        "https://api.groq.com", "GROQ_API_KEY", 50_000, 100 * MB, frozenset({"completion_window"})
+    ),
+    "together": Kind(
+        "https://api.together.xyz",
+        "TOGETHER_API_KEY",
+        50_000,
+        100 * MB,
+        frozenset({"completion_window"}),
+    ),
 }
 
 _COMMON = frozenset(
@@ -102,8 +122,6 @@ _COMMON = frozenset(
         "client_key_file",
         "max_requests_per_batch",
         "max_bytes_per_batch",
-        "completion_window",
-        "output_expires_after_seconds",
     }
 )
 _GROQ_WINDOW = re.compile(r"([1-9][0-9]*)([hd])")
@@ -160,7 +178,7 @@ def _window(kind: str, s: str, t: Mapping[str, Any]) -> str:
             raise ConfigError(
                 f'[{s}] completion_window: "24h" to "7d" (e.g. "48h"), got {window!r}'
             )
-    elif window != "24h" and kind not in ("anthropic", "gemini", "mistral"):
+    elif window != "24h":
         raise ConfigError(f'[{s}] completion_window: only "24h" is supported, got {window!r}')
     return window
 

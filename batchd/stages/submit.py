@@ -307,7 +307,7 @@ async def _pieces(
     await _discard(ctx, att)
     out_dir = ctx.spool.processing / f"{job.id}.pieces"
     files = await asyncio.to_thread(
-        pieces.split, path, out_dir, piece_limits, summary.endpoint == "/v1/embeddings"
+        pieces.split, path, out_dir, piece_limits, summary.embedding_inputs > 0
     )
     rows = [
         Piece(

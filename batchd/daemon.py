@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from batchd import logs, sdnotify
+from batchd import facade, logs, sdnotify
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
 from batchd.metrics import Metrics
@@ -55,6 +55,7 @@ class Daemon:
         self.outcomes: Counter[str] = Counter()  # jobs ended while this daemon ran
         self.listen: str | None = None  # the address actually bound
         self.exit_code: int | None = None
+        self.facade: facade.Facade | None = None  # the OpenAI-compatible API, with tenants
 
     async def _refresh_gauges(self) -> None:
         ctx = self.ctx
@@ -66,10 +67,12 @@ class Daemon:
         oldest = await ctx.store.oldest_live_created_at()
         self.metrics.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
         self.metrics.inbox_files.set(len(ctx.spool.waiting()))
+        self.metrics.budget_waiting.set(await ctx.store.budget_waiting_count())
 
     async def _idle_watch(self, ctx: Context) -> None:
-        """In --once mode: stop when the inbox is empty and every job has ended, or when
-        the API refuses access (nothing could get further; the jobs wait)."""
+        """In --once mode: stop when the inbox is empty, every job has ended and the
+        provider's copies due for deletion are gone, or when the API refuses access
+        (nothing could get further; the jobs wait)."""
         default = ctx.providers.default_name
         while True:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
@@ -90,7 +93,11 @@ class Daemon:
                     return
             if ctx.claiming or ctx.spool.waiting():
                 continue
-            if not await ctx.store.live_count() and not ctx.claiming:
+            if await ctx.store.live_count() or ctx.claiming:
+                continue
+            # The provider's copies due for deletion now go too (not those backing off).
+            due = await ctx.store.next_remote_file_at()
+            if due is None or due > self.clock():
                 self.stop_event.set()
                 return
 
@@ -129,6 +136,14 @@ class Daemon:
                     exc_info=True,
                 )
                 await asyncio.sleep(delay)
+
+    async def _warm_prices(self, ctx: Context) -> None:
+        """Load the price database off the event loop at start-up (~1 s), so the first
+        job's estimate does not stall the loop while it loads."""
+        try:
+            await asyncio.to_thread(ctx.prices.warm)
+        except Exception as e:  # prices then load (or fail: "unknown") at first use
+            self.log.warning("prices_unavailable", error=f"{type(e).__name__}: {e}")
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog from the event loop, so a hung loop gets restarted."""
@@ -181,7 +196,9 @@ class Daemon:
             ctx.cfg.api, api_key_env=new.api.api_key_env, api_key_file=new.api.api_key_file
         )
         admission = dataclasses.replace(
-            ctx.cfg.admission, token_budgets=new.admission.token_budgets
+            ctx.cfg.admission,
+            token_budgets=new.admission.token_budgets,
+            request_limits=new.admission.request_limits,
         )
         webhooks = dataclasses.replace(
             ctx.cfg.webhooks, poll_interval_seconds=new.webhooks.poll_interval_seconds
@@ -195,7 +212,11 @@ class Daemon:
             retention=new.retention,
             admission=admission,
             webhooks=webhooks,
+            prices=new.prices,
+            estimate=new.estimate,
+            budget=new.budget,
         )
+        ctx.reprice()
         logs.setup(new.log.level, new.log.format)
         for name, provider in ctx.providers.items():
             pc = new.provider_configs().get(name, provider.cfg)
@@ -240,7 +261,7 @@ class Daemon:
 
     async def _serve(self, ctx: Context, token: str | None, secret: bytes | None) -> web.AppRunner:
         cfg = self.cfg
-        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret)
+        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret, self.facade)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
@@ -276,6 +297,7 @@ class Daemon:
         # Read secrets before touching anything: a bad one is a config error (exit 2).
         token = cfg.http.token() if self.serve_http else None
         webhook_secret = cfg.webhooks.secret() if self.serve_http else None
+        tenants = facade.load(cfg.facade) if self.serve_http and cfg.facade.tenants else None
         keys: dict[str, str | None] = {}
         for name, pc in cfg.provider_configs().items():
             try:
@@ -306,6 +328,9 @@ class Daemon:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.request_stop)
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
+                if tenants:
+                    self.facade = facade.Facade(ctx, tenants)
+                    await self.facade.start()  # before the stages: a create cut off by a crash
                 if self.serve_http:
                     runner = await self._serve(ctx, token, webhook_secret)
                 sdnotify.ready()
@@ -324,22 +349,25 @@ class Daemon:
         return self.exit_code
 
     async def _run_stages(self, ctx: Context) -> None:
+        named: list[tuple[str, Callable[[Context], Awaitable[None]]]] = [
+            ("intake", intake.run),
+            ("submit", submit.run),
+            ("track", track.run),
+            ("collect", collect.run),
+            ("retention", retention.run),
+            ("health", health.run),
+        ]
+        if self.facade is not None:
+            named.append(("facade", self.facade.run))
         async with asyncio.TaskGroup() as tg:
             stages = [
-                tg.create_task(self._supervised(name, fn, ctx), name=name)
-                for name, fn in (
-                    ("intake", intake.run),
-                    ("submit", submit.run),
-                    ("track", track.run),
-                    ("collect", collect.run),
-                    ("retention", retention.run),
-                    ("health", health.run),
-                )
+                tg.create_task(self._supervised(name, fn, ctx), name=name) for name, fn in named
             ]
             side = [
                 tg.create_task(self._watchdog(), name="watchdog"),
                 tg.create_task(self._status(ctx), name="status"),
                 tg.create_task(self._watch_store(ctx), name="store-watch"),
+                tg.create_task(self._warm_prices(ctx), name="prices"),
             ]
             if self.once:
                 side.append(tg.create_task(self._idle_watch(ctx), name="idle"))

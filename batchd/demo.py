@@ -168,6 +168,18 @@ def _report(cfg: config.Config) -> int:
         if out:
             first = orjson.loads(out[0])
             print(f"          first line: {_snippet(first)}")
+        est, cost = info.get("estimate") or {}, info.get("cost") or {}
+        if est.get("cost_high_usd") is not None:
+            print(
+                f"          estimate ${est['cost_low_usd']} to ${est['cost_high_usd']}"
+                f" (~{est['input_tokens']} input tokens)"
+            )
+        if cost.get("usd") is not None:
+            print(
+                f"          cost ${cost['usd']} ({cost['input_tokens']} input, "
+                f"{cost['output_tokens']} output tokens; the emulator bills a prompt as "
+                "its JSON body's bytes / 4)"
+            )
     return 1 if bad else 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from batchd import jsonl
@@ -32,6 +32,8 @@ TOGETHER_ENDPOINTS = frozenset(
 ANTHROPIC_ENDPOINT = "/v1/messages"
 GEMINI_ENDPOINT = "batchGenerateContent"
 _LIMITS = jsonl.Limits()
+
+OnRequest = Callable[[dict[str, Any]], None]
 
 # The per-request id field of each kind's input (and result) lines.
 ID_KEYS = {"gemini": "key"}
@@ -56,8 +58,9 @@ class _Lines(Validator):
         limits: jsonl.Limits = _LIMITS,
         max_problems: int = 100,
         model: str | None = None,
+        on_request: OnRequest | None = None,
     ) -> None:
-        super().__init__(limits, max_problems)
+        super().__init__(limits, max_problems, on_request)
         self._default_model = model
         self._mixed = False
 
@@ -124,8 +127,9 @@ class OpenAILines(Validator):
         max_problems: int = 100,
         endpoints: Collection[str] | None = None,
         deployments: Collection[str] = (),
+        on_request: OnRequest | None = None,
     ) -> None:
-        super().__init__(limits, max_problems)
+        super().__init__(limits, max_problems, on_request)
         self._endpoints = frozenset(endpoints) if endpoints is not None else None
         self._deployments = frozenset(deployments)
 
@@ -240,6 +244,60 @@ class MistralLines(_Lines):
             self._model(n, body.get("model"), "body.model")
 
 
+_OPENAI_SHAPED = frozenset({"openai", "azure_openai", "groq"})
+_CHAT = "/v1/chat/completions"
+
+
+def openai_request(
+    kind: str, obj: dict[str, Any], model: str | None = None, endpoint: str | None = None
+) -> dict[str, Any]:
+    """One line of a kind's format as the OpenAI-shaped request the cost estimator reads
+    (its messages, output limit and model; `model`/`endpoint`: the provider's defaults).
+    Nothing is sent in this shape: lines stay native."""
+    if kind == "anthropic":
+        p = obj.get("params")
+        if type(p) is not dict:
+            return {}
+        msgs = list(p["messages"]) if type(p.get("messages")) is list else []
+        if p.get("system"):
+            msgs.insert(0, {"role": "system", "content": p["system"]})
+        body = {"model": p.get("model"), "messages": msgs, "max_tokens": p.get("max_tokens")}
+        if p.get("tools"):
+            body["tools"] = p["tools"]
+        return {"url": _CHAT, "body": body}
+    if kind == "gemini":
+        r = obj.get("request")
+        if type(r) is not dict:
+            return {}
+        contents = r["contents"] if type(r.get("contents")) is list else []
+        msgs = [
+            {"role": c.get("role") or "user", "content": c.get("parts")}
+            for c in contents
+            if type(c) is dict
+        ]
+        si = r.get("systemInstruction") or r.get("system_instruction")
+        if type(si) is dict:
+            msgs.insert(0, {"role": "system", "content": si.get("parts")})
+        gc = r.get("generationConfig") or r.get("generation_config") or {}
+        limit = (
+            (gc.get("maxOutputTokens") or gc.get("max_output_tokens")) if type(gc) is dict else None
+        )
+        m = r.get("model")
+        m = m.removeprefix("models/") if isinstance(m, str) else model
+        body = {"model": m, "messages": msgs, "max_tokens": limit}
+        if r.get("tools"):
+            body["tools"] = r["tools"]
+        return {"url": _CHAT, "body": body}
+    if kind in ("mistral", "together"):
+        b = obj.get("body")
+        if type(b) is not dict:
+            return {}
+        if b.get("model") is None and model:
+            b = {"model": model, **b}
+        return {"url": obj.get("url") or endpoint or _CHAT, "body": b}
+    return obj
+
+
 KINDS = ("openai", "azure_openai", "anthropic", "gemini", "mistral", "groq", "together")
 
 
@@ -251,23 +309,32 @@ def validator(
     endpoint: str | None = None,
     deployments: Collection[str] = (),
     max_problems: int = 100,
+    on_request: OnRequest | None = None,
 ) -> Validator:
     """The line rules of a provider kind (`model`: the job's model where lines need not
-    name one; `deployments`: Azure batch deployments lines may name)."""
+    name one; `deployments`: Azure batch deployments lines may name; `on_request`: sees
+    every line parsed as a JSON object, as `jsonl.Validator`'s)."""
+    f = on_request
+    if f is not None and kind not in _OPENAI_SHAPED:
+        native = f  # the cost estimator reads OpenAI's shape: hand it each line as such
+
+        def f(obj: dict[str, Any]) -> None:
+            native(openai_request(kind, obj, model, endpoint))
+
     if kind == "anthropic":
-        return AnthropicLines(limits, max_problems)
+        return AnthropicLines(limits, max_problems, on_request=f)
     if kind == "gemini":
-        return GeminiLines(limits, max_problems, model)
+        return GeminiLines(limits, max_problems, model, on_request=f)
     if kind == "mistral":
-        return MistralLines(limits, max_problems, model, endpoint=endpoint)
+        return MistralLines(limits, max_problems, model, endpoint=endpoint, on_request=f)
     if kind == "together":
-        return TogetherLines(limits, max_problems)
+        return TogetherLines(limits, max_problems, on_request=f)
     if kind == "groq":
-        return OpenAILines(limits, max_problems, GROQ_ENDPOINTS)
+        return OpenAILines(limits, max_problems, GROQ_ENDPOINTS, on_request=f)
     if kind == "azure_openai":
-        return OpenAILines(limits, max_problems, AZURE_ENDPOINTS, deployments)
+        return OpenAILines(limits, max_problems, AZURE_ENDPOINTS, deployments, on_request=f)
     if kind == "openai":
-        return OpenAILines(limits, max_problems)
+        return OpenAILines(limits, max_problems, on_request=f)
     raise ValueError(f"unknown provider kind {kind!r} (one of {', '.join(KINDS)})")
 
 

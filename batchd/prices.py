@@ -33,6 +33,7 @@ __all__ = [
     "Rates",
     "Unknown",
     "format_usd",
+    "price_source",
     "provider_for_base_url",
     "to_nanos",
 ]
@@ -161,6 +162,23 @@ def provider_for_base_url(base_url: str) -> str:
     return "openai"
 
 
+# The price-list provider of each provider kind (batchd.provider_config.KINDS).
+_KIND_PRICES: Final[Mapping[str, str]] = {
+    "azure_openai": "azure",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "mistral": "mistral",
+    "groq": "groq",
+    "together": "together",
+}
+
+
+def price_source(kind: str, base_url: str) -> str:
+    """The price-list provider of a configured provider: its kind's, or for the openai
+    kind the one its base URL names (OpenAI's for anything OpenAI-compatible)."""
+    return _KIND_PRICES.get(kind) or provider_for_base_url(base_url)
+
+
 def _nanos_per_mtok(value: Decimal) -> int:
     return to_nanos(value)
 
@@ -199,6 +217,12 @@ class PriceBook:
         self.overrides = dict(overrides or {})
         self._database = database or database_price
         self._cache: dict[tuple[str, date], Price | Unknown] = {}
+
+    def warm(self) -> None:
+        """Load the price database now (it is otherwise loaded at the first lookup, which
+        also builds its caches: ~0.5 s, then ~0.07 s, off the path of the first job)."""
+        if self._database is database_price:
+            database_price(self.provider, "gpt-4o-mini", datetime.now(UTC))
 
     def price(self, model: str, at: datetime | None = None) -> Price | Unknown:
         """The batch price of `model` at time `at` (default now); Unknown with a reason."""

@@ -25,6 +25,8 @@ BENCHMARKS = (
     "big_db",
     "download",
     "estimate",
+    "facade",
+    "cost_accuracy",
 )
 
 

@@ -39,6 +39,7 @@ ALERTS = {
     "BatchdApiErrorRate",
     "BatchdTokenLimitRefusals",
     "BatchdOldJob",
+    "BatchdBudgetWaiting",
 }
 MAX_EXPOSURE = 2.0
 
@@ -244,6 +245,7 @@ def test_dashboard_provider_variable(dashboard: dict[str, Any]) -> None:
     prov = variables["provider"]
     assert prov["type"] == "query" and prov["includeAll"] and prov["multi"]
     labelled = {"jobs_finished", "batches_created", "batches_ended", "api_requests", "tokens"}
+    labelled |= {"cost_usd", "cost_unpriced_requests"}
     for where, expr in _dashboard_exprs(dashboard):
         if where == "variable provider":
             continue

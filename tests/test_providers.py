@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "together": ("together", {}),
 }
 KINDS = list(VARIANTS)
+# Variants whose test model has a batch price (genai-prices); Azure's is a deployment
+# name, priced only through [prices."DEPLOYMENT"].
+PRICED = {"anthropic", "gemini-inline", "gemini-file", "mistral", "groq", "together"}
 EXTRA = {kind: extra for kind, extra in VARIANTS.values()}
 # Deleted once the results are on disk: what each provider keeps of a batch.
 DELETED = {
@@ -94,6 +97,18 @@ async def test_drop_to_done_with_mixed_results(tmp_path: Path, kind: str) -> Non
         assert info["status"] == "done" and info["batch_status"] == "completed"
         assert info["request_counts"] == {"total": 6, "completed": 4, "failed": 2}
         assert info["usage"]["input_tokens"] > 0 and info["usage"]["output_tokens"] > 0
+        # cost: estimated from the native lines at intake, charged per billed result line
+        est, cost = info["estimate"], info["cost"]
+        assert est["requests"] == 6 and est["input_tokens"] > 0 and est["output_tokens_high"] > 0
+        assert cost["requests_billed"] == 4
+        assert cost["input_tokens"] == info["usage"]["input_tokens"]
+        if kind in PRICED:
+            assert est["cost_high_nanousd"] > 0 and cost["nanousd"] > 0 and not cost["unknown"]
+        else:  # the model has no price: unknown, never $0
+            assert est["cost_high_nanousd"] is None and cost["unknown"]
+        assert d.metrics.cost.labels("p", info["model"] or "", "inbox", "actual")._value.get() == (
+            cost["nanousd"] / 1e9 if kind in PRICED else 0
+        )
         # req-4 (HTTP 500) was sent again in a second batch; req-1 (400) was not
         assert len(info["batch_ids"]) == 2 and _created(emu) == 2
         assert all(b["raw_status"] for b in info["timestamps"]["batches"])
@@ -291,6 +306,8 @@ def test_validate_and_submit_with_provider_rules(tmp_path: Path) -> None:
     r = run_cli("validate", "--provider", "anthropic", str(good))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3 requests, /v1/messages" in r.stderr
+    # the estimate reads Anthropic's lines (priced as Anthropic's batch price)
+    assert "estimate: 3 requests" in r.stderr and "0 to 192 output tokens, cost $" in r.stderr
     r = run_cli("validate", str(good))  # OpenAI's rules: no method/url/body
     assert r.returncode == 1 and "missing_body" in r.stdout
     bad = tmp_path / "bad.jsonl"
@@ -313,6 +330,7 @@ def test_validate_and_submit_with_provider_rules(tmp_path: Path) -> None:
     )
     r = run_cli("validate", "-c", str(conf), "--provider", "gem", str(gem))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "estimate: 2 requests" in r.stderr and "cost unknown" not in r.stderr
     az = tmp_path / "az.jsonl"
     az.write_bytes(lines("azure_openai", 2))
     r = run_cli("validate", "-c", str(conf), "--provider", "az", str(az))

@@ -39,7 +39,7 @@ from batchd.providers.base import (
 from batchd.providers.errors import RateLimited, Transient
 from batchd.providers.http import HttpClient, JsonArray, Lines
 from batchd.providers.openai import custom_id_of
-from batchd.usage import Usage, usage_of_body
+from batchd.usage import AttemptTally, Usage, usage_of_body
 
 BATCHES = "/v1/messages/batches"
 # Errors another try will not fix; the rest (api_error, overloaded_error, rate_limit_error,
@@ -213,6 +213,10 @@ class Anthropic(Provider):
             return cid, Verdict.CANCELED
         err = (result.get("error") or {}).get("error") or {}
         return cid, Verdict.FAILED if err.get("type") in _FINAL else Verdict.RETRYABLE
+
+    def tally_line(self, tally: AttemptTally, request_id: str, line: bytes) -> None:
+        if (u := self.line_usage(line)) is not None:
+            tally.add_usage(request_id, u)
 
     def line_usage(self, line: bytes) -> Usage | None:
         result = orjson.loads(line).get("result") or {}

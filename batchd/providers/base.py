@@ -33,7 +33,7 @@ from batchd import formats, jsonl
 from batchd.metrics import Metrics
 from batchd.provider_config import ProviderConfig
 from batchd.providers.http import HttpClient, Lines, Tap
-from batchd.usage import Usage, usage_of_body
+from batchd.usage import AttemptTally, Usage, usage_of_body
 
 Owned = Callable[[str], Awaitable[bool]]
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -197,11 +197,17 @@ class Provider(ABC):
 
     # --- input ------------------------------------------------------------------------
 
-    def validator(self, limits: Any) -> Any:
-        """The line rules of this provider (a `jsonl.Validator` enforcing `limits`)."""
+    def validator(self, limits: Any, on_request: formats.OnRequest | None = None) -> Any:
+        """The line rules of this provider (a `jsonl.Validator` enforcing `limits`;
+        `on_request` sees each parsed line, e.g. the cost estimator)."""
         c = self.cfg
         return formats.validator(
-            c.kind, limits, model=c.model, endpoint=c.endpoint, deployments=c.deployments
+            c.kind,
+            limits,
+            model=c.model,
+            endpoint=c.endpoint,
+            deployments=c.deployments,
+            on_request=on_request,
         )
 
     @property
@@ -290,6 +296,10 @@ class Provider(ABC):
     def result_id(self, line: bytes) -> str:
         """The request id of a result line."""
         return str(orjson.loads(line).get(self.id_key))
+
+    def tally_line(self, tally: AttemptTally, request_id: str, line: bytes) -> None:
+        """Count what one result line billed in `tally` (each request id once)."""
+        tally.add_line(request_id, line)  # OpenAI's shape: response.body.usage
 
     @abstractmethod
     def classify(self, line: bytes) -> tuple[str, Verdict]:

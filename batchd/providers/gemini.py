@@ -43,7 +43,7 @@ from batchd.providers.base import (
 from batchd.providers.errors import RateLimited, Transient
 from batchd.providers.http import HttpClient, Lines, Tap
 from batchd.providers.openai import custom_id_of
-from batchd.usage import Usage
+from batchd.usage import AttemptTally, Usage
 
 _STATES = {
     "PENDING": "validating",
@@ -326,6 +326,10 @@ class Gemini(Provider):
         code = err.get("code")
         retry = isinstance(code, int) and (code in _RETRYABLE or code >= 500)
         return key, Verdict.RETRYABLE if retry else Verdict.FAILED
+
+    def tally_line(self, tally: AttemptTally, request_id: str, line: bytes) -> None:
+        if (u := self.line_usage(line)) is not None:
+            tally.add_usage(request_id, u)
 
     def line_usage(self, line: bytes) -> Usage | None:
         u = (orjson.loads(line).get("response") or {}).get("usageMetadata")

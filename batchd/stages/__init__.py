@@ -20,6 +20,7 @@ from typing import Any
 
 from batchd.config import Config
 from batchd.metrics import Metrics
+from batchd.prices import PriceBook, price_source
 from batchd.providers import Provider, Providers
 from batchd.providers.errors import AccessDenied, ApiError, InvalidRequest
 from batchd.spool import Spool
@@ -49,6 +50,7 @@ class Context:
     wake_collect: asyncio.Event = field(default_factory=asyncio.Event)
     wake_retention: asyncio.Event = field(default_factory=asyncio.Event)
     wake_intake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_facade: asyncio.Event = field(default_factory=asyncio.Event)  # a job ended
     # Serialises result-dir naming and publishing so two jobs never pick one NAME.
     publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Serialises failing jobs: the stage that decided and the loop that resumes
@@ -73,6 +75,8 @@ class Context:
     outcomes: Counter[str] = field(default_factory=Counter)
     # `run --once` stopped because a held provider's jobs could not go on.
     stuck_held: bool = False
+    # Batch prices per provider NAME ([prices] first, then genai-prices); built on use.
+    price_books: dict[str, PriceBook] = field(default_factory=dict)
 
     def provider(self, name: str | None) -> Provider:
         """The provider of a job or attempt (None: the default)."""
@@ -104,6 +108,25 @@ class Context:
         """Hold the provider that refused access."""
         await self.hold_of(err.provider).block(self, err)
 
+    def prices_of(self, name: str | None) -> PriceBook:
+        """The batch prices of one provider's models (None: the default's)."""
+        key = name or self.providers.default_name
+        book = self.price_books.get(key)
+        if book is None:
+            cfg = self.providers[key].cfg if key in self.providers else None
+            source = price_source(cfg.kind, cfg.api.base_url) if cfg else "openai"
+            book = self.price_books[key] = PriceBook(source, self.cfg.prices)
+        return book
+
+    @property
+    def prices(self) -> PriceBook:
+        """The default provider's batch prices."""
+        return self.prices_of(None)
+
+    def reprice(self) -> None:
+        """Price with the current [prices] (after a reload; books are rebuilt on use)."""
+        self.price_books.clear()
+
     def wake_all(self) -> None:
         """Wake every stage (the API is back, another process changed the store, …)."""
         for e in (
@@ -112,6 +135,7 @@ class Context:
             self.wake_collect,
             self.wake_retention,
             self.wake_intake,
+            self.wake_facade,
         ):
             e.set()
 
@@ -156,8 +180,11 @@ async def sync_job(ctx: Context, job_id: str) -> None:
         await ctx.store.transition(job_id, new, current=job)
         if new == JobState.COLLECTING:
             ctx.wake_collect.set()
-        elif new == JobState.SUBMITTING:
-            ctx.wake_submit.set()
+    if new == JobState.SUBMITTING:
+        # Also when it was submitting already: a follow-up attempt just queued (another
+        # piece still pending, or a restart that found it so) must not wait for an
+        # unrelated wake-up; the submit stage may be asleep with nothing else due.
+        ctx.wake_submit.set()
 
 
 class Backoff:
@@ -252,6 +279,10 @@ class Worker:
     def busy(self, key: str) -> bool:
         """True while `key` runs or backs off."""
         return key in self._tasks or not self.backoff.ready(key)
+
+    def running(self, key: str) -> bool:
+        """True while `key`'s item runs."""
+        return key in self._tasks
 
     def start(self, key: str, job_id: str, item: Item, on_invalid: OnInvalid | None = None) -> bool:
         """Start `item` unless `key` is busy or every slot is taken."""

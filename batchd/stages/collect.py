@@ -17,7 +17,8 @@ import orjson
 from ulid import ULID
 
 from batchd import pieces
-from batchd.admission import limit_from_message
+from batchd.admission import limit_from_message, request_limit_from_message
+from batchd.prices import NANOS_PER_USD, Unknown, format_usd
 from batchd.providers import Provider
 from batchd.providers.base import ResultFile, Snapshot, Verdict, usage_dict
 from batchd.providers.errors import ApiError, InvalidRequest, Transient
@@ -27,7 +28,7 @@ from batchd.spool import fingerprint, fsync_dir, write_json
 from batchd.stages import Backoff, Context, guarded, loop, sync_job
 from batchd.states import TERMINAL_JOB_STATES, JobState, is_terminal_status
 from batchd.store import Attempt, Job
-from batchd.usage import Usage
+from batchd.usage import AttemptTally, Usage
 
 __all__ = ["custom_id_of", "fail_job", "finish", "publish", "run", "settle"]
 
@@ -106,8 +107,20 @@ async def publish(
             job = await store.job(job.id)
         for extra in (f"{job.id}.pieces", f"{job.id}.parts"):
             shutil.rmtree(spool.processing / extra, ignore_errors=True)
+        cost = await store.job_cost(job.id)
         detail = {"result_dir": job.result_dir, **(summary or {})}
-        job = await store.transition(job.id, new_state, str(new_state), detail)
+        if cost["attempts"]:
+            detail["cost"] = format_usd(cost["cost_nanos"], 6)
+        job = await store.transition(
+            job.id,
+            new_state,
+            str(new_state),
+            detail,
+            cost_nanos=cost["cost_nanos"],
+            cost_unknown=cost["cost_unknown"],
+        )
+    _cost_ended(ctx, job)
+    ctx.wake_facade.set()  # a facade batch of this job can be settled
     ctx.metrics.jobs_finished.labels(new_state.value, ctx.provider(job.provider).name).inc()
     ctx.outcomes[new_state.value] += 1
     log = ctx.log.warning if new_state == JobState.FAILED else ctx.log.info
@@ -122,6 +135,50 @@ async def publish(
         failed=job.failed,
         **(summary or {}),
     )
+
+
+def _cost_ended(ctx: Context, job: Job) -> None:
+    """A job ended: how its actual cost compares with its high estimate; a budget may
+    now have room (its actual cost replaced its reservation)."""
+    high = (job.estimate or {}).get("cost_high_nanousd")
+    if isinstance(high, int) and high > 0 and job.cost_nanos is not None and not job.cost_unknown:
+        ctx.metrics.estimate_ratio.observe(job.cost_nanos / high)
+    if ctx.cfg.budget.enabled:
+        ctx.admission_version += 1
+        ctx.wake_submit.set()
+
+
+def _price_source(ctx: Context, job: Job) -> str:
+    price = ctx.prices_of(job.provider).price(job.model or "")
+    return price.reason if isinstance(price, Unknown) else price.source
+
+
+def estimate_view(est: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `estimate` of job.json: as made at intake, with the range in USD too."""
+    if not est:
+        return None
+    low, high = est.get("cost_low_nanousd"), est.get("cost_high_nanousd")
+    usd = {
+        "cost_low_usd": format_usd(low, 6).lstrip("$") if isinstance(low, int) else None,
+        "cost_high_usd": format_usd(high, 6).lstrip("$") if isinstance(high, int) else None,
+    }
+    return {**est, **usd}
+
+
+def cost_view(cost: dict[str, Any], price_source: str = "") -> dict[str, Any]:
+    """The `cost` of job.json: what the job's result lines billed, summed once each."""
+    return {
+        "usd": format_usd(cost["cost_nanos"], 6).lstrip("$"),
+        "nanousd": cost["cost_nanos"],
+        "unknown": cost["cost_unknown"],
+        "requests_billed": cost["requests"],
+        "input_tokens": cost["input_tokens"],
+        "cached_tokens": cost["cached_tokens"],
+        "cache_write_tokens": cost["cache_write_tokens"],
+        "output_tokens": cost["output_tokens"],
+        "reasoning_tokens": cost["reasoning_tokens"],
+        "price_source": price_source,
+    }
 
 
 def failure_report(job: Job, report: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +223,9 @@ async def fail_job(ctx: Context, job: Job, report: dict[str, Any]) -> None:
         if (ctx.spool.processing / f"{job.id}.parts").exists():
             await _merge(ctx, job, staging)
         summary = {"reason": report.get("reason"), "message": report.get("message")}
+        cost = await ctx.store.job_cost(job.id)
+        if cost["attempts"]:  # batches of other pieces ran: what they billed
+            report = {**report, "cost": cost_view(cost, _price_source(ctx, job))}
         await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report}, summary)
 
 
@@ -190,9 +250,10 @@ def _parts(ctx: Context, job_id: str) -> Path:
 
 class _Sink(Lines):
     """Counts one result file's lines as they arrive and records what each says; starts
-    over with the download (a retried one sends every byte again)."""
+    over with the download (a retried one sends every byte again). Each line's billed
+    usage goes into `tally`, which counts a request id once however often it is fed."""
 
-    def __init__(self, provider: Provider, key: str, tally: bool) -> None:
+    def __init__(self, provider: Provider, key: str, tally: AttemptTally) -> None:
         super().__init__(self._line)
         self.provider, self.key, self.tally = provider, key, tally
         self.reset()
@@ -202,13 +263,12 @@ class _Sink(Lines):
         self.succeeded: set[str] = set()
         self.other: list[tuple[str, Verdict]] = []
         self.ok: list[bool] = []  # per line of a "results" stream: a success?
-        self.usage = Usage()
 
     def _line(self, line: bytes) -> None:
         p = self.provider
         if self.key == "output":
-            self.succeeded.add(p.result_id(line))
-            good = True
+            cid = p.result_id(line)
+            self.succeeded.add(cid)
         else:
             cid, verdict = p.classify(line)
             good = verdict is Verdict.SUCCEEDED
@@ -217,19 +277,13 @@ class _Sink(Lines):
             else:
                 self.other.append((cid, verdict))
             self.ok.append(good)
-        if good and self.tally:
-            u = p.line_usage(line)
-            if u is not None:
-                self.usage = _add(self.usage, u)
+        p.tally_line(self.tally, cid, line)  # a failed line bills nothing, as a rule
 
 
-def _add(a: Usage, b: Usage) -> Usage:
+def _usage_of(tally: AttemptTally) -> Usage:
+    c = tally.charge()
     return Usage(
-        a.input_tokens + b.input_tokens,
-        a.cached_tokens + b.cached_tokens,
-        a.cache_write_tokens + b.cache_write_tokens,
-        a.output_tokens + b.output_tokens,
-        a.reasoning_tokens + b.reasoning_tokens,
+        c.input_tokens, c.cached_tokens, c.cache_write_tokens, c.output_tokens, c.reasoning_tokens
     )
 
 
@@ -247,7 +301,6 @@ async def _fetch(
             await asyncio.to_thread(_feed_file, path, half)
             sink.succeeded |= half.succeeded
             sink.other += half.other
-            sink.usage = _add(sink.usage, half.usage)
             sink.count += half.count
     elif dest.exists():
         await asyncio.to_thread(_feed_file, dest, sink)
@@ -265,26 +318,24 @@ async def _fetch(
 
 
 async def _download(
-    ctx: Context, att: Attempt, parts: Path
+    ctx: Context, att: Attempt, parts: Path, tally: AttemptTally
 ) -> tuple[Snapshot, pieces.Outcome, dict[str, Any] | None]:
     """Fetch an ended attempt's result files; returns the final batch, what its results
     say (counted and classified as the bytes arrive: no second pass), and the usage its
-    lines report when the batch reports none."""
+    lines report when the batch reports none. Each line's billed usage goes into
+    `tally` (a request id once, however often it is read)."""
     assert att.batch_id is not None
     provider = ctx.provider(att.provider)
     snap = provider.snapshot(att.batch or {})
     if provider.results_pending(snap):
         snap = await provider.get(att.batch_id)
     outcome = pieces.Outcome()
-    tally = snap.usage is None  # the batch reports no usage: add up its lines'
-    usage = Usage()
     others: list[tuple[str, Verdict]] = []
     for rf in provider.result_files(snap):
         sink = _Sink(provider, rf.key, tally)
         await _fetch(ctx, provider, att, rf, parts, sink)
         outcome.succeeded |= sink.succeeded
         others += sink.other
-        usage = _add(usage, sink.usage)
     fsync_dir(parts)  # the renames are durable before the provider's copies may go
     sets = {
         Verdict.RETRYABLE: outcome.retryable,
@@ -295,7 +346,8 @@ async def _download(
     for cid, verdict in others:  # as pieces.read_outcome: a success wins
         if cid not in outcome.succeeded:
             sets[verdict].add(cid)
-    return snap, outcome, usage_dict(usage) if tally else None
+    # The batch reports no usage: what its lines billed stands in (job.json's usage).
+    return snap, outcome, usage_dict(_usage_of(tally)) if snap.usage is None else None
 
 
 def _feed_file(path: Path, lines: Lines) -> None:
@@ -346,19 +398,33 @@ async def _requeue_refused(
         + 1
     )
     limit = limit_from_message(msg)
+    req_limit = request_limit_from_message(msg)
     if limit and att.model:
         await ctx.store.learn_limit(att.model, limit)
         ctx.admission_version += 1
-    too_big = limit is not None and att.est_tokens > limit and refusals >= 3
+    if req_limit and att.model:
+        await ctx.store.learn_request_limit(att.model, req_limit)
+        ctx.admission_version += 1
+    kind = "request" if req_limit is not None and limit is None else "token"
+    too_big = refusals >= 3 and (
+        (limit is not None and att.est_tokens > limit)
+        or (req_limit is not None and (att.requests or 0) > req_limit)
+    )
     if too_big or refusals > MAX_REFUSALS:
-        why = (
-            f"piece {att.piece} needs ~{att.est_tokens} tokens but the enqueued-token limit "
-            f"of {att.model} is {limit}; lower [limits] max_requests_per_batch or "
-            "max_bytes_per_batch"
-            if too_big
-            else f"refused {refusals} times for the enqueued-token limit"
-        )
-        report = {"reason": "token_limit", "message": why, "batch_id": batch.get("id")}
+        if too_big and kind == "request":
+            why = (
+                f"piece {att.piece} has {att.requests} requests but the enqueued-request "
+                f"limit of {att.model} is {req_limit}; lower [limits] max_requests_per_batch"
+            )
+        elif too_big:
+            why = (
+                f"piece {att.piece} needs ~{att.est_tokens} tokens but the enqueued-token "
+                f"limit of {att.model} is {limit}; lower [limits] max_requests_per_batch or "
+                "max_bytes_per_batch"
+            )
+        else:
+            why = f"refused {refusals} times for the enqueued-{kind} limit"
+        report = {"reason": f"{kind}_limit", "message": why, "batch_id": batch.get("id")}
         await ctx.store.settle_attempt(
             att.id,
             "failed",
@@ -369,13 +435,13 @@ async def _requeue_refused(
         )
         return
     delay = refusal_delay(ctx, refusals)
-    ctx.metrics.retries.labels("token_limit").inc()
+    ctx.metrics.retries.labels(f"{kind}_limit").inc()
     ctx.log.warning(
-        "token_limit_refused",
+        f"{kind}_limit_refused",
         job_id=att.job_id,
         piece=att.piece,
         model=att.model,
-        limit=limit,
+        limit=limit if kind == "token" else req_limit,
         retry_in=delay,
     )
     nxt = {
@@ -389,8 +455,21 @@ async def _requeue_refused(
         "not_before": ctx.clock() + delay,
     }
     await ctx.store.settle_attempt(
-        att.id, "requeue", batch, nxt, detail={"limit": limit}, remote_files=remote
+        att.id,
+        "requeue",
+        batch,
+        nxt,
+        detail={f"{kind}_limit": limit or req_limit},
+        remote_files=remote,
     )
+
+
+def _limit_refusal(err: dict[str, Any]) -> bool:
+    """The batch was refused for an enqueued-token or enqueued-request limit (the latter
+    recognised by its message: its error code was never documented)."""
+    if err.get("code") == "token_limit_exceeded":
+        return True
+    return request_limit_from_message(str(err.get("message") or "")) is not None
 
 
 def first_error_text(err: dict[str, Any]) -> str:
@@ -417,15 +496,17 @@ def _batch_failed(att: Attempt, snap: Snapshot) -> dict[str, Any]:
 
 async def settle(ctx: Context, att: Attempt) -> None:
     """Download an ended attempt's results and decide what comes next for its piece."""
+    await _settle(ctx, att)
+    ctx.wake_retention.set()  # the provider's copies it made due for deletion, if any
+
+
+async def _settle(ctx: Context, att: Attempt) -> None:
     job = await ctx.store.job(att.job_id)
     parts = _parts(ctx, job.id)
-    snap, outcome, usage = await _download(ctx, att, parts)
+    tally = AttemptTally(ctx.prices_of(att.provider).price(att.model or job.model or ""))
+    snap, outcome, usage = await _download(ctx, att, parts, tally)
     remote = _remote_copies(ctx, att, snap)
-    try:
-        await _decide(ctx, job, att, snap, outcome, usage, remote)
-    finally:
-        if remote:  # recorded by now: their deletion is due
-            ctx.wake_retention.set()
+    await _decide(ctx, job, att, snap, outcome, usage, _charge(ctx, job, att, tally), remote)
 
 
 async def _decide(
@@ -435,6 +516,7 @@ async def _decide(
     snap: Snapshot,
     outcome: pieces.Outcome,
     usage: dict[str, Any] | None,
+    charge: dict[str, Any] | None,
     remote: list[tuple[str, str]],
 ) -> None:
     """Settle an attempt whose results are on disk: its piece is done, or resubmitted."""
@@ -445,15 +527,22 @@ async def _decide(
     status = snap.status
     if status == "failed":
         errors = snap.errors
-        if errors and errors[0].get("code") == "token_limit_exceeded" and not job.cancel_requested:
+        if errors and _limit_refusal(errors[0]) and not job.cancel_requested:
             msg = str(errors[0].get("message") or "")
             await _requeue_refused(ctx, job, att, batch, msg, remote)
             await sync_job(ctx, job.id)
             return
         report = failure_report(job, _batch_failed(att, snap))
         await ctx.store.settle_attempt(
-            att.id, "failed", batch, piece_done=True, reason=report, remote_files=remote
+            att.id,
+            "failed",
+            batch,
+            piece_done=True,
+            reason=report,
+            remote_files=remote,
+            charge=charge,
         )
+        _charged(ctx, charge)
         return  # the failure is published by the loop (fail_job), crash or not
     err_f = parts / f"{att.id}.errors.jsonl"
     try:
@@ -476,7 +565,9 @@ async def _decide(
             detail={"input_missing": att.input_path},
             remote_files=remote,
             usage=usage,
+            charge=charge,
         )
+        _charged(ctx, charge)
         await sync_job(ctx, job.id)
         return
     missing = asked - outcome.seen()
@@ -518,6 +609,7 @@ async def _decide(
             detail={"resubmitted": len(again)},
             remote_files=remote,
             usage=usage,
+            charge=charge,
         )
     else:
         if missing and not stop:
@@ -526,9 +618,48 @@ async def _decide(
                 for cid in sorted(missing):
                     f.write(orjson.dumps(provider.missing_line(cid, msg)) + b"\n")
         await ctx.store.settle_attempt(
-            att.id, status, batch, piece_done=True, remote_files=remote, usage=usage
+            att.id,
+            status,
+            batch,
+            piece_done=True,
+            remote_files=remote,
+            usage=usage,
+            charge=charge,
         )
+    _charged(ctx, charge)
     await sync_job(ctx, job.id)
+
+
+def _charge(ctx: Context, job: Job, att: Attempt, tally: AttemptTally) -> dict[str, Any] | None:
+    """The charge row of an attempt's tally (None when its results billed nothing)."""
+    c = tally.charge()
+    if not c.requests:
+        return None
+    return {
+        "provider": ctx.provider(att.provider).name,
+        "model": att.model or job.model or "",
+        "source": job.source,
+        "requests": c.requests,
+        "input_tokens": c.input_tokens,
+        "cached_tokens": c.cached_tokens,
+        "cache_write_tokens": c.cache_write_tokens,
+        "output_tokens": c.output_tokens,
+        "reasoning_tokens": c.reasoning_tokens,
+        "cost_nanos": None if isinstance(c.cost, Unknown) else c.cost,
+        "cost_unknown": c.cost.reason if isinstance(c.cost, Unknown) else None,
+    }
+
+
+def _charged(ctx: Context, charge: dict[str, Any] | None) -> None:
+    """Count a settled attempt's charge in the cost metrics."""
+    if charge is None:
+        return
+    m = ctx.metrics
+    if charge["cost_nanos"] is None:
+        m.cost_unpriced.labels(charge["provider"], charge["model"]).inc(charge["requests"])
+        return
+    labels = (charge["provider"], charge["model"], charge["source"], "actual")
+    m.cost.labels(*labels).inc(charge["cost_nanos"] / NANOS_PER_USD)
 
 
 # --- finishing a job ------------------------------------------------------------------
@@ -653,6 +784,8 @@ async def finish(ctx: Context, job: Job) -> None:
         "request_counts": {"total": job.requests or 0, "completed": completed, "failed": failed},
         **summary,
         "usage": usage,
+        "estimate": estimate_view(job.estimate),
+        "cost": cost_view(await ctx.store.job_cost(job.id), _price_source(ctx, job)),
         "sha256": await _input_sha256(ctx, job, staging),
         **await _input_notes(ctx, job, staging),
         "timestamps": {

@@ -1,10 +1,12 @@
 """Every provider end to end against the emulator: drop -> done with mixed success and
 failure, a crash mid-create without a duplicate, expiry with partial results; Azure's
-create-time token limit as admission; routing by inbox/NAME/ and ?provider=NAME."""
+create-time token limit as admission; routing by inbox/NAME/ and ?provider=NAME.
+The fault runs are bounded (see FAULT_KINDS); BATCHD_PROVIDERS_FULL=1 runs them all."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "together": ("together", {}),
 }
 KINDS = list(VARIANTS)
+# The fault runs (lost create, crash mid-create, expiry) cover each distinct create/find
+# and result path; BATCHD_PROVIDERS_FULL=1 runs them for every variant. Left out by
+# default: groq (an OpenAI preset: OpenAI's create, tag and results, which the openai
+# kind's own fault tests cover) and, for the lost create, gemini-file (found by the same
+# display-name tag as gemini-inline; its staged file is covered by the crash run).
+FULL = os.environ.get("BATCHD_PROVIDERS_FULL") == "1"
+FAULT_KINDS = KINDS if FULL else [k for k in KINDS if k != "groq"]
+GHOST_KINDS = FAULT_KINDS if FULL else [k for k in FAULT_KINDS if k != "gemini-file"]
 # Variants whose test model has a batch price (genai-prices); Azure's is a deployment
 # name, priced only through [prices."DEPLOYMENT"].
 PRICED = {"anthropic", "gemini-inline", "gemini-file", "mistral", "groq", "together"}
@@ -132,7 +142,7 @@ async def test_drop_to_done_with_mixed_results(tmp_path: Path, kind: str) -> Non
                 assert API_KEY.encode() not in f.read_bytes(), f
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", GHOST_KINDS)
 async def test_a_lost_create_answer_is_reconciled_not_repeated(tmp_path: Path, kind: str) -> None:
     """The first create is made but its answer lost (500 or a dropped connection)."""
     faults = FaultConfig(ghost_create=1e-9, force_first=True, seed=1)
@@ -150,7 +160,7 @@ class _Crash(BaseException):
     """The process dies here (nothing after this point runs)."""
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAULT_KINDS)
 async def test_a_crash_mid_create_leaves_no_duplicate(
     tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -184,7 +194,7 @@ async def test_a_crash_mid_create_leaves_no_duplicate(
             assert "adopted" in events
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", FAULT_KINDS)
 async def test_expiry_keeps_partial_results_and_resubmits_the_rest(
     tmp_path: Path, kind: str
 ) -> None:

@@ -306,6 +306,10 @@ async def test_routing_inbox_dirs_http_queue_and_default(
             for n in names
         }
         assert kinds == {"plain": "openai", "anth": "anthropic", "viahttp": "azure_openai"}
+        # inbox/NAME/ is a source of its own: [budget.sources."inbox/claude"]
+        async with Store.connect(cfg.state.database) as store:
+            sources = {j.name: j.source for j in await store.list_jobs()}
+        assert sources == {"plain": "inbox", "anth": "inbox/claude", "viahttp": "http"}
         assert (cfg.spool.dir / "inbox" / "nobody").is_dir()  # not a provider: left alone
         assert d.metrics.inbox_ignored._value.get() == 1
 

@@ -93,7 +93,7 @@ class Intake:
             ctx.spool.sync_claims()  # durable before recorded (adopt_orphans covers a crash)
             given = await ctx.store.create_jobs(
                 [
-                    NewJob(c.job_id, c.name, c.rel_path, "inbox", provider=c.provider)
+                    NewJob(c.job_id, c.name, c.rel_path, _source(c), provider=c.provider)
                     for c in claims
                 ],
                 ctx.spool.dir_taken,
@@ -126,7 +126,7 @@ async def adopt_orphans(ctx: Context) -> int:
         except KeyError:
             path.unlink(missing_ok=True)
     names = await ctx.store.create_jobs(
-        [NewJob(c.job_id, c.name, c.rel_path, "inbox", provider=c.provider) for c in orphans],
+        [NewJob(c.job_id, c.name, c.rel_path, _source(c), provider=c.provider) for c in orphans],
         ctx.spool.dir_taken,
     )
     for job_id, name in names.items():
@@ -190,3 +190,9 @@ async def run(ctx: Context) -> None:
         if fallback:
             fallback.cancel()
             await asyncio.gather(fallback, return_exceptions=True)
+
+
+def _source(c: Claimed) -> str:
+    """A job's source (`[budget.sources]`, `batchd jobs --cost`): `inbox`, or
+    `inbox/NAME` for a file dropped into the subdirectory of provider NAME."""
+    return f"inbox/{c.provider}" if c.provider else "inbox"

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from batchd import logs, sdnotify
+from batchd import logs, sdnotify, sources
 from batchd.api import BatchApi
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
@@ -81,6 +81,8 @@ class Daemon:
             if ctx.claiming or ctx.spool.waiting():
                 continue
             if not await ctx.store.live_count() and not ctx.claiming:
+                if not await sources.idle(ctx):  # still reading, or outcomes to publish
+                    continue
                 self.stop_event.set()
                 return
 
@@ -266,6 +268,8 @@ class Daemon:
             ):
                 ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)
                 ctx.outcomes = self.outcomes
+                if self.once:  # before any stage runs: the idle check waits for them
+                    ctx.sources_draining.update(cfg.sources)
                 if key is None:
                     await ctx.hold.block(ctx, reason="api_key", message=health.no_key_message(ctx))
                 else:
@@ -287,7 +291,8 @@ class Daemon:
             if self.listen is not None or not self.serve_http:
                 self.log.info("stopped")
         held = self.ctx is not None and self.ctx.hold.blocked
-        self.exit_code = 1 if self.once and (self.outcomes["failed"] or held) else 0
+        gave_up = self.ctx is not None and bool(self.ctx.sources_failed)
+        self.exit_code = 1 if self.once and (self.outcomes["failed"] or held or gave_up) else 0
         return self.exit_code
 
     async def _run_stages(self, ctx: Context) -> None:
@@ -301,6 +306,10 @@ class Daemon:
                     ("collect", collect.run),
                     ("retention", retention.run),
                     ("health", health.run),
+                    *(
+                        (f"source:{name}", sources.stage(scfg, self.once))
+                        for name, scfg in self.cfg.sources.items()
+                    ),
                 )
             ]
             side = [

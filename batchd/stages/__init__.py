@@ -69,6 +69,12 @@ class Context:
     admission_version: int = 0
     # Jobs ended while this process ran, by final state (`run --once` exit code).
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Queue sources (batchd/sources/): each source stage's wake event by name (set when
+    # a job of the source ends); in `run --once` the sources still reading, and those
+    # given up (their broker stayed unreachable).
+    wake_sources: dict[str, asyncio.Event] = field(default_factory=dict)
+    sources_draining: set[str] = field(default_factory=set)
+    sources_failed: set[str] = field(default_factory=set)
 
     def wake_all(self) -> None:
         """Wake every stage (the API is back, another process changed the store, …)."""
@@ -78,6 +84,7 @@ class Context:
             self.wake_collect,
             self.wake_retention,
             self.wake_intake,
+            *self.wake_sources.values(),
         ):
             e.set()
 

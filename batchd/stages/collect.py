@@ -101,6 +101,8 @@ async def publish(
             shutil.rmtree(spool.processing / extra, ignore_errors=True)
         detail = {"result_dir": job.result_dir, **(summary or {})}
         job = await store.transition(job.id, new_state, str(new_state), detail)
+    if (wake_source := ctx.wake_sources.get(job.source)) is not None:
+        wake_source.set()  # its outcome is to be published
     ctx.metrics.jobs_finished.labels(new_state.value).inc()
     ctx.outcomes[new_state.value] += 1
     log = ctx.log.warning if new_state == JobState.FAILED else ctx.log.info

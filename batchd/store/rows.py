@@ -43,6 +43,8 @@ class Job:
     allow_duplicate: bool = False
     results_deleted_at: float | None = None
     input_fp: str | None = None  # the input's fingerprint when it was validated
+    source_msg: str | None = None  # a queue source's message id (sources/)
+    announced_at: float | None = None  # when its outcome was published to the source
 
     @property
     def ended(self) -> bool:

@@ -276,7 +276,17 @@ class BudgetConfig:
 SOURCE_KINDS = ("redis_stream", "amqp")
 # Job sources batchd names itself: a queue source may not take one of these names.
 RESERVED_SOURCES = frozenset({"inbox", "http", "retry"})
-SOURCE_PROVIDERS = ("openai", "azure", "anthropic", "google", "mistral", "groq", "together")
+# Price-list providers (batchd/prices.py) a source's jobs may be priced as.
+SOURCE_PROVIDERS = (
+    "openai",
+    "azure",
+    "anthropic",
+    "google",
+    "mistral",
+    "fireworks",
+    "groq",
+    "together",
+)
 
 
 @dataclass(frozen=True)

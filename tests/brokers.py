@@ -1,6 +1,7 @@
 """Real brokers for the queue-source tests: Debian's redis-server and rabbitmq-server,
 each started once per session on free loopback ports with its data in a temp dir (never
 the system service). `.ci/run` installs both; locally a missing one skips its tests.
+bench/sources.py starts them the same way.
 
 Tests share a server and use names of their own (a stream, a queue) per test. A test
 may stop and start a server (a broker restart mid-run): its data dir stays, so what
@@ -21,11 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import skip_without
-from tests.daemon_http import free_port
-
 RABBIT_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script the unit runs
 RABBIT_START_SECONDS = 180.0  # its boot takes 10-20 s on a busy 2-core machine
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
@@ -171,6 +176,8 @@ class RabbitServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One redis-server for the session."""
+    from tests.conftest import skip_without
+
     srv = RedisServer(skip_without("redis-server"), tmp_path_factory.mktemp("redis"))
     srv.start()
     try:
@@ -182,6 +189,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
     """One rabbitmq-server for the session (its start takes seconds)."""
+    from tests.conftest import skip_without
+
     skip_without("rabbitmq-server")
     skip_without("epmd")
     if not os.access(RABBIT_SERVER, os.X_OK):

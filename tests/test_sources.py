@@ -247,3 +247,52 @@ def test_error_summary_keeps_the_first_errors() -> None:
     s = error_summary(reason)
     assert s is not None and s["message"] == "e0" and len(s["errors"]) == 5
     assert error_summary(None) is None
+
+
+# --- recording a read (no broker: the messages are made here) -----------------------------
+
+
+async def test_record_makes_one_job_per_message_and_recognises_it_again(tmp_path: Path) -> None:
+    from batchd import logs
+    from batchd.metrics import Metrics
+    from batchd.sources.base import record
+    from batchd.stages import Context
+
+    cfg = config.parse(
+        {
+            "spool": {"dir": str(tmp_path / "spool")},
+            "sources": {"s": {"kind": "amqp", "url": "amqp://h/", "queue": "q", "results": "r"}},
+        },
+        tmp_path,
+        env={},
+    )
+    spool = Spool(cfg.spool.dir)
+    spool.ensure()
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    a = Message("a", {"name": b"a", "jsonl": b'{"x":1}\n', "metadata": b'{"k":"v"}'})
+    twin = Message("a", dict(a.fields))
+    msgs = [
+        a,
+        twin,
+        Message("b", {"name": b"b"}),
+        Message("c", {"path": str(tmp_path / "missing.jsonl").encode()}),
+        Message("d", {"path": str(tmp_path / "bad.jsonl.gz").encode()}),
+    ]
+    async with Store.connect(cfg.state.database) as store:
+        ctx = Context(cfg, store, spool, None, Metrics(), logs.get("t"))  # type: ignore[arg-type]
+        recs = await record(ctx, cfg.sources["s"], msgs)
+        assert [r.known for r in recs] == [False, True, False, False, False]
+        assert recs[0].job_id == recs[1].job_id and recs[0].name == "a"
+        assert [r.reason["code"] if r.reason else None for r in recs[2:]] == [
+            "missing_content",
+            "unreadable_path",
+            "invalid_compression",
+        ]
+        job = await store.job(recs[0].job_id)
+        assert spool.path(job.input_path).read_bytes() == b'{"x":1}\n'
+        assert job.input_path.endswith(".jsonl.part") and job.source_msg == "a"
+        assert (spool.processing / f"{job.id}.d" / "metadata.json").exists()
+        again = await record(ctx, cfg.sources["s"], [Message("a", {}), Message("c", {})])
+        assert all(r.known for r in again) and again[0].job_id == job.id
+        assert again[1].invalid  # a known invalid message is dead-lettered again
+        assert len(await store.list_jobs()) == 4

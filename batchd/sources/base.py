@@ -17,6 +17,7 @@ read's messages (`record`):
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import sqlite3
@@ -35,6 +36,7 @@ from batchd.store import Job, NewJob
 
 if TYPE_CHECKING:
     from batchd.config import SourceConfig
+    from batchd.spool import Spool
     from batchd.stages import Context
 
 INVALID = "invalid_message"  # the reason of a job made from an invalid message
@@ -262,13 +264,12 @@ class _Plan:
     files: list[Path] = field(default_factory=list)
 
 
-async def _prepare(ctx: Context, scfg: SourceConfig, msg: Message) -> _Plan:
-    """Write a new message's input (and metadata) into the spool; decide its job."""
-    import asyncio
-
-    spool = ctx.spool
+def _prepare(spool: Spool, scfg: SourceConfig, fixed: Mapping[str, str], msg: Message) -> _Plan:
+    """Write a new message's input (and metadata) into the spool, fsynced; decide its job.
+    Blocking: the messages of a read are prepared in threads at once (their fsyncs
+    overlap: ~0.5 ms a file instead of ~2.5 ms one after another)."""
     job_id = str(ULID())
-    taken = parse(msg, scfg.name, ctx.cfg.batch.metadata, scfg.path_root)
+    taken = parse(msg, scfg.name, fixed, scfg.path_root)
     stem = taken.name
     rel = f"processing/{job_id}--{stem}.jsonl.part"
     dest = spool.path(rel)
@@ -276,9 +277,7 @@ async def _prepare(ctx: Context, scfg: SourceConfig, msg: Message) -> _Plan:
     if isinstance(taken, Take):
         try:
             if taken.path is not None:
-                await asyncio.to_thread(_copy, taken.path, dest)
-            elif taken.jsonl is not None and len(taken.jsonl) > _CHUNK:
-                await asyncio.to_thread(_write_bytes, dest, taken.jsonl)
+                _copy(taken.path, dest)
             else:
                 _write_bytes(dest, taken.jsonl or b"")
         except ValueError as e:
@@ -291,8 +290,8 @@ async def _prepare(ctx: Context, scfg: SourceConfig, msg: Message) -> _Plan:
             taken = Invalid(stem, "unreadable_path", f"{taken.path}: {e.strerror or e}")
         else:
             if taken.metadata:
-                jobmeta.write(spool, job_id, taken.metadata)
                 files.append(spool.processing / f"{job_id}.d")
+                jobmeta.write(spool, job_id, taken.metadata)
     elif (content := msg.fields.get("jsonl")) is not None:
         _write_bytes(dest, content)  # kept as failed/NAME/input.jsonl for whoever looks
     reason = invalid_reason(taken, scfg.name, msg.id) if isinstance(taken, Invalid) else None
@@ -314,28 +313,38 @@ async def record(ctx: Context, scfg: SourceConfig, msgs: list[Message]) -> list[
     """Record the jobs of one read (see the module docstring); when this returns, every
     message's job is durable and the messages may be acknowledged."""
     store = ctx.store
-    out: list[Recorded] = []
-    plans: list[_Plan] = []
-    first: dict[str, Recorded] = {}
-    try:
-        for msg in msgs:
-            if msg.id in first:  # the same message twice in one read (content-hash ids)
-                out.append(Recorded(msg, first[msg.id].job_id, known=True))
-                continue
-            job = await store.job_by_source_msg(scfg.name, msg.id)
-            if job is not None:
-                out.append(_known(msg, job))
-                continue
-            plan = await _prepare(ctx, scfg, msg)
-            plans.append(plan)
-            first[msg.id] = plan.rec
-            out.append(plan.rec)
-    except BaseException:
+    out: list[Recorded | Message] = []
+    first: set[str] = set()
+    for msg in msgs:
+        if msg.id in first:  # the same message twice in one read (content-hash ids)
+            out.append(Recorded(msg, "", known=True))
+            continue
+        job = await store.job_by_source_msg(scfg.name, msg.id)
+        if job is not None:
+            out.append(_known(msg, job))
+            continue
+        first.add(msg.id)
+        out.append(msg)
+    fixed = ctx.cfg.batch.metadata
+    todo = [m for m in out if isinstance(m, Message)]
+    done = await asyncio.gather(
+        *(asyncio.to_thread(_prepare, ctx.spool, scfg, fixed, m) for m in todo),
+        return_exceptions=True,
+    )
+    plans = [p for p in done if isinstance(p, _Plan)]
+    failed = [e for e in done if isinstance(e, BaseException)]
+    if failed:
         for plan in plans:
             _discard(plan)
-        raise
+        raise failed[0]
+    by_msg = {id(p.rec.msg): p.rec for p in plans}
+    recs = [by_msg[id(m)] if isinstance(m, Message) else m for m in out]
+    for rec in recs:  # a duplicate within the read points at the first one's job
+        if rec.known and not rec.job_id:
+            twin = next(p.rec for p in plans if p.rec.msg.id == rec.msg.id)
+            rec.job_id = twin.job_id
     if not plans:
-        return out
+        return recs
     fsync_dir(ctx.spool.processing)  # the inputs' names are durable before their records
     # Files are removed only when their job is known not to be recorded: after anything
     # else (a cancellation may land after a commit) a .part of an unrecorded job is
@@ -356,11 +365,8 @@ async def record(ctx: Context, scfg: SourceConfig, msgs: list[Message]) -> list[
                     raise
                 plan.rec.job_id, plan.rec.name = job.id, job.name
                 plan.rec.known, plan.rec.reason = True, job.reason
-    for plan in plans:
-        plan.rec.name = names.get(plan.rec.job_id, plan.rec.name)
-    for rec in out:  # duplicates within the read point at the first one's job
-        if not rec.name and rec.job_id in names:
-            rec.name = names[rec.job_id]
+    for rec in recs:
+        rec.name = names.get(rec.job_id, rec.name)
     await store.durable()
     ctx.wake_submit.set()
-    return out
+    return recs

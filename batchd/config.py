@@ -902,6 +902,12 @@ def _source(name: str, t: Any, base: Path) -> SourceConfig:
         path_root=root,
     )
     cfg.password()  # unreadable or empty: a config error now, not a broker error later
+    # An outcome or a dead letter read back as a job would make another, for ever.
+    for key, value in (("results", cfg.results), ("dead_letter", cfg.dead_letter_name)):
+        if value == (cfg.stream or cfg.queue):
+            raise ConfigError(f"[{s}] {key}: must differ from the {where} jobs are read from")
+    if cfg.results == cfg.dead_letter_name:
+        raise ConfigError(f"[{s}] dead_letter: must differ from results")
     return cfg
 
 

@@ -134,6 +134,11 @@ def test_source_config_defaults(tmp_path: Path) -> None:
             'kind = "redis_stream"\nurl = "redis://h"\nstream = "s"\nresults = "r"\nprovider = "x"',
             r"\[sources.s\] provider",
         ),
+        ('kind = "redis_stream"\nurl = "redis://h"\nstream = "s"\nresults = "s"', "results: must"),
+        (
+            'kind = "amqp"\nurl = "amqp://h"\nqueue = "q"\nresults = "r"\ndead_letter = "q"',
+            r"\[sources.s\] dead_letter: must differ",
+        ),
         (
             'kind = "redis_stream"\nurl = "redis://h"\nstream = "s"\nresults = "r"\nnope = 1',
             r"\[sources.s\] nope: unknown key",

@@ -233,3 +233,19 @@ async def test_two_daemons_share_the_queue_without_doing_a_job_twice(
     assert ja and jb, "both daemons took some of the work"
     assert sorted(j["source_msg"] for j in ja + jb) == sorted(f"m-{i}" for i in range(n))
     assert emulator.state.batches_created == n
+
+
+async def test_a_refused_login_fails_check_without_showing_the_password(
+    tmp_path: Path, emulator: Emulator, rabbit_server: RabbitServer
+) -> None:
+    (tmp_path / "pw").write_text("wrong-SECRET\n")
+    extra = (
+        f'[sources.nightly]\nkind = "amqp"\nurl = "amqp://guest@127.0.0.1:{rabbit_server.port}/"\n'
+        'queue = "q"\nresults = "r"\npassword_file = "pw"\n'
+    )
+    conf = config_file(tmp_path, emulator.url, extra=extra)
+    check = await asyncio.to_thread(run_cli, "check", "-c", str(conf))
+    assert check.returncode == 1
+    [line] = [ln for ln in check.stdout.splitlines() if "source nightly" in ln]
+    assert line.startswith("FAIL"), line
+    assert "wrong-SECRET" not in check.stdout + check.stderr

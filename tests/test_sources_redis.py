@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from batchd.config import Config
 from batchd.states import JobState
 from batchd.store import Store
-from tests.brokers import RedisServer, unique
+from tests.brokers import RedisServer, free_port, unique
 from tests.conftest import Emulator, chat_lines, config_file, make_config, run_cli, run_once
 from tests.procs import daemon, wait_for
 from tests.sources_helpers import crash_daemon, db_jobs, metric
@@ -284,3 +284,22 @@ async def test_check_says_reachable_and_creates_nothing(
     await r.xadd(stream, {"name": "x", "jsonl": chat_lines(1)})
     proc = await asyncio.to_thread(run_cli, "check", "-c", str(conf))
     assert "group 'batchd': 0 pending, 1 not yet read" in proc.stdout, proc.stdout
+
+
+async def test_an_unreachable_broker_is_given_up_by_run_once_and_no_password_shows(
+    tmp_path: Path, emulator: Emulator
+) -> None:
+    secret = "hunter2-SECRET"
+    url = f"redis://:{secret}@127.0.0.1:{free_port()}/0"  # nothing listens there
+    extra = (
+        f'[sources.nightly]\nkind = "redis_stream"\nurl = "{url}"\nstream = "s"\nresults = "r"\n'
+    )
+    conf = config_file(tmp_path, emulator.url, extra=extra)
+    check = await asyncio.to_thread(run_cli, "check", "-c", str(conf))
+    assert check.returncode == 1
+    [line] = [ln for ln in check.stdout.splitlines() if "source nightly" in ln]
+    assert line.startswith("FAIL") and ":***@" in line, line
+    run = await asyncio.to_thread(run_cli, "run", "-c", str(conf), "--once")
+    assert run.returncode == 1 and '"source_given_up"' in run.stderr, run.stderr
+    for text in (check.stdout, check.stderr, run.stdout, run.stderr):
+        assert secret not in text

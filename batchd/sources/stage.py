@@ -73,6 +73,7 @@ class SourceStage:
         failures = 0
         try:
             while not ctx.stopping:
+                served_from = time.monotonic()
                 try:
                     await self.broker.connect()
                     self.m_up.set(1)
@@ -82,10 +83,13 @@ class SourceStage:
                         kind=self.cfg.kind,
                         url=redact_url(self.cfg.url),
                     )
-                    failures = 0
                     await self._serve()
                 except Unavailable as e:
                     self.m_up.set(0)
+                    # A connection that served a while starts the backoff over; one that
+                    # fails at once (a broker refusing every read) keeps doubling it.
+                    if time.monotonic() - served_from > MAX_BACKOFF:
+                        failures = 0
                     failures += 1
                     delay = backoff(failures)
                     ctx.log.warning(

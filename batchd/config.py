@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import math
 import os
 import re
-import ssl
 import time
 import tomllib
 from collections.abc import Mapping
@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from batchd.jobmeta import API_MAX_PAIRS, BATCHD_PAIRS
 
@@ -243,6 +242,10 @@ class EstimateConfig:
 
     output_ratio: float = 0.0
     default_max_output_tokens: int = 16_384
+    # Tokenize a sample of each job's lines (bpe-openai, the `tokens` extra) instead of
+    # UTF-8 bytes / 4 alone: closer input counts, but each encoding loaded costs the
+    # process ~70-100 MB of memory and ~1 s at first use, so it is off by default.
+    tokenizer: bool = False
 
 
 NANOS_PER_USD = 1_000_000_000
@@ -328,6 +331,63 @@ class SourceConfig:
         return f"[sources.{self.name}] {key}"
 
 
+TENANT_NAME_RE = r"[A-Za-z0-9_-]{1,64}"
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One [facade.tenants.NAME]: the tenant's API key (a file, or its SHA-256), and where
+    its batch events are posted (optional)."""
+
+    name: str
+    key_file: Path | None = None
+    key_sha256: str | None = None  # hex digest of the key (the key itself is never stored)
+    webhook_url: str | None = None
+    webhook_secret_file: Path | None = None
+    webhook_secret: str | None = field(default=None, repr=False)  # prefer webhook_secret_file
+
+    def key_digest(self) -> bytes:
+        """SHA-256 of the tenant's API key (reads `key_file`); raises ConfigError."""
+        where = f"[facade.tenants.{self.name}]"
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        assert self.key_file is not None
+        key = _read_secret(self.key_file, f"{where} key_file", "", {})
+        assert key is not None
+        return hashlib.sha256(key.encode()).digest()
+
+    def webhook_key(self) -> bytes | None:
+        """The HMAC key of the tenant's webhook secret (`whsec_<base64>`), or None."""
+        where = f"[facade.tenants.{self.name}]"
+        if self.webhook_secret_file is not None:
+            text = _read_secret(self.webhook_secret_file, f"{where} webhook_secret_file", "", {})
+        else:
+            text = self.webhook_secret
+        if text is None:
+            return None
+        b64 = text.removeprefix("whsec_")
+        try:
+            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where} webhook secret: expected whsec_<base64>") from None
+        if not raw:
+            raise ConfigError(f"{where} webhook secret: empty")
+        return raw
+
+
+@dataclass(frozen=True)
+class FacadeConfig:
+    """[facade]: the OpenAI-compatible Files/Batches API, served on [http] listen as soon as
+    one tenant is configured."""
+
+    tenants: Mapping[str, TenantConfig] = field(default_factory=dict)
+    # An identical create (same input file, endpoint, window, metadata) within this long
+    # returns the batch already made: the SDK retries a create on timeouts and 5xx.
+    dedupe_window_seconds: float = 600.0
+    max_file_bytes: int = 512 * 1024 * 1024  # one POST /v1/files (OpenAI's cap)
+    max_upload_bytes: int = 8 * 1024 * 1024 * 1024  # one Uploads API upload (OpenAI's cap)
+
+
 @dataclass(frozen=True)
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -349,6 +409,7 @@ class Config:
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     sources: Mapping[str, SourceConfig] = field(default_factory=dict)
+    facade: FacadeConfig = field(default_factory=FacadeConfig)
     source: Path | None = None
 
 
@@ -393,7 +454,7 @@ _SECTIONS = {
     "retention": {"delete_remote_files", "jobs_days", "results_days"},
     "daemon": {"shutdown_grace_seconds"},
     "prices": set(),  # keys are model names (see _FREE_KEYS)
-    "estimate": {"output_ratio", "default_max_output_tokens"},
+    "estimate": {"output_ratio", "default_max_output_tokens", "tokenizer"},
     "budget": {"timezone", "unknown_price", "daily_usd", "monthly_usd", "models", "sources"},
     # Keys of each [sources.NAME] table (the section's own keys are source names).
     "sources": {
@@ -413,6 +474,7 @@ _SECTIONS = {
         "password_file",
         "path_root",
     },
+    "facade": {"tenants", "dedupe_window", "max_file_bytes", "max_upload_bytes"},
 }
 # Keys SIGHUP applies to a running daemon; any other change needs a restart.
 RELOADABLE = frozenset(
@@ -430,12 +492,24 @@ RELOADABLE = frozenset(
         "retention.results_days",
         "admission.token_budgets",
         "webhooks.poll_interval_seconds",
+        # cost: prices, estimates and budgets apply to the next decision
+        "admission.request_limits",
+        "prices",
+        "estimate.output_ratio",
+        "estimate.default_max_output_tokens",
+        "estimate.tokenizer",
+        "budget.timezone",
+        "budget.unknown_price",
+        "budget.total",
+        "budget.models",
+        "budget.sources",
     }
 )
 # Sections whose keys are names chosen by the user; their parsers check the inner tables.
 _FREE_KEYS = {"prices", "sources"}
 _PRICE_KEYS = {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "batch", "same_as"}
 _LIMIT_KEYS = {"daily_usd", "monthly_usd"}
+_TENANT_KEYS = {"key_file", "key_sha256", "webhook_url", "webhook_secret_file", "webhook_secret"}
 
 
 def _get(table: Mapping[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
@@ -529,6 +603,10 @@ def _tls_and_proxy(t: Mapping[str, Any], base: Path) -> dict[str, Any]:
 
 def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
     """Load the CA and client certificate once, so a bad file stops start-up by name."""
+    if ca is None and cert is None:
+        return
+    import ssl  # only when TLS files are configured: the CLI starts quicker without it
+
     ctx = ssl.create_default_context()
     if ca is not None:
         try:
@@ -717,6 +795,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         a, b = getattr(old, f.name), getattr(new, f.name)
         if f.name == "sources" and a != b:
             out += [f"sources.{n}" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+        if a != b and f.name == "prices":  # a table of models, named as a whole
+            out.append(f.name)
         if not dataclasses.is_dataclass(a) or a == b:
             continue
         for g in dataclasses.fields(a):
@@ -725,7 +805,10 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return out
 
 
-_KEY_NAMES = {"duplicate_window_seconds": "duplicate_window"}
+_KEY_NAMES = {
+    "duplicate_window_seconds": "duplicate_window",
+    "dedupe_window_seconds": "dedupe_window",
+}
 
 
 def _usd(key: str, value: Any, per: str = "") -> Decimal:
@@ -787,6 +870,7 @@ def _estimate(t: Mapping[str, Any]) -> EstimateConfig:
     return EstimateConfig(
         output_ratio=ratio,
         default_max_output_tokens=_int(t, s, "default_max_output_tokens", 16_384, 1, 10_000_000),
+        tokenizer=_get(t, s, "tokenizer", bool, False),
     )
 
 
@@ -809,6 +893,8 @@ def _limit(key: str, t: Any, check_keys: bool = True) -> Limit:
 def _budget(t: Mapping[str, Any]) -> BudgetConfig:
     s = "budget"
     tz = _get(t, s, "timezone", str, "UTC")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
@@ -934,12 +1020,62 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         estimate=_estimate(data.get("estimate", {})),
         budget=_budget(data.get("budget", {})),
         sources=_sources(data.get("sources", {}), base),
+        facade=_facade(data.get("facade", {}), base),
         **_pieces(data),
         **_sections(data),
     )
 
 
 _SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _tenant(name: str, t: Any, base: Path) -> TenantConfig:
+    where = f"[facade.tenants.{name}]"
+    if not re.fullmatch(TENANT_NAME_RE, name):
+        raise ConfigError(f"{where}: a tenant name is 1..64 of A-Z a-z 0-9 _ -")
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where}: must be a table")
+    for key in t:
+        if key not in _TENANT_KEYS:
+            known = ", ".join(sorted(_TENANT_KEYS))
+            raise ConfigError(f"{where} {key}: unknown key (known: {known})")
+    key_file = _path(base, _get(t, f"facade.tenants.{name}", "key_file", str, None))
+    digest = _get(t, f"facade.tenants.{name}", "key_sha256", str, None)
+    if (key_file is None) == (digest is None):
+        raise ConfigError(f"{where}: exactly one of key_file or key_sha256")
+    if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise ConfigError(f"{where} key_sha256: 64 hex digits (sha256sum of the key)")
+    url = _get(t, f"facade.tenants.{name}", "webhook_url", str, None)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where} webhook_url: must start with http:// or https://")
+    secret_file = _path(base, _get(t, f"facade.tenants.{name}", "webhook_secret_file", str, None))
+    secret = _get(t, f"facade.tenants.{name}", "webhook_secret", str, None)
+    if secret_file is not None and secret is not None:
+        raise ConfigError(f"{where}: webhook_secret_file or webhook_secret, not both")
+    if url is None and (secret_file is not None or secret is not None):
+        raise ConfigError(f"{where}: a webhook secret without webhook_url")
+    if url is not None and secret_file is None and secret is None:
+        raise ConfigError(f"{where}: webhook_url needs webhook_secret_file (whsec_...)")
+    return TenantConfig(
+        name=name,
+        key_file=key_file,
+        key_sha256=digest.lower() if digest else None,
+        webhook_url=url,
+        webhook_secret_file=secret_file,
+        webhook_secret=secret,
+    )
+
+
+def _facade(t: Mapping[str, Any], base: Path) -> FacadeConfig:
+    tenants = _get(t, "facade", "tenants", dict, {})
+    max_file = _get(t, "facade", "max_file_bytes", int, FacadeConfig.max_file_bytes)
+    max_upload = _get(t, "facade", "max_upload_bytes", int, FacadeConfig.max_upload_bytes)
+    return FacadeConfig(
+        tenants={name: _tenant(name, v, base) for name, v in tenants.items()},
+        dedupe_window_seconds=_duration(t, "facade", "dedupe_window", 600.0),
+        max_file_bytes=int(_positive("facade", "max_file_bytes", max_file)),
+        max_upload_bytes=int(_positive("facade", "max_upload_bytes", max_upload)),
+    )
 
 
 def parse_since(text: str, now: float | None = None) -> float:

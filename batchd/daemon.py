@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from batchd import logs, sdnotify, sources
+from batchd import facade, logs, sdnotify, sources
 from batchd.api import BatchApi
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
@@ -55,6 +55,7 @@ class Daemon:
         self.outcomes: Counter[str] = Counter()  # jobs ended while this daemon ran
         self.listen: str | None = None  # the address actually bound
         self.exit_code: int | None = None
+        self.facade: facade.Facade | None = None  # the OpenAI-compatible API, with tenants
 
     async def _refresh_gauges(self) -> None:
         ctx = self.ctx
@@ -66,10 +67,12 @@ class Daemon:
         oldest = await ctx.store.oldest_live_created_at()
         self.metrics.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
         self.metrics.inbox_files.set(len(ctx.spool.waiting()))
+        self.metrics.budget_waiting.set(await ctx.store.budget_waiting_count())
 
     async def _idle_watch(self, ctx: Context) -> None:
-        """In --once mode: stop when the inbox is empty and every job has ended, or when
-        the API refuses access (nothing could get further; the jobs wait)."""
+        """In --once mode: stop when the inbox is empty, every job has ended and the
+        provider's copies due for deletion are gone, or when the API refuses access
+        (nothing could get further; the jobs wait)."""
         while True:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
             if ctx.hold.blocked:
@@ -80,9 +83,13 @@ class Daemon:
                 return
             if ctx.claiming or ctx.spool.waiting():
                 continue
-            if not await ctx.store.live_count() and not ctx.claiming:
-                if not await sources.idle(ctx):  # still reading, or outcomes to publish
-                    continue
+            if await ctx.store.live_count() or ctx.claiming:
+                continue
+            if not await sources.idle(ctx):  # still reading, or outcomes to publish
+                continue
+            # The provider's copies due for deletion now go too (not those backing off).
+            due = await ctx.store.next_remote_file_at()
+            if due is None or due > self.clock():
                 self.stop_event.set()
                 return
 
@@ -121,6 +128,14 @@ class Daemon:
                     exc_info=True,
                 )
                 await asyncio.sleep(delay)
+
+    async def _warm_prices(self, ctx: Context) -> None:
+        """Load the price database off the event loop at start-up (~1 s), so the first
+        job's estimate does not stall the loop while it loads."""
+        try:
+            await asyncio.to_thread(ctx.prices.warm)
+        except Exception as e:  # prices then load (or fail: "unknown") at first use
+            self.log.warning("prices_unavailable", error=f"{type(e).__name__}: {e}")
 
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog from the event loop, so a hung loop gets restarted."""
@@ -171,7 +186,9 @@ class Daemon:
             ctx.cfg.api, api_key_env=new.api.api_key_env, api_key_file=new.api.api_key_file
         )
         admission = dataclasses.replace(
-            ctx.cfg.admission, token_budgets=new.admission.token_budgets
+            ctx.cfg.admission,
+            token_budgets=new.admission.token_budgets,
+            request_limits=new.admission.request_limits,
         )
         webhooks = dataclasses.replace(
             ctx.cfg.webhooks, poll_interval_seconds=new.webhooks.poll_interval_seconds
@@ -185,7 +202,11 @@ class Daemon:
             retention=new.retention,
             admission=admission,
             webhooks=webhooks,
+            prices=new.prices,
+            estimate=new.estimate,
+            budget=new.budget,
         )
+        ctx.reprice()
         logs.setup(new.log.level, new.log.format)
         try:
             ctx.api.set_key(ctx.cfg.api.api_key())
@@ -219,7 +240,7 @@ class Daemon:
 
     async def _serve(self, ctx: Context, token: str | None, secret: bytes | None) -> web.AppRunner:
         cfg = self.cfg
-        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret)
+        app = create_app(self.metrics, self._refresh_gauges, ctx, token, secret, self.facade)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
@@ -254,6 +275,7 @@ class Daemon:
         # Read secrets before touching anything: a bad one is a config error (exit 2).
         token = cfg.http.token() if self.serve_http else None
         webhook_secret = cfg.webhooks.secret() if self.serve_http else None
+        tenants = facade.load(cfg.facade) if self.serve_http and cfg.facade.tenants else None
         try:
             key = cfg.api.api_key()
         except OSError as e:
@@ -277,6 +299,9 @@ class Daemon:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.request_stop)
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
+                if tenants:
+                    self.facade = facade.Facade(ctx, tenants)
+                    await self.facade.start()  # before the stages: a create cut off by a crash
                 if self.serve_http:
                     runner = await self._serve(ctx, token, webhook_secret)
                 sdnotify.ready()
@@ -296,26 +321,29 @@ class Daemon:
         return self.exit_code
 
     async def _run_stages(self, ctx: Context) -> None:
+        named: list[tuple[str, Callable[[Context], Awaitable[None]]]] = [
+            ("intake", intake.run),
+            ("submit", submit.run),
+            ("track", track.run),
+            ("collect", collect.run),
+            ("retention", retention.run),
+            ("health", health.run),
+        ]
+        if self.facade is not None:
+            named.append(("facade", self.facade.run))
+        named += [
+            (f"source:{name}", sources.stage(scfg, self.once))
+            for name, scfg in self.cfg.sources.items()
+        ]
         async with asyncio.TaskGroup() as tg:
             stages = [
-                tg.create_task(self._supervised(name, fn, ctx), name=name)
-                for name, fn in (
-                    ("intake", intake.run),
-                    ("submit", submit.run),
-                    ("track", track.run),
-                    ("collect", collect.run),
-                    ("retention", retention.run),
-                    ("health", health.run),
-                    *(
-                        (f"source:{name}", sources.stage(scfg, self.once))
-                        for name, scfg in self.cfg.sources.items()
-                    ),
-                )
+                tg.create_task(self._supervised(name, fn, ctx), name=name) for name, fn in named
             ]
             side = [
                 tg.create_task(self._watchdog(), name="watchdog"),
                 tg.create_task(self._status(ctx), name="status"),
                 tg.create_task(self._watch_store(ctx), name="store-watch"),
+                tg.create_task(self._warm_prices(ctx), name="prices"),
             ]
             if self.once:
                 side.append(tg.create_task(self._idle_watch(ctx), name="idle"))

@@ -85,6 +85,7 @@ class Metrics:
             "transient",
             "create_unknown",
             "token_limit",
+            "request_limit",
             "expired",
             "request_failed",
             "short_download",
@@ -221,5 +222,65 @@ class Metrics:
             "batchd_source_outcomes_published",
             "Job outcomes published to the source's results",
             ["source"],
+            registry=r,
+        )
+        # The OpenAI-compatible facade (batchd/facade/); its batches are jobs as well.
+        self.facade_batches_ended = Counter(
+            "batchd_facade_batches_ended",
+            "Facade batches that reached a final status, by status",
+            ["status"],
+            registry=r,
+        )
+        for end in ("completed", "failed", "expired", "cancelled"):
+            self.facade_batches_ended.labels(end)
+        self.facade_deduplicated = Counter(
+            "batchd_facade_deduplicated_creates",
+            "Batch creates answered with the batch an identical create already made",
+            registry=r,
+        )
+        self.facade_webhooks = Counter(
+            "batchd_facade_webhooks",
+            "Webhook deliveries to tenants, by outcome (delivered, failed, dropped)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("delivered", "failed", "dropped"):
+            self.facade_webhooks.labels(outcome)
+        # --- cost ---------------------------------------------------------------------
+        self.cost = Counter(
+            "batchd_cost_usd",
+            "Money in USD by provider, model and job source: kind=estimated is the high "
+            "estimate of each job when it is admitted, kind=actual what its results billed",
+            ["provider", "model", "source", "kind"],
+            registry=r,
+        )
+        self.cost_unpriced = Counter(
+            "batchd_cost_unpriced_requests",
+            "Billed requests whose cost is unknown (a model without a price)",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.estimate_ratio = Histogram(
+            "batchd_cost_estimate_ratio",
+            "Per finished job: actual cost / high estimate (above 1: the estimate was low)",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.5, 2.0, 5.0),
+            registry=r,
+        )
+        self.budget_waiting = Gauge(
+            "batchd_budget_waiting_jobs",
+            "Jobs whose high estimate does not fit what is left of a [budget] limit; they "
+            "wait (nothing of them is submitted) for the period to roll over or a raise",
+            registry=r,
+        )
+        self.request_limit = Gauge(
+            "batchd_request_limit_requests",
+            "Enqueued-request limit per model (configured or learned from a refusal)",
+            ["model"],
+            registry=r,
+        )
+        self.enqueued_requests = Gauge(
+            "batchd_requests_enqueued",
+            "Requests of batches in flight, per model with an enqueued-request limit",
+            ["model"],
             registry=r,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -12,6 +13,9 @@ from batchd import logs, queue_api, webhooks
 from batchd.metrics import Metrics
 from batchd.queue_api import Problem
 from batchd.stages import Context
+
+if TYPE_CHECKING:
+    from batchd.facade import Facade
 
 READY = web.AppKey("ready", dict)
 _CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 417: "expectation_failed"}
@@ -50,10 +54,12 @@ def create_app(
     ctx: Context | None = None,
     token: str | None = None,
     webhook_secret: bytes | None = None,
+    facade: Facade | None = None,
 ) -> web.Application:
     """Build the app; `refresh` updates gauges computed from the store before a scrape.
 
-    /v1/jobs is mounted only with a `token`, /webhooks/openai only with a `webhook_secret`.
+    /v1/jobs is mounted only with a `token`, /webhooks/openai only with a `webhook_secret`,
+    the OpenAI-compatible /v1/files, /v1/uploads, /v1/batches only with a `facade`.
     """
     app = web.Application(middlewares=[errors_as_json])
     app[READY] = {"ready": False}
@@ -81,4 +87,6 @@ def create_app(
         queue_api.mount(app, ctx, token)
     if ctx is not None and webhook_secret:
         webhooks.mount(app, ctx, webhook_secret)
+    if facade is not None:
+        facade.mount(app)
     return app

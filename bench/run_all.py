@@ -26,6 +26,8 @@ BENCHMARKS = (
     "download",
     "estimate",
     "sources",  # needs redis-server (and rabbitmq-server at full size)
+    "facade",
+    "cost_accuracy",
 )
 
 

@@ -50,8 +50,8 @@ async def test_progress_shows_while_the_batch_runs(tmp_path: Path) -> None:
         await wait_for(lambda: asyncio.to_thread(progressed), 30, "progress in `jobs`")
         show = await asyncio.to_thread(run_cli, "show", "long", "-c", str(conf))
         assert "(so far)" in show.stdout and "in_progress" in show.stdout
-        gauge = d.metrics.requests_in_flight.labels("completed")._value.get()
-        assert gauge > 0
+        gauge = d.metrics.requests_in_flight.labels("completed")
+        await wait_for(lambda: gauge._value.get() > 0, 10, "the progress gauge")
         d.request_stop()
         await asyncio.wait_for(task, 20)
     finally:

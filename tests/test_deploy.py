@@ -40,6 +40,7 @@ ALERTS = {
     "BatchdTokenLimitRefusals",
     "BatchdOldJob",
     "BatchdSourceDown",
+    "BatchdBudgetWaiting",
 }
 MAX_EXPOSURE = 2.0
 

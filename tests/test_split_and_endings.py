@@ -174,7 +174,10 @@ async def test_token_limit_refusal_requeues_then_admission_respects_learned_limi
 
 
 async def test_cancel_collects_partial_results_then_retry(tmp_path: Path) -> None:
-    emu, runner = await start_emulator(time_scale=0.5)  # ~1.5 s in progress
+    # long enough in progress for a CLI started on a busy machine to cancel it
+    emu, runner = await start_emulator(
+        time_scale=1.0, validating_seconds=0.2, in_progress_seconds=8.0
+    )
     try:
         cfg = make_config(tmp_path, emu.url)
         conf = config_file(tmp_path, emu.url)

@@ -21,6 +21,7 @@ from typing import Any
 from batchd.api import AccessDenied, ApiError, BatchApi, InvalidRequest
 from batchd.config import Config
 from batchd.metrics import Metrics
+from batchd.prices import PriceBook, provider_for_base_url
 from batchd.spool import Spool
 from batchd.stages.health import Hold
 from batchd.states import JobState, desired_job_state
@@ -48,6 +49,7 @@ class Context:
     wake_collect: asyncio.Event = field(default_factory=asyncio.Event)
     wake_retention: asyncio.Event = field(default_factory=asyncio.Event)
     wake_intake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake_facade: asyncio.Event = field(default_factory=asyncio.Event)  # a job ended
     # Serialises result-dir naming and publishing so two jobs never pick one NAME.
     publish_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Serialises failing jobs: the stage that decided and the loop that resumes
@@ -75,6 +77,15 @@ class Context:
     wake_sources: dict[str, asyncio.Event] = field(default_factory=dict)
     sources_draining: set[str] = field(default_factory=set)
     sources_failed: set[str] = field(default_factory=set)
+    # Batch prices of the API's provider ([prices] first, then genai-prices).
+    prices: PriceBook = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reprice()
+
+    def reprice(self) -> None:
+        """Price with the current [prices] (at start-up and after a reload)."""
+        self.prices = PriceBook(provider_for_base_url(self.cfg.api.base_url), self.cfg.prices)
 
     def wake_all(self) -> None:
         """Wake every stage (the API is back, another process changed the store, …)."""
@@ -84,6 +95,7 @@ class Context:
             self.wake_collect,
             self.wake_retention,
             self.wake_intake,
+            self.wake_facade,
             *self.wake_sources.values(),
         ):
             e.set()
@@ -129,8 +141,11 @@ async def sync_job(ctx: Context, job_id: str) -> None:
         await ctx.store.transition(job_id, new, current=job)
         if new == JobState.COLLECTING:
             ctx.wake_collect.set()
-        elif new == JobState.SUBMITTING:
-            ctx.wake_submit.set()
+    if new == JobState.SUBMITTING:
+        # Also when it was submitting already: a follow-up attempt just queued (another
+        # piece still pending, or a restart that found it so) must not wait for an
+        # unrelated wake-up; the submit stage may be asleep with nothing else due.
+        ctx.wake_submit.set()
 
 
 class Backoff:
@@ -225,6 +240,10 @@ class Worker:
     def busy(self, key: str) -> bool:
         """True while `key` runs or backs off."""
         return key in self._tasks or not self.backoff.ready(key)
+
+    def running(self, key: str) -> bool:
+        """True while `key`'s item runs."""
+        return key in self._tasks
 
     def start(self, key: str, job_id: str, item: Item, on_invalid: OnInvalid | None = None) -> bool:
         """Start `item` unless `key` is busy or every slot is taken."""

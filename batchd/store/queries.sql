@@ -51,9 +51,6 @@ SELECT MIN(created_at) FROM jobs WHERE state = :state;
 -- name: due_new_jobs  (hot: submit)
 SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id LIMIT :limit;
 
--- name: live_job_ids
-SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id;
-
 -- name: failing_jobs  (hot: collect)
 SELECT * FROM jobs WHERE reason IS NOT NULL AND finished_at IS NULL
 ORDER BY created_at LIMIT :limit;
@@ -162,6 +159,7 @@ SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_b
 FROM attempts a CROSS JOIN jobs j ON j.id = a.job_id  -- CROSS: the pending attempts drive
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
+AND j.admitted_at IS NOT NULL  -- a job waiting for its budget keeps its attempts back
 ORDER BY a.not_before, a.created_at LIMIT :limit;
 
 -- name: next_pending_at  (hot: submit)
@@ -195,7 +193,7 @@ ON CONFLICT (model) DO UPDATE SET token_limit = excluded.token_limit,
     learned_at = excluded.learned_at;
 
 -- name: learned_limits
-SELECT model, token_limit FROM model_limits;
+SELECT model, token_limit FROM model_limits WHERE token_limit IS NOT NULL;
 
 -- name: get_setting
 SELECT value, updated_at FROM settings WHERE key = :key;
@@ -247,3 +245,194 @@ DELETE FROM pieces WHERE job_id = :id;
 
 -- name: delete_job
 DELETE FROM jobs WHERE id = :id;
+
+-- --- the OpenAI-compatible facade (batchd/store/objects.py) ---------------------------
+
+-- name: facade_insert_file
+INSERT INTO facade_files (id, tenant, filename, purpose, bytes, path, created_at, expires_at,
+                          batch_id)
+VALUES (:id, :tenant, :filename, :purpose, :bytes, :path, :created_at, :expires_at, :batch_id);
+
+-- name: facade_file
+SELECT * FROM facade_files WHERE id = :id;
+
+-- name: facade_files_desc
+SELECT * FROM facade_files
+WHERE tenant = :tenant AND id < :cursor AND (:purpose IS NULL OR purpose = :purpose)
+ORDER BY id DESC LIMIT :limit;
+
+-- name: facade_files_asc
+SELECT * FROM facade_files
+WHERE tenant = :tenant AND id > :cursor AND (:purpose IS NULL OR purpose = :purpose)
+ORDER BY id LIMIT :limit;
+
+-- name: facade_delete_file
+DELETE FROM facade_files WHERE id = :id;
+
+-- name: facade_expired_files  (hot: facade)
+SELECT * FROM facade_files WHERE expires_at <= :now ORDER BY expires_at LIMIT :limit;
+
+-- name: facade_next_file_expiry  (hot: facade)
+SELECT MIN(expires_at) FROM facade_files WHERE expires_at IS NOT NULL;
+
+-- name: facade_files_of_batch
+SELECT * FROM facade_files WHERE batch_id = :batch_id;
+
+-- name: facade_insert_upload
+INSERT INTO facade_uploads (id, tenant, filename, purpose, bytes, mime_type,
+                            file_expires_after, created_at, expires_at, status)
+VALUES (:id, :tenant, :filename, :purpose, :bytes, :mime_type, :file_expires_after,
+        :created_at, :expires_at, 'pending');
+
+-- name: facade_upload
+SELECT * FROM facade_uploads WHERE id = :id;
+
+-- name: facade_insert_part
+INSERT INTO facade_upload_parts (id, upload_id, bytes, created_at)
+VALUES (:id, :upload_id, :bytes, :created_at);
+
+-- name: facade_parts_of
+SELECT * FROM facade_upload_parts WHERE upload_id = :upload_id;
+
+-- name: facade_upload_ended
+UPDATE facade_uploads SET status = :status, file_id = :file_id
+WHERE id = :id AND status = 'pending';
+
+-- name: facade_delete_parts
+DELETE FROM facade_upload_parts WHERE upload_id = :upload_id;
+
+-- name: facade_expired_uploads  (hot: facade)
+SELECT * FROM facade_uploads WHERE status = 'pending' AND expires_at <= :now
+ORDER BY expires_at LIMIT :limit;
+
+-- name: facade_next_upload_expiry  (hot: facade)
+SELECT MIN(expires_at) FROM facade_uploads WHERE status = 'pending';
+
+-- name: facade_insert_batch
+INSERT INTO facade_batches (id, tenant, job_id, input_file_id, endpoint, completion_window,
+                            metadata, output_expires_after, dedupe_key, idempotency_key,
+                            created_at)
+VALUES (:id, :tenant, :job_id, :input_file_id, :endpoint, :completion_window, :metadata,
+        :output_expires_after, :dedupe_key, :idempotency_key, :created_at);
+
+-- name: facade_batch
+SELECT * FROM facade_batches WHERE id = :id;
+
+-- name: facade_batches_desc
+SELECT * FROM facade_batches WHERE tenant = :tenant AND id < :cursor
+ORDER BY id DESC LIMIT :limit;
+
+-- name: facade_batch_by_dedupe
+SELECT * FROM facade_batches
+WHERE tenant = :tenant AND dedupe_key = :dedupe_key AND created_at >= :since
+AND idempotency_key IS NULL AND (status IS NULL OR status NOT IN ('failed', 'cancelled'))
+ORDER BY created_at DESC LIMIT 1;
+
+-- name: facade_batch_by_key
+SELECT * FROM facade_batches WHERE tenant = :tenant AND idempotency_key = :key;
+
+-- name: facade_batches_to_settle
+SELECT b.* FROM facade_batches b CROSS JOIN jobs j ON j.id = b.job_id  -- CROSS: live drive
+WHERE b.status IS NULL AND j.finished_at IS NOT NULL
+ORDER BY b.created_at LIMIT :limit;
+
+-- name: facade_batches_ended_since  (hot: facade)
+SELECT b.*, j.finished_at AS job_finished_at
+FROM jobs j CROSS JOIN facade_batches b ON b.job_id = j.id  -- CROSS: recent ends drive
+WHERE j.finished_at >= :since AND b.status IS NULL
+ORDER BY j.finished_at LIMIT :limit;
+
+-- name: facade_batches_without_job
+SELECT b.* FROM facade_batches b
+WHERE b.status IS NULL AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = b.job_id);
+
+-- name: facade_settle_batch
+UPDATE facade_batches SET status = :status, output_file_id = :output_file_id,
+    error_file_id = :error_file_id, final = :final, ended_at = :ended_at
+WHERE id = :id AND status IS NULL;
+
+-- name: facade_expired_batches  (hot: facade)
+SELECT id FROM facade_batches WHERE ended_at < :before ORDER BY ended_at LIMIT :limit;
+
+-- name: facade_delete_batch
+DELETE FROM facade_batches WHERE id = :id;
+
+-- name: facade_delete_batch_files
+DELETE FROM facade_files WHERE batch_id = :id;
+
+-- name: facade_insert_event
+INSERT INTO facade_events (id, tenant, batch_id, type, created_at, due_at)
+VALUES (:id, :tenant, :batch_id, :type, :created_at, :created_at);
+
+-- name: facade_due_events  (hot: facade)
+SELECT * FROM facade_events WHERE due_at <= :now ORDER BY due_at LIMIT :limit;
+
+-- name: facade_next_event_at  (hot: facade)
+SELECT MIN(due_at) FROM facade_events;
+
+-- name: facade_event_done
+DELETE FROM facade_events WHERE id = :id;
+
+-- name: facade_event_later
+UPDATE facade_events SET due_at = :due_at, tries = tries + 1 WHERE id = :id;
+
+-- --- cost: estimates, charges, budget admission, request limits ------------------------
+
+-- name: unadmitted_jobs  (hot: submit)
+-- INDEXED BY: jobs_state would walk every submitting job (a burst: thousands) for none.
+SELECT * FROM jobs INDEXED BY jobs_unadmitted
+WHERE admitted_at IS NULL AND state = 'submitting'
+ORDER BY created_at, id LIMIT :limit;
+
+-- name: budget_waiting_count  (hot: gauges)
+SELECT COUNT(*) FROM jobs INDEXED BY jobs_unadmitted
+WHERE admitted_at IS NULL AND state = 'submitting' AND budget_wait IS NOT NULL;
+
+-- name: admit_job
+UPDATE jobs SET admitted_at = :now, reserved_nanos = :reserved, budget_wait = NULL,
+    updated_at = :now
+WHERE id = :id AND admitted_at IS NULL;
+
+-- name: set_budget_wait
+UPDATE jobs SET budget_wait = :reason, updated_at = :now
+WHERE id = :id AND admitted_at IS NULL;
+
+-- name: budget_committed  (hot: submit)
+-- Money the jobs admitted since :month0 hold: a job's actual cost once it ended, else
+-- its reservation (its high estimate); split at :day0 for the daily limits.
+SELECT COALESCE(model, '') AS model, source, admitted_at >= :day0 AS today,
+       SUM(CASE WHEN finished_at IS NOT NULL THEN COALESCE(cost_nanos, reserved_nanos, 0)
+                ELSE COALESCE(reserved_nanos, 0) END) AS nanos
+FROM jobs WHERE admitted_at >= :month0
+GROUP BY 1, 2, 3;
+
+-- name: put_charge
+INSERT OR REPLACE INTO charges (attempt_id, job_id, at, provider, model, source, requests,
+    input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    cost_nanos, cost_unknown)
+VALUES (:attempt_id, :job_id, :at, :provider, :model, :source, :requests, :input_tokens,
+    :cached_tokens, :cache_write_tokens, :output_tokens, :reasoning_tokens, :cost_nanos,
+    :cost_unknown);
+
+-- name: job_cost
+SELECT COUNT(*), COALESCE(SUM(requests), 0), COALESCE(SUM(input_tokens), 0),
+       COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cache_write_tokens), 0),
+       COALESCE(SUM(output_tokens), 0), COALESCE(SUM(reasoning_tokens), 0),
+       COALESCE(SUM(cost_nanos), 0), MAX(cost_unknown)
+FROM charges WHERE job_id = :job_id;
+
+-- name: charges_since
+SELECT at, model, source, requests, input_tokens, cached_tokens, output_tokens,
+       cost_nanos, cost_unknown
+FROM charges WHERE at >= :since ORDER BY at;
+
+-- name: delete_job_charges
+DELETE FROM charges WHERE job_id = :id;
+
+-- name: learn_request_limit
+INSERT INTO model_limits (model, request_limit, learned_at) VALUES (:model, :limit, :now)
+ON CONFLICT (model) DO UPDATE SET request_limit = excluded.request_limit,
+    learned_at = excluded.learned_at;
+
+-- name: learned_request_limits
+SELECT model, request_limit FROM model_limits WHERE request_limit IS NOT NULL;

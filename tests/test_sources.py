@@ -17,7 +17,7 @@ from batchd.prices import Price, Rates, Unknown
 from batchd.sources import default_consumer
 from batchd.sources.amqp import to_message
 from batchd.sources.base import Invalid, Message, Take, parse
-from batchd.sources.outcome import build, error_summary, usd
+from batchd.sources.outcome import build, error_summary, recorded_cost, usd
 from batchd.spool import Spool
 from batchd.states import JobState
 from batchd.store import NewJob, Store
@@ -242,6 +242,10 @@ async def test_outcome_of_a_done_job_with_cost_and_paths(tmp_path: Path) -> None
     unknown = build(spool, job, Unknown("no price"))["cost"]
     assert unknown == {"usd": None, "unknown_reason": "no price", "requests": 1}
     assert usd(1) == "0.000000001"
+    charges = {"requests": 3, "cost_nanos": 1_500_000, "cost_unknown": None}
+    assert build(spool, job, recorded_cost(charges))["cost"] == {"usd": "0.0015", "requests": 3}
+    unpriced = recorded_cost({**charges, "cost_unknown": "no price for m"})
+    assert unpriced == {"usd": None, "unknown_reason": "no price for m", "requests": 3}
 
 
 def test_error_summary_keeps_the_first_errors() -> None:

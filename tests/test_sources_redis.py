@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from batchd.config import Config
+from batchd.sources.outcome import usd
 from batchd.states import JobState
 from batchd.store import Store
 from tests.brokers import RedisServer, free_port, unique
@@ -107,6 +108,9 @@ async def test_messages_in_done_out_and_outcomes_published(
         assert {j.source for j in jobs} == {"nightly"} and all(j.announced_at for j in jobs)
         meta = await store.job_by_source_msg("nightly", first.decode())
         assert meta is not None and meta.state == JobState.DONE
+        # The outcome's cost is the job's recorded charges (what `batchd show` says).
+        assert meta.cost_nanos and inline["cost"]["usd"] == usd(meta.cost_nanos)
+        assert inline["cost"]["requests"] == 3  # the failed request billed nothing
     assert orjson.loads((done / "inline" / "metadata.json").read_bytes()) == {"team": "a"}
 
 

@@ -2,8 +2,9 @@
 
 One message per job on the source's `results`: job id, name, the source message id,
 state, request counts, usage and cost, result paths, and for a failed job the error
-summary. Its cost is that of the results in done/NAME/ (each billed line priced with
-the job's model at the source's provider; `null` with a reason when unknown).
+summary. Its cost is the job's recorded charges (what `batchd show` and `batchd cost`
+say, each result line billed once), or, for a source whose `provider` is not the API's,
+its result lines priced at that provider; `null` with a reason when unknown.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ def cost_of(result: Path | None, price: Price | Unknown) -> dict[str, Any]:
     return {"usd": usd(charge.cost), "requests": charge.requests}
 
 
+def recorded_cost(charges: Mapping[str, Any]) -> dict[str, Any]:
+    """The outcome's cost from the job's charges (`Store.job_cost`)."""
+    if charges.get("cost_unknown"):
+        return {
+            "usd": None,
+            "unknown_reason": charges["cost_unknown"],
+            "requests": charges["requests"],
+        }
+    return {"usd": usd(charges["cost_nanos"]), "requests": charges["requests"]}
+
+
 def error_summary(reason: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Why a job failed, short: reason, code, message, the first errors (with lines)."""
     if not reason:
@@ -78,8 +90,9 @@ def _paths(spool: Spool, job: Job) -> dict[str, str | None]:
     return out
 
 
-def build(spool: Spool, job: Job, price: Price | Unknown) -> dict[str, Any]:
-    """The outcome message's body (reads the result files: run it in a thread)."""
+def build(spool: Spool, job: Job, cost: Price | Unknown | Mapping[str, Any]) -> dict[str, Any]:
+    """The outcome message's body (looks at the result files: run it in a thread). `cost`
+    is the job's (`recorded_cost`), or a price its result lines are billed at."""
     from batchd.queue_api import iso
 
     paths = _paths(spool, job)
@@ -99,7 +112,7 @@ def build(spool: Spool, job: Job, price: Price | Unknown) -> dict[str, Any]:
             "failed": job.failed,
         },
         "usage": job.usage,
-        "cost": cost_of(result, price),
+        "cost": dict(cost) if isinstance(cost, Mapping) else cost_of(result, cost),
         "paths": paths,
         "created_at": iso(job.created_at),
         "finished_at": iso(job.finished_at),

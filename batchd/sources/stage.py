@@ -208,24 +208,36 @@ class SourceStage:
 
     # --- outcomes ------------------------------------------------------------------------
 
-    def _price_book(self) -> PriceBook:
+    def _price_book(self) -> PriceBook | None:
+        """The source's own prices when its `provider` is not the API's (whose prices the
+        job's charges were recorded at); None: the recorded charges are its cost."""
+        provider = self.cfg.provider
+        if provider is None or provider == self.ctx.prices.provider:
+            return None
         if self.prices is None:
-            from batchd.prices import PriceBook, provider_for_base_url
+            from batchd.prices import PriceBook
 
-            provider = self.cfg.provider or provider_for_base_url(self.ctx.cfg.api.base_url)
             self.prices = PriceBook(provider, self.ctx.cfg.prices)
         return self.prices
 
-    def _outcome(self, job: Job) -> dict[str, Any]:
-        """The outcome body (prices and result files are read here: in a thread)."""
+    async def _outcome(self, job: Job) -> dict[str, Any]:
+        """The outcome body (a price lookup and the result files are looked at in a thread)."""
         from batchd.prices import Unknown
 
-        price = (
-            self._price_book().price(job.model)
-            if job.model
-            else Unknown("the job has no model (it ended before validation)")
-        )
-        return outcome.build(self.ctx.spool, job, price)
+        book = self._price_book()
+        if book is None:
+            cost = outcome.recorded_cost(await self.ctx.store.job_cost(job.id))
+            return await asyncio.to_thread(outcome.build, self.ctx.spool, job, cost)
+
+        def priced() -> dict[str, Any]:
+            price = (
+                book.price(job.model)
+                if job.model
+                else Unknown("the job has no model (it ended before validation)")
+            )
+            return outcome.build(self.ctx.spool, job, price)
+
+        return await asyncio.to_thread(priced)
 
     async def _announcer(self) -> None:
         ctx = self.ctx
@@ -234,7 +246,7 @@ class SourceStage:
             for job in jobs:
                 if ctx.stopping:
                     break
-                body = await asyncio.to_thread(self._outcome, job)
+                body = await self._outcome(job)
                 await self.broker.publish(job.id, str(job.state), body)
                 await ctx.store.mark_announced(job.id, {"source": self.name})
                 self.m_published.inc()

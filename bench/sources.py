@@ -9,7 +9,7 @@ acknowledged) and (2) the last outcome published (after done/NAME/). Baseline (r
 the script teams run today instead, in front of the same daemon: XREADGROUP, write
 each message into inbox/ (temp name, fsync, rename), XACK; its end is the last job
 claimed, then the last job in done/ (it publishes no outcome). --smoke: redis only,
-N = 40: checks the bench runs (timings not meaningful; RabbitMQ's start alone takes
+N = 10: checks the bench runs (timings not meaningful; RabbitMQ's start alone takes
 ~15 s). Target: >= 100 messages/s recorded and acknowledged.
 """
 
@@ -199,10 +199,10 @@ def amqp_side(tmp: Path, emu: Emulator, n: int) -> tuple[float, float, float]:
 def main() -> int:
     """Run the sides and print the table."""
     p = parser(__doc__)
-    p.add_argument("--messages", type=int, help="messages per side (default 2000; smoke 40)")
+    p.add_argument("--messages", type=int, help="messages per side (default 2000; smoke 10)")
     p.add_argument("--kinds", default=None, help="redis,amqp (default both; smoke: redis)")
     a = p.parse_args()
-    n = a.messages or (40 if a.smoke else 2000)
+    n = a.messages or (10 if a.smoke else 2000)
     kinds = (a.kinds or ("redis" if a.smoke else "redis,amqp")).split(",")
     rows: list[Row] = []
     notes = [

@@ -5,7 +5,9 @@ bench/sources.py starts them the same way.
 
 Tests share a server and use names of their own (a stream, a queue) per test. A test
 may stop and start a server (a broker restart mid-run): its data dir stays, so what
-was in it is there again (redis: append-only file, fsync always).
+was in it is there again (redis: append-only file, fsync always; RabbitMQ restarts its
+broker application with `rabbitmqctl stop_app`/`start_app`, its node staying up).
+RabbitMQ's node is booted in the background as soon as the tests are collected.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 RABBIT_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # the script the unit runs
+RABBIT_CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"  # the CLI itself (not Debian's sudo wrapper)
 RABBIT_START_SECONDS = 180.0  # its boot takes 10-20 s on a busy 2-core machine
 
 
@@ -138,7 +141,8 @@ class RabbitServer:
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         }
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the node without waiting for it (`ready` waits)."""
         d = self.dir
         (d / "log").mkdir(parents=True, exist_ok=True)
         (d / "rabbitmq.conf").write_text(
@@ -155,13 +159,41 @@ class RabbitServer:
             [RABBIT_SERVER], env=self._env(), cwd=d, stdout=out, stderr=out, start_new_session=True
         )
         out.close()
+
+    def ready(self) -> None:
+        """Wait until the node accepts AMQP connections."""
         deadline = time.monotonic() + RABBIT_START_SECONDS
         while not _port_open(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log = (d / "log" / "console.log").read_text(errors="replace")
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.dir / "log" / "console.log").read_text(errors="replace")
                 self.stop()
                 raise RuntimeError(f"rabbitmq-server did not start: {log[-3000:]}")
             time.sleep(0.2)
+
+    def start(self) -> None:
+        """Start the node and wait for it."""
+        self.launch()
+        self.ready()
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(
+            [RABBIT_CTL, "-n", self._env()["RABBITMQ_NODENAME"], *args],
+            env=self._env(),
+            check=True,
+            capture_output=True,
+            timeout=RABBIT_START_SECONDS,
+        )
+
+    def stop_app(self) -> None:
+        """Stop the broker (`rabbitmqctl stop_app`): every connection is closed and the
+        port refuses new ones; the Erlang node stays, so `start_app` takes seconds, not
+        the ~10-20 s of a node's boot."""
+        self._ctl("stop_app")
+
+    def start_app(self) -> None:
+        """Start the broker again (durable queues and messages recovered from disk)."""
+        self._ctl("start_app")
+        self.ready()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         _stop(self.proc, sig, wait=60)
@@ -186,17 +218,51 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         srv.stop()
 
 
+_early_rabbit: RabbitServer | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Boot rabbitmq-server now, in the background, when a collected test needs it: the
+    node's boot (~10-20 s) then overlaps the tests that run before those."""
+    global _early_rabbit
+    wanted = any("rabbit_server" in getattr(i, "fixturenames", ()) for i in session.items)
+    if not wanted or _early_rabbit is not None or not os.access(RABBIT_SERVER, os.X_OK):
+        return
+    import shutil
+    import tempfile
+
+    if shutil.which("epmd") is None:
+        return
+    _early_rabbit = RabbitServer(Path(tempfile.mkdtemp(prefix="batchd-rabbitmq-")))
+    _early_rabbit.launch()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop a node booted early whose fixture never ran (a -x stop, a deselection)."""
+    global _early_rabbit
+    if _early_rabbit is not None:
+        import shutil
+
+        _early_rabbit.shutdown()
+        shutil.rmtree(_early_rabbit.dir, ignore_errors=True)
+        _early_rabbit = None
+
+
 @pytest.fixture(scope="session")
 def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
-    """One rabbitmq-server for the session (its start takes seconds)."""
+    """One rabbitmq-server for the session (booted early when it can be, see above)."""
     from tests.conftest import skip_without
 
     skip_without("rabbitmq-server")
     skip_without("epmd")
     if not os.access(RABBIT_SERVER, os.X_OK):
         pytest.skip(f"tool missing: {RABBIT_SERVER}")
-    srv = RabbitServer(tmp_path_factory.mktemp("rabbitmq"))
-    srv.start()
+    if _early_rabbit is not None:
+        srv = _early_rabbit
+        srv.ready()
+    else:
+        srv = RabbitServer(tmp_path_factory.mktemp("rabbitmq"))
+        srv.start()
     try:
         yield srv
     finally:

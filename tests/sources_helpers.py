@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from batchd.daemon import Daemon
 from tests.procs import ROOT
 
 
@@ -55,3 +56,11 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if not pattern and line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def redelivered(d: Daemon, source: str = "nightly") -> float:
+    """batchd_source_messages_redelivered_total of a daemon run in process."""
+    value = d.metrics.registry.get_sample_value(
+        "batchd_source_messages_redelivered_total", {"source": source}
+    )
+    return value or 0.0

@@ -280,6 +280,50 @@ class BudgetConfig:
         return any(lim.daily is not None or lim.monthly is not None for lim in limits)
 
 
+SOURCE_KINDS = ("redis_stream", "amqp")
+# Job sources batchd names itself: a queue source may not take one of these names.
+RESERVED_SOURCES = frozenset({"inbox", "http", "retry"})
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One [sources.NAME]: a Redis stream or an AMQP queue batchd consumes jobs from."""
+
+    name: str
+    kind: str  # "redis_stream" | "amqp"
+    url: str  # may hold a password: log only redact_url(url)
+    stream: str = ""  # redis_stream: the stream read through `group`
+    queue: str = ""  # amqp: the queue consumed
+    group: str = "batchd"  # redis_stream: the consumer group
+    consumer: str = ""  # redis_stream: this daemon's consumer name ("" = host + spool)
+    results: str = ""  # stream (redis) or exchange (amqp) outcomes are published to
+    dead_letter: str = ""  # where invalid messages are copied ("" = derived, see below)
+    provider: str | None = None  # the configured provider its jobs go to (None: [api])
+    max_pending_jobs: int = 100  # stop reading while this many jobs of the source live
+    claim_idle_seconds: float = 300.0  # redis: take a dead consumer's pending after this
+    prefetch: int = 16  # messages read at once (XREADGROUP COUNT / AMQP prefetch)
+    maxlen: int = 100_000  # redis: approximate cap of the results/dead-letter streams
+    password_file: Path | None = None  # the broker password, instead of one in the URL
+    path_root: Path | None = None  # a message's `path` must lie under it (None = any)
+
+    @property
+    def dead_letter_name(self) -> str:
+        """The dead-letter stream (redis) or exchange (amqp) actually used."""
+        if self.dead_letter:
+            return self.dead_letter
+        return f"{self.stream}:dead" if self.kind == "redis_stream" else f"{self.queue}.dead"
+
+    def password(self) -> str | None:
+        """The password from `password_file` (None when not configured)."""
+        if self.password_file is None:
+            return None
+        return _read_secret(self.password_file, self.key("password_file"), "", {})
+
+    def key(self, key: str) -> str:
+        """How a key of this section is named in messages."""
+        return f"[sources.{self.name}] {key}"
+
+
 TENANT_NAME_RE = r"[A-Za-z0-9_-]{1,64}"
 
 
@@ -357,6 +401,7 @@ class Config:
     prices: Mapping[str, PriceOverride] = field(default_factory=dict)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    sources: Mapping[str, SourceConfig] = field(default_factory=dict)
     facade: FacadeConfig = field(default_factory=FacadeConfig)
     source: Path | None = None
     # [providers.NAME] tables (batchd/provider_config.py); [api] is the provider "openai".
@@ -420,6 +465,24 @@ _SECTIONS = {
     "estimate": {"output_ratio", "default_max_output_tokens", "tokenizer"},
     "budget": {"timezone", "unknown_price", "daily_usd", "monthly_usd", "models", "sources"},
     "providers": set(),  # keys are provider NAMEs (see _FREE_KEYS)
+    # Keys of each [sources.NAME] table (the section's own keys are source names).
+    "sources": {
+        "kind",
+        "url",
+        "stream",
+        "queue",
+        "group",
+        "consumer",
+        "results",
+        "dead_letter",
+        "provider",
+        "max_pending_jobs",
+        "claim_idle_seconds",
+        "prefetch",
+        "maxlen",
+        "password_file",
+        "path_root",
+    },
     "facade": {"tenants", "dedupe_window", "max_file_bytes", "max_upload_bytes"},
 }
 # Keys SIGHUP applies to a running daemon; any other change needs a restart.
@@ -452,7 +515,7 @@ RELOADABLE = frozenset(
     }
 )
 # Sections whose keys are names chosen by the user; their parsers check the inner tables.
-_FREE_KEYS = {"prices", "providers"}
+_FREE_KEYS = {"prices", "providers", "sources"}
 _PRICE_KEYS = {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "batch", "same_as"}
 _LIMIT_KEYS = {"daily_usd", "monthly_usd"}
 _TENANT_KEYS = {"key_file", "key_sha256", "webhook_url", "webhook_secret_file", "webhook_secret"}
@@ -743,6 +806,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         a, b = getattr(old, f.name), getattr(new, f.name)
         if f.name == "providers" and a != b:
             out.append("providers")  # a provider added, removed or changed: restart
+        if f.name == "sources" and a != b:
+            out += [f"sources.{n}" for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
         if a != b and f.name == "prices":  # a table of models, named as a whole
             out.append(f.name)
         if not dataclasses.is_dataclass(a) or a == b:
@@ -875,6 +940,78 @@ def _log(t: Mapping[str, Any]) -> LogConfig:
     return LogConfig(level=level, format=fmt)
 
 
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_SOURCE_SCHEMES = {
+    "redis_stream": ("redis://", "rediss://", "unix://"),
+    "amqp": ("amqp://", "amqps://"),
+}
+
+
+def _source(name: str, t: Any, base: Path) -> SourceConfig:
+    s = f"sources.{name}"
+    if not _SOURCE_NAME.fullmatch(name) or name in RESERVED_SOURCES:
+        raise ConfigError(
+            f"[{s}]: a source name is 1..64 of A-Z a-z 0-9 _ - and not one of "
+            f"{', '.join(sorted(RESERVED_SOURCES))}"
+        )
+    if not isinstance(t, dict):
+        raise ConfigError(f"[{s}]: must be a table (kind, url, ...)")
+    for k in t:
+        if k not in _SECTIONS["sources"]:
+            raise ConfigError(f"[{s}] {k}: unknown key")
+    kind = _get(t, s, "kind", str, None)
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f'[{s}] kind: "redis_stream" or "amqp", got {kind!r}')
+    url = _get(t, s, "url", str, None)
+    if not url or not url.startswith(_SOURCE_SCHEMES[kind]):
+        shown = redact_url(url) if url else url
+        schemes = " or ".join(_SOURCE_SCHEMES[kind])
+        raise ConfigError(f"[{s}] url: a {kind} URL starting with {schemes}, got {shown!r}")
+    where = "stream" if kind == "redis_stream" else "queue"
+    other = "queue" if kind == "redis_stream" else "stream"
+    if other in t or (kind == "amqp" and ("group" in t or "consumer" in t)):
+        bad = other if other in t else ("group" if "group" in t else "consumer")
+        raise ConfigError(f"[{s}] {bad}: not a key of a {kind} source")
+    for key in (where, "results"):
+        if not _get(t, s, key, str, ""):
+            raise ConfigError(f"[{s}] {key}: required (a non-empty string)")
+    provider = _get(t, s, "provider", str, None)  # checked against [providers] in parse()
+    root = _path(base, _get(t, s, "path_root", str, None))
+    password_file = _path(base, _get(t, s, "password_file", str, None))
+    cfg = SourceConfig(
+        name=name,
+        kind=kind,
+        url=url,
+        stream=_get(t, s, "stream", str, ""),
+        queue=_get(t, s, "queue", str, ""),
+        group=_get(t, s, "group", str, "batchd") or "batchd",
+        consumer=_get(t, s, "consumer", str, ""),
+        results=_get(t, s, "results", str, ""),
+        dead_letter=_get(t, s, "dead_letter", str, ""),
+        provider=provider,
+        max_pending_jobs=_int(t, s, "max_pending_jobs", 100, 1, 1_000_000),
+        claim_idle_seconds=_positive(
+            s, "claim_idle_seconds", _duration(t, s, "claim_idle_seconds", 300.0)
+        ),
+        prefetch=_int(t, s, "prefetch", 16, 1, 1000),
+        maxlen=_int(t, s, "maxlen", 100_000, 0, 1 << 40),
+        password_file=password_file,
+        path_root=root,
+    )
+    cfg.password()  # unreadable or empty: a config error now, not a broker error later
+    # An outcome or a dead letter read back as a job would make another, for ever.
+    for key, value in (("results", cfg.results), ("dead_letter", cfg.dead_letter_name)):
+        if value == (cfg.stream or cfg.queue):
+            raise ConfigError(f"[{s}] {key}: must differ from the {where} jobs are read from")
+    if cfg.results == cfg.dead_letter_name:
+        raise ConfigError(f"[{s}] dead_letter: must differ from results")
+    return cfg
+
+
+def _sources(t: Mapping[str, Any], base: Path) -> dict[str, SourceConfig]:
+    return {name: _source(name, entry, base) for name, entry in t.items()}
+
+
 def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = None) -> Config:
     """Build a Config from parsed TOML; relative paths resolve against `base`."""
     from batchd.provider_config import parse_providers
@@ -884,7 +1021,7 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
     spool = _path(base, _get(data.get("spool", {}), "spool", "dir", str, "spool"))
     db = _path(base, _get(data.get("state", {}), "state", "database", str, "batchd.db"))
     assert spool is not None and db is not None
-    return Config(
+    cfg = Config(
         api=_api(data.get("api", {}), base, env),
         spool=SpoolConfig(dir=spool),
         state=StateConfig(database=db),
@@ -896,10 +1033,19 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         estimate=_estimate(data.get("estimate", {})),
         budget=_budget(data.get("budget", {})),
         providers=parse_providers(data.get("providers", {}), base, _pieces(data)["upload"]),
+        sources=_sources(data.get("sources", {}), base),
         facade=_facade(data.get("facade", {}), base),
         **_pieces(data),
         **_sections(data),
     )
+    names = cfg.provider_configs()
+    for name, src in cfg.sources.items():
+        if src.provider is not None and src.provider not in names:
+            raise ConfigError(
+                f"[sources.{name}] provider: a configured provider ({', '.join(names)}), "
+                f"got {src.provider!r}"
+            )
+    return cfg
 
 
 _SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from batchd import facade, logs, sdnotify
+from batchd import facade, logs, sdnotify, sources
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
 from batchd.metrics import Metrics
@@ -94,6 +94,8 @@ class Daemon:
             if ctx.claiming or ctx.spool.waiting():
                 continue
             if await ctx.store.live_count() or ctx.claiming:
+                continue
+            if not await sources.idle(ctx):  # still reading, or outcomes to publish
                 continue
             # The provider's copies due for deletion now go too (not those backing off).
             due = await ctx.store.next_remote_file_at()
@@ -318,6 +320,8 @@ class Daemon:
                     cfg, store, spool, providers, self.metrics, self.log, self.clock
                 )
                 ctx.outcomes = self.outcomes
+                if self.once:  # before any stage runs: the idle check waits for them
+                    ctx.sources_draining.update(cfg.sources)
                 for name in providers:
                     hold = ctx.hold_of(name)
                     if keys[name] is None:
@@ -345,7 +349,8 @@ class Daemon:
             if self.listen is not None or not self.serve_http:
                 self.log.info("stopped")
         held = self.ctx is not None and self.ctx.stuck_held
-        self.exit_code = 1 if self.once and (self.outcomes["failed"] or held) else 0
+        gave_up = self.ctx is not None and bool(self.ctx.sources_failed)
+        self.exit_code = 1 if self.once and (self.outcomes["failed"] or held or gave_up) else 0
         return self.exit_code
 
     async def _run_stages(self, ctx: Context) -> None:
@@ -359,6 +364,10 @@ class Daemon:
         ]
         if self.facade is not None:
             named.append(("facade", self.facade.run))
+        named += [
+            (f"source:{name}", sources.stage(scfg, self.once))
+            for name, scfg in self.cfg.sources.items()
+        ]
         async with asyncio.TaskGroup() as tg:
             stages = [
                 tg.create_task(self._supervised(name, fn, ctx), name=name) for name, fn in named

@@ -192,6 +192,49 @@ class Metrics:
         )
         for what in ("jobs", "results"):
             self.retention_deleted.labels(what)
+        # Queue sources ([sources.NAME]); the label is the configured source name.
+        self.source_up = Gauge(
+            "batchd_source_up",
+            "1 while the queue source's broker is connected, 0 while it is retried",
+            ["source"],
+            registry=r,
+        )
+        self.source_paused = Gauge(
+            "batchd_source_paused",
+            "1 while the source is not read: it has max_pending_jobs live jobs",
+            ["source"],
+            registry=r,
+        )
+        self.source_consumed = Counter(
+            "batchd_source_messages_consumed",
+            "Messages read from the source (redeliveries included)",
+            ["source"],
+            registry=r,
+        )
+        self.source_acked = Counter(
+            "batchd_source_messages_acked",
+            "Messages acknowledged (their job durably recorded)",
+            ["source"],
+            registry=r,
+        )
+        self.source_redelivered = Counter(
+            "batchd_source_messages_redelivered",
+            "Messages delivered again whose job was already recorded (no second job)",
+            ["source"],
+            registry=r,
+        )
+        self.source_dead_lettered = Counter(
+            "batchd_source_messages_dead_lettered",
+            "Invalid messages copied to the dead-letter stream/exchange (their job failed)",
+            ["source"],
+            registry=r,
+        )
+        self.source_published = Counter(
+            "batchd_source_outcomes_published",
+            "Job outcomes published to the source's results",
+            ["source"],
+            registry=r,
+        )
         # The OpenAI-compatible facade (batchd/facade/); its batches are jobs as well.
         self.facade_batches_ended = Counter(
             "batchd_facade_batches_ended",

@@ -340,8 +340,11 @@ class InProcessEmulator:
         self.stop()
 
 
-def write_config(work: Path, base_url: str, http_port: int, **sections: dict[str, Any]) -> Path:
-    """A batchd config (defaults, except the given sections) with spool and db under `work`."""
+def write_config(
+    work: Path, base_url: str, http_port: int, toml_tail: str = "", **sections: dict[str, Any]
+) -> Path:
+    """A batchd config (defaults, except the given sections) with spool and db under `work`;
+    `toml_tail` is appended as is (tables of tables, e.g. [sources.NAME])."""
     data: dict[str, dict[str, Any]] = {
         "api": {"base_url": base_url, "api_key_env": "BENCH_API_KEY"},
         "spool": {"dir": str(work / "spool")},
@@ -359,7 +362,7 @@ def write_config(work: Path, base_url: str, http_port: int, **sections: dict[str
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     path = work / "batchd.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + toml_tail)
     return path
 
 
@@ -373,12 +376,13 @@ class Daemon:
         base_url: str,
         database: Path | None = None,
         ready_timeout: float = 30,
+        toml_tail: str = "",
         **sections: dict[str, Any],
     ) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.port = free_port()
-        self.config = write_config(work, base_url, self.port, **sections)
+        self.config = write_config(work, base_url, self.port, toml_tail, **sections)
         self.spool = work / "spool"
         self.inbox = self.spool / "inbox"
         if database is not None:

@@ -25,6 +25,7 @@ BENCHMARKS = (
     "big_db",
     "download",
     "estimate",
+    "sources",  # needs redis-server (and rabbitmq-server at full size)
     "facade",
     "cost_accuracy",
 )

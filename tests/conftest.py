@@ -21,6 +21,9 @@ from batchd.config import Config
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, EmulatorState, create_app
 
+# Session-scoped real brokers (redis-server, rabbitmq-server) for the queue-source tests.
+pytest_plugins = ["tests.brokers"]
+
 API_KEY = "sk-test-0123456789abcdefSECRET"
 KEY_ENV = "BATCHD_TEST_API_KEY"
 

@@ -116,9 +116,9 @@ async def test_drop_to_done_with_mixed_results(tmp_path: Path, kind: str) -> Non
             assert est["cost_high_nanousd"] > 0 and cost["nanousd"] > 0 and not cost["unknown"]
         else:  # the model has no price: unknown, never $0
             assert est["cost_high_nanousd"] is None and cost["unknown"]
-        assert d.metrics.cost.labels("p", info["model"] or "", "inbox", "actual")._value.get() == (
-            cost["nanousd"] / 1e9 if kind in PRICED else 0
-        )
+        assert d.metrics.cost.labels(
+            "p", info["model"] or "", "inbox/p", "actual"
+        )._value.get() == (cost["nanousd"] / 1e9 if kind in PRICED else 0)
         # req-4 (HTTP 500) was sent again in a second batch; req-1 (400) was not
         assert len(info["batch_ids"]) == 2 and _created(emu) == 2
         assert all(b["raw_status"] for b in info["timestamps"]["batches"])

@@ -526,6 +526,19 @@ async def _check_api(cfg: Config) -> list[Result]:
     return out
 
 
+async def _check_sources(cfg: Config) -> list[Result]:
+    """One line per [sources.NAME]: its broker reachable, and what it holds (reads only)."""
+    if not cfg.sources:
+        return []
+    from batchd.sources import probe
+
+    out: list[Result] = []
+    for name, scfg in cfg.sources.items():
+        ok, detail = await probe(scfg, cfg.spool.dir)
+        out.append((ok, f"source {name}", f"{scfg.kind} {detail}"))
+    return out
+
+
 async def check(args: argparse.Namespace) -> int:
     """Check config, spool, database and API reachability; one line per check."""
     try:
@@ -537,6 +550,7 @@ async def check(args: argparse.Namespace) -> int:
     results.append(_check_spool(cfg))
     results.append(_check_database(cfg))
     results += await _check_api(cfg)
+    results += await _check_sources(cfg)
     for ok, what, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'}  {what:9} {detail}")
     return EXIT_OK if all(ok for ok, _, _ in results) else EXIT_FAIL

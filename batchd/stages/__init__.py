@@ -77,6 +77,12 @@ class Context:
     stuck_held: bool = False
     # Batch prices per provider NAME ([prices] first, then genai-prices); built on use.
     price_books: dict[str, PriceBook] = field(default_factory=dict)
+    # Queue sources (batchd/sources/): each source stage's wake event by name (set when
+    # a job of the source ends); in `run --once` the sources still reading, and those
+    # given up (their broker stayed unreachable).
+    wake_sources: dict[str, asyncio.Event] = field(default_factory=dict)
+    sources_draining: set[str] = field(default_factory=set)
+    sources_failed: set[str] = field(default_factory=set)
 
     def provider(self, name: str | None) -> Provider:
         """The provider of a job or attempt (None: the default)."""
@@ -136,6 +142,7 @@ class Context:
             self.wake_retention,
             self.wake_intake,
             self.wake_facade,
+            *self.wake_sources.values(),
         ):
             e.set()
 

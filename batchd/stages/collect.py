@@ -121,6 +121,8 @@ async def publish(
         )
     _cost_ended(ctx, job)
     ctx.wake_facade.set()  # a facade batch of this job can be settled
+    if (wake_source := ctx.wake_sources.get(job.source)) is not None:
+        wake_source.set()  # its outcome is to be published
     ctx.metrics.jobs_finished.labels(new_state.value, ctx.provider(job.provider).name).inc()
     ctx.outcomes[new_state.value] += 1
     log = ctx.log.warning if new_state == JobState.FAILED else ctx.log.info

@@ -94,6 +94,10 @@ class NewJob:
     retry_of: str | None = None
     allow_duplicate: bool = False
     provider: str | None = None  # the configured provider NAME (None: the default)
+    # A queue source's message id (unique per source: a redelivery is refused), and a
+    # reason the job fails for at once (an invalid message), set in the same transaction.
+    source_msg: str | None = None
+    reason: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -286,8 +290,20 @@ class Store:
                 }
                 for j in new
             ]
+            stmts = [Stmt(q("insert_job"), rows), Stmt(q("insert_event"), events)]
+            tagged = [
+                {
+                    "id": j.id,
+                    "source_msg": j.source_msg,
+                    "reason": encode({"reason": j.reason})["reason"],
+                }
+                for j in new
+                if j.source_msg is not None or j.reason is not None
+            ]
+            if tagged:  # a second job for one message fails on jobs_source_msg
+                stmts.append(Stmt(q("set_source_msg"), tagged))
             try:
-                await self._b.tx([Stmt(q("insert_job"), rows), Stmt(q("insert_event"), events)])
+                await self._b.tx(stmts)
                 break
             except sqlite3.IntegrityError as e:
                 if "jobs.name" not in str(e):
@@ -975,6 +991,32 @@ class Store:
             [
                 Stmt(q("results_deleted"), {"id": job_id, "now": now}),
                 _event(job_id, now, "results_deleted"),
+            ]
+        )
+
+    # --- queue sources ----------------------------------------------------------------
+
+    async def job_by_source_msg(self, source: str, source_msg: str) -> Job | None:
+        """The job recorded for this message of this source, if any."""
+        rows = await self._rows("job_by_source_msg", source=source, source_msg=source_msg)
+        return decode(Job, rows[0]) if rows else None
+
+    async def source_live_count(self, source: str) -> int:
+        """Jobs of a queue source not yet ended (its back-pressure)."""
+        return int(await self._scalar("source_live_count", source=source) or 0)
+
+    async def unannounced(self, source: str, limit: int = 100) -> list[Job]:
+        """Ended jobs of a queue source whose outcome is not published yet, oldest first."""
+        rows = await self._rows("unannounced_jobs", source=source, limit=limit)
+        return [decode(Job, r) for r in rows]
+
+    async def mark_announced(self, job_id: str, detail: Mapping[str, Any]) -> None:
+        """The job's outcome was published to its source (with an event)."""
+        now = self._clock()
+        await self._b.tx(
+            [
+                Stmt(q("set_announced"), {"id": job_id, "now": now}),
+                _event(job_id, now, "outcome_published", detail=detail),
             ]
         )
 

@@ -100,6 +100,25 @@ UPDATE jobs SET
     updated_at = :now
 WHERE id = :id;
 
+-- name: set_source_msg
+UPDATE jobs SET source_msg = :source_msg, reason = :reason WHERE id = :id;
+
+-- name: job_by_source_msg  (hot: sources)
+SELECT * FROM jobs WHERE source = :source AND source_msg = :source_msg;
+
+-- name: source_live_count  (hot: sources)
+SELECT COUNT(*) FROM jobs
+WHERE source = :source AND source_msg IS NOT NULL AND finished_at IS NULL;
+
+-- name: unannounced_jobs  (hot: sources)
+SELECT * FROM jobs
+WHERE source = :source AND source_msg IS NOT NULL AND announced_at IS NULL
+AND finished_at IS NOT NULL
+ORDER BY finished_at LIMIT :limit;
+
+-- name: set_announced
+UPDATE jobs SET announced_at = :now WHERE id = :id;
+
 -- name: events_of
 SELECT * FROM events WHERE job_id = :job_id ORDER BY id;
 

@@ -44,6 +44,8 @@ class Job:
     results_deleted_at: float | None = None
     input_fp: str | None = None  # the input's fingerprint when it was validated
     provider: str | None = None  # the configured provider NAME (None: the default)
+    source_msg: str | None = None  # a queue source's message id (sources/)
+    announced_at: float | None = None  # when its outcome was published to the source
     estimate: dict[str, Any] | None = None  # estimate.Estimate.as_dict() made at intake
     cost_nanos: int | None = None  # actual cost once ended (sum of its charges)
     cost_unknown: str | None = None  # why part of the cost could not be priced

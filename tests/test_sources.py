@@ -4,6 +4,7 @@ test_sources_amqp.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,11 @@ async def test_record_makes_one_job_per_message_and_recognises_it_again(tmp_path
     cfg = config.parse(
         {
             "spool": {"dir": str(tmp_path / "spool")},
-            "sources": {"s": {"kind": "amqp", "url": "amqp://h/", "queue": "q", "results": "r"}},
+            "sources": {
+                "s": {"kind": "amqp", "url": "amqp://h/", "queue": "q", "results": "r"},
+                "t": {"kind": "amqp", "url": "amqp://h/", "queue": "t", "results": "tr"},
+            },
+            "providers": {"claude": {"kind": "anthropic", "api_key_env": "K"}},
         },
         tmp_path,
         env={},
@@ -315,3 +320,9 @@ async def test_record_makes_one_job_per_message_and_recognises_it_again(tmp_path
         assert all(r.known for r in again) and again[0].job_id == job.id
         assert again[1].invalid  # a known invalid message is dead-lettered again
         assert len(await store.list_jobs()) == 4
+        # a source's jobs go to its provider ([sources.NAME] provider)
+        t = dataclasses.replace(cfg.sources["t"], provider="claude")
+        [rec] = await record(ctx, t, [Message("z", {"name": b"z", "jsonl": b'{"x":1}\n'})])
+        routed = await store.job(rec.job_id)
+        assert (routed.provider, routed.source) == ("claude", "t")
+        assert job.provider is None  # the default provider

@@ -26,8 +26,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two processes, a test file each (--dist loadfile keeps a file's shared servers in one).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 ## make bench: every benchmark at full size (slow; not part of CI).
 bench: $(STAMP)

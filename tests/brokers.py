@@ -225,6 +225,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Boot rabbitmq-server now, in the background, when a collected test needs it: the
     node's boot (~10-20 s) then overlaps the tests that run before those."""
     global _early_rabbit
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker collects every test: the
+        return  # fixture boots it in the one worker that runs the file (--dist loadfile)
     wanted = any("rabbit_server" in getattr(i, "fixturenames", ()) for i in session.items)
     if not wanted or _early_rabbit is not None or not os.access(RABBIT_SERVER, os.X_OK):
         return

@@ -268,7 +268,7 @@ class Daemon:
         runner: web.AppRunner | None = None
         try:
             async with (
-                Store.connect(cfg.state.database, self.clock) as store,
+                Store.connect(cfg.state.target, self.clock) as store,
                 BatchApi(cfg.api, key, self.metrics) as api,
             ):
                 ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)

@@ -354,6 +354,30 @@ def _check_spool(cfg: Config) -> Result:
     return True, "spool", f"{root} does not exist yet (created at the first run)"
 
 
+async def _check_postgres(url: str) -> Result:
+    """Reachable, and how far migrated (read only: a check never migrates anything)."""
+    import asyncpg
+
+    from batchd.store.backend import redact
+
+    where = redact(url)
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+        return False, "database", f"{where}: {e}"
+    try:
+        version = await conn.fetchval("SELECT MAX(version) FROM batchd_schema")
+    except asyncpg.UndefinedTableError:
+        version = None
+    try:
+        if version is None:
+            return True, "database", f"{where} reachable (schema created at the first run)"
+        n = await conn.fetchval("SELECT COALESCE(SUM(n), 0) FROM job_counts")
+    finally:
+        await conn.close()
+    return True, "database", f"{where} ({n} jobs, schema {version})"
+
+
 def _check_database(cfg: Config) -> Result:
     db = cfg.state.database
     if not db.exists():
@@ -424,7 +448,8 @@ async def check(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     results: list[Result] = [(True, "config", str(cfg.source or ""))]
     results.append(_check_spool(cfg))
-    results.append(_check_database(cfg))
+    url = cfg.state.url
+    results.append(await _check_postgres(url) if url else _check_database(cfg))
     results += await _check_api(cfg)
     for ok, what, detail in results:
         print(f"{'ok  ' if ok else 'FAIL'}  {what:9} {detail}")

@@ -1,15 +1,15 @@
 """The store's one interface: what the stages ask and record, in domain words.
 
 The SQL is in queries.sql and migrations/; the engine behind it is a backend
-(sqlite.py). Every job state change and its event row are written in one
-transaction; a state change is guarded (`WHERE state = old`), so two writers (the
-daemon and a CLI command) can never both move a job.
+(backend.py: sqlite.py by default, postgres.py for replicas sharing one database).
+Every job state change and its event row are written in one transaction; a state
+change is guarded (`WHERE state = old`), so two writers (the daemon and a CLI
+command, or two replicas) can never both move a job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -20,8 +20,19 @@ from typing import Any
 import orjson
 
 from batchd.states import TERMINAL_JOB_STATES, JobState, check_transition
-from batchd.store.queries import Conflict, Params, Stmt, migrations, q
-from batchd.store.rows import Attempt, Event, Job, LiveBatch, Piece, decode, dump_detail, encode
+from batchd.store.backend import Backend, is_url
+from batchd.store.queries import Conflict, Duplicate, Params, Stmt, migrations, q
+from batchd.store.rows import (
+    Attempt,
+    Event,
+    Job,
+    LiveBatch,
+    Piece,
+    RowLike,
+    decode,
+    dump_detail,
+    encode,
+)
 from batchd.store.sqlite import SqliteBackend
 
 Clock = Callable[[], float]
@@ -151,22 +162,27 @@ def _attempt_stmts(a: Mapping[str, Any], now: float) -> list[Stmt]:
 class Store:
     """Jobs, pieces, attempts and their history; opened with `async with Store.connect()`."""
 
-    def __init__(self, backend: SqliteBackend, clock: Clock = time.time) -> None:
+    def __init__(self, backend: Backend, clock: Clock = time.time) -> None:
         self._b = backend
         self._clock = clock
 
     # --- lifecycle --------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, clock: Clock = time.time) -> Store:
-        """Open (creating and migrating if needed) the database at `path`."""
-        return cls(await SqliteBackend.open(path), clock)
+    async def open(cls, target: Path | str, clock: Clock = time.time) -> Store:
+        """Open (creating and migrating if needed) the database: a SQLite file's path, or
+        a `postgresql://` URL."""
+        if is_url(target):
+            from batchd.store.postgres import PgBackend
+
+            return cls(await PgBackend.open(str(target)), clock)
+        return cls(await SqliteBackend.open(Path(target)), clock)
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, path: Path, clock: Clock = time.time) -> AsyncIterator[Store]:
+    async def connect(cls, target: Path | str, clock: Clock = time.time) -> AsyncIterator[Store]:
         """`async with Store.connect(path) as store:` — closed (transactions finished) after."""
-        store = await cls.open(path, clock)
+        store = await cls.open(target, clock)
         try:
             yield store
         finally:
@@ -185,7 +201,18 @@ class Store:
         """Changes whenever another process commits (a CLI retry, cancel, …)."""
         return await self._b.data_version()
 
-    async def _rows(self, query: str, /, **params: Any) -> list[sqlite3.Row]:
+    @property
+    def dialect(self) -> str:
+        """The engine behind the store: "sqlite" or "postgresql"."""
+        return self._b.dialect
+
+    @property
+    def shared(self) -> bool:
+        """True when several daemons may share this store (PostgreSQL): per-item work is
+        then claimed with leases (see batchd/leases.py)."""
+        return self._b.dialect == "postgresql"
+
+    async def _rows(self, query: str, /, **params: Any) -> list[RowLike]:
         return await self._b.fetch(q(query), params)
 
     async def _scalar(self, query: str, /, **params: Any) -> Any:
@@ -196,10 +223,7 @@ class Store:
 
     async def _family(self, stem: str) -> set[str]:
         """Names in use that a job dropped as `stem` could collide with."""
-        rows = await self._b.fetch(
-            "SELECT name FROM jobs WHERE name = :stem OR (name >= :lo AND name < :hi)",
-            {"stem": stem, "lo": stem + "-", "hi": stem + "."},
-        )
+        rows = await self._rows("job_name_family", stem=stem, lo=stem + "-", hi=stem + ".")
         return {r[0] for r in rows}
 
     async def _names(
@@ -210,10 +234,7 @@ class Store:
         One query finds which stems are in use at all (a burst of new names costs that);
         only a stem in use costs a look at its family (stem, stem-2, …)."""
         stems = sorted({j.stem for j in new})
-        rows = await self._b.fetch(
-            "SELECT name FROM jobs WHERE name IN (SELECT value FROM json_each(:names))",
-            {"names": orjson.dumps(stems).decode()},
-        )
+        rows = await self._rows("job_names_in", names=orjson.dumps(stems).decode())
         in_use = {r[0] for r in rows}
         used: dict[str, set[str]] = {}
         assigned: set[str] = set()
@@ -233,13 +254,18 @@ class Store:
         return out
 
     async def create_jobs(
-        self, new: Sequence[NewJob], dir_taken: Callable[[str], bool] = lambda _n: False
+        self,
+        new: Sequence[NewJob],
+        dir_taken: Callable[[str], bool] = lambda _n: False,
+        skip_recorded: bool = False,
     ) -> dict[str, str]:
         """Record claimed files as queued jobs, all in one transaction; returns the name
         each job got, by id.
 
         Each gets a unique name (`nightly`, `nightly-2`, …) not used by another job nor
         by a result dir on disk (`dir_taken`); that name is its result dir's name too.
+        `skip_recorded`: a job another process recorded meanwhile (a replica adopting the
+        same claimed file) is left out instead of failing the whole transaction.
         """
         if not new:
             return {}
@@ -273,8 +299,13 @@ class Store:
             try:
                 await self._b.tx([Stmt(q("insert_job"), rows), Stmt(q("insert_event"), events)])
                 break
-            except sqlite3.IntegrityError as e:
-                if "jobs.name" not in str(e):
+            except Duplicate as e:
+                if skip_recorded and "jobs.id" in str(e):
+                    recorded = {j.id for j in new if await self._rows("job_by_id", id=j.id)}
+                    new = [j for j in new if j.id not in recorded]
+                    if not new:
+                        return {}
+                elif "jobs.name" not in str(e):
                     raise
         else:
             raise RuntimeError("could not find free job names")
@@ -736,6 +767,14 @@ class Store:
         return [
             LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]))
             for r in await self._rows("live_batches")
+        ]
+
+    async def live_batches_changed(self, since: float) -> list[LiveBatch]:
+        """Batches in flight whose record changed at or after `since` (the tracker learns
+        of batches another replica created)."""
+        return [
+            LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]))
+            for r in await self._rows("live_batches_changed", since=since)
         ]
 
     async def live_attempts(self) -> list[Attempt]:

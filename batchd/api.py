@@ -495,10 +495,12 @@ class BatchApi:
             lambda: self._json("create_batch", "POST", "/batches", json=body), (RateLimited,)
         )
 
-    async def get_batch(self, batch_id: str) -> dict[str, Any]:
-        """GET /v1/batches/{id}."""
+    async def get_batch(self, batch_id: str, caller: str | None = None) -> dict[str, Any]:
+        """GET /v1/batches/{id}; `caller` names the part of batchd asking in the
+        User-Agent (`batchd (tracker)`), for whoever reads the provider's logs."""
+        kw = _agent(caller)
         return await self._retrying(
-            lambda: self._json("get_batch", "GET", f"/batches/{batch_id}"), (Transient,)
+            lambda: self._json("get_batch", "GET", f"/batches/{batch_id}", **kw), (Transient,)
         )
 
     async def list_batches(self, limit: int = 100, after: str | None = None) -> dict[str, Any]:
@@ -508,15 +510,20 @@ class BatchApi:
             raise Transient("list_batches: unexpected response body")
         return data
 
-    async def list_batches_raw(self, limit: int = 100, after: str | None = None) -> bytes:
+    async def list_batches_raw(
+        self, limit: int = 100, after: str | None = None, caller: str | None = None
+    ) -> bytes:
         """One page of GET /v1/batches as the API sent it (the tracker skips parsing a
-        page whose bytes it has seen before)."""
+        page whose bytes it has seen before); `caller`: see get_batch."""
         params: dict[str, str] = {"limit": str(limit)}
         if after:
             params["after"] = after
+        kw = _agent(caller)
 
         async def once() -> bytes:
-            async with self._request("list_batches", "GET", "/batches", params=params) as resp:
+            async with self._request(
+                "list_batches", "GET", "/batches", params=params, **kw
+            ) as resp:
                 return await resp.read()
 
         return await self._retrying(once, (Transient,))
@@ -548,6 +555,10 @@ class BatchApi:
                 return None
             after = page["data"][-1]["id"]
         return None
+
+
+def _agent(caller: str | None) -> dict[str, Any]:
+    return {"headers": {"User-Agent": f"batchd ({caller})"}} if caller else {}
 
 
 class Tap:

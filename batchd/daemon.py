@@ -22,6 +22,7 @@ from batchd import facade, logs, sdnotify
 from batchd.api import BatchApi
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
+from batchd.leases import Leases
 from batchd.metrics import Metrics
 from batchd.spool import Spool
 from batchd.stages import Context, collect, health, intake, retention, submit, track
@@ -218,7 +219,8 @@ class Daemon:
             spool.ensure()
         except OSError as e:
             raise StartupError(f"[spool] dir: {spool.root}: {_why(e)}") from None
-        spool.lock()
+        if self.cfg.state.url is None:  # replicas on PostgreSQL share the spool (leases)
+            spool.lock()
         return spool
 
     async def _serve(self, ctx: Context, token: str | None, secret: bytes | None) -> web.AppRunner:
@@ -273,6 +275,7 @@ class Daemon:
             ):
                 ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)
                 ctx.outcomes = self.outcomes
+                ctx.leases = Leases.for_store(store, cfg.replicas, self.log, self.metrics)
                 if key is None:
                     await ctx.hold.block(ctx, reason="api_key", message=health.no_key_message(ctx))
                 else:
@@ -286,8 +289,17 @@ class Daemon:
                 if self.serve_http:
                     runner = await self._serve(ctx, token, webhook_secret)
                 sdnotify.ready()
-                self.log.info("started", spool=str(spool.root), once=self.once, listen=self.listen)
-                await self._run_stages(ctx)
+                self.log.info(
+                    "started",
+                    spool=str(spool.root),
+                    once=self.once,
+                    listen=self.listen,
+                    replica=ctx.leases.owner if ctx.leases.shared else None,
+                )
+                try:
+                    await self._run_stages(ctx)
+                finally:
+                    await ctx.leases.close()  # the others take over at once
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -319,6 +331,7 @@ class Daemon:
                 tg.create_task(self._watchdog(), name="watchdog"),
                 tg.create_task(self._status(ctx), name="status"),
                 tg.create_task(self._watch_store(ctx), name="store-watch"),
+                tg.create_task(ctx.leases.run(), name="leases"),
             ]
             if self.once:
                 side.append(tg.create_task(self._idle_watch(ctx), name="idle"))

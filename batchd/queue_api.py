@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from batchd import jobmeta
 from batchd.config import parse_since
-from batchd.spool import Spool, enter_inbox
+from batchd.spool import Claimed, Spool, enter_inbox
 from batchd.spool import check_name as spool_check_name
 from batchd.stages import Context
 from batchd.states import TERMINAL_JOB_STATES, JobState
@@ -333,10 +333,13 @@ class QueueApi:
         ctx = self.ctx
         # No await between placing and claiming: intake cannot take the file first,
         # so the job id is ours to answer with.
-        fname = enter_inbox(ctx.spool.inbox, part, name)
-        claimed = ctx.spool.claim(fname)
+        if ctx.leases.shared:  # replicas: inbox/ is every replica's (see Spool.claim_as)
+            claimed: Claimed | None = ctx.spool.claim_as(part, name)
+        else:
+            fname = enter_inbox(ctx.spool.inbox, part, name)
+            claimed = ctx.spool.claim(fname)
         if claimed is None:
-            raise Problem(500, "internal", f"inbox/{fname} vanished before it was claimed")
+            raise Problem(500, "internal", f"the upload of {name} vanished before it was claimed")
         if meta:
             jobmeta.write(ctx.spool, claimed.job_id, meta)
         job = await ctx.store.create_job(claimed.job_id, claimed.name, claimed.rel_path, "http")

@@ -232,6 +232,16 @@ class Spool:
             self.sync_claims()
         return Claimed(job_id, name, rel)
 
+    def claim_as(self, src: Path, name: str) -> Claimed:
+        """Move a finished file of the spool (an HTTP upload) straight into processing/ as
+        a new job's input. Replicas share inbox/: a file placed there could be claimed by
+        another replica's intake before this one answers with its job id."""
+        job_id = str(ULID())
+        rel = f"processing/{job_id}{_SEP}{name}{SUFFIX}"
+        os.rename(src, self.root / rel)
+        self.sync_claims()
+        return Claimed(job_id, name, rel)
+
     def sync_claims(self) -> None:
         """fsync processing/ and inbox/: every claim rename so far is durable."""
         fsync_dir(self.processing)

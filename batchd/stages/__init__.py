@@ -20,6 +20,7 @@ from typing import Any
 
 from batchd.api import AccessDenied, ApiError, BatchApi, InvalidRequest
 from batchd.config import Config
+from batchd.leases import Leases
 from batchd.metrics import Metrics
 from batchd.spool import Spool
 from batchd.stages.health import Hold
@@ -62,6 +63,8 @@ class Context:
     # tracker also reloads from the store now and then).
     new_batches: list[LiveBatch] = field(default_factory=list)
     hold: Hold = field(default_factory=Hold)
+    # What this replica works on (replicas sharing a PostgreSQL store); solo: everything.
+    leases: Leases = field(default_factory=Leases.solo)
     # Set at shutdown: stages start nothing new; what is in flight drains.
     stopping: bool = False
     # True while files are moved out of inbox/ but their jobs not yet recorded.
@@ -220,6 +223,10 @@ class Worker:
     def busy(self, key: str) -> bool:
         """True while `key` runs or backs off."""
         return key in self._tasks or not self.backoff.ready(key)
+
+    def running(self, key: str) -> bool:
+        """True while `key` runs (not merely backs off)."""
+        return key in self._tasks
 
     def start(self, key: str, job_id: str, item: Item, on_invalid: OnInvalid | None = None) -> bool:
         """Start `item` unless `key` is busy or every slot is taken."""

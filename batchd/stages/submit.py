@@ -432,6 +432,10 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         if found:
             await _adopt(ctx, att, found, "adopted")
             return
+        if ctx.leases.shared and ctx.clock() < _create_answered_by(ctx, att.create_sent_at):
+            # Another replica sent this create and lost its lease (or died): its request
+            # may still be on its way. Wait for it rather than create a second batch.
+            raise Transient(f"a create of attempt {att.id} may still be in flight")
     if att.file_id is None and att.upload_started_at is not None:
         await _adopt_lost_upload(ctx, att)
         att = await ctx.store.attempt(att.id)
@@ -466,6 +470,7 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         return
     extra = jobmeta.read(ctx.spool, job)  # {} unless the job came with metadata (HTTP)
     metadata = {**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
+    await ctx.leases.fence(f"attempt:{att.id}")  # still ours: no other replica creates it
     await ctx.store.update_attempt(att.id, durable=True, create_sent_at=ctx.clock())
     try:
         batch = await ctx.api.create_batch(
@@ -483,6 +488,11 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
             raise
         batch = found
     await _adopt(ctx, att, batch, "created")
+
+
+def _create_answered_by(ctx: Context, sent_at: float) -> float:
+    """When a create sent at `sent_at` has surely been answered (or given up)."""
+    return sent_at + ctx.cfg.api.request_timeout_seconds + 5.0
 
 
 async def _input_changed(ctx: Context, job: Job, att: Attempt) -> bool:
@@ -588,20 +598,35 @@ class Submit:
         # Work under way first: a validated job's batch is created before the next file
         # is validated, so a burst yields batches from the start, not after its last file.
         if w.free and not ctx.hold.blocked:
-            _used, limits = await self._admission()
-            # With a budget, admission chooses among many; without, the oldest due do.
-            pending = await ctx.store.due_pending(now, max(window, 200) if limits else window)
-            candidates = [p for p in pending if not w.busy(p.id)]
-            chosen = await self.choose(candidates)
-            held_back = len(chosen) < len(candidates)
+            if ctx.leases.shared:
+                chosen, held_back = await self._claim_pending(now)
+            else:
+                _used, limits = await self._admission()
+                # With a budget, admission chooses among many; without, the oldest due do.
+                pending = await ctx.store.due_pending(now, max(window, 200) if limits else window)
+                candidates = [p for p in pending if not w.busy(p.id)]
+                chosen = await self.choose(candidates)
+                held_back = len(chosen) < len(candidates)
             for p in chosen:
-                if not w.free:
-                    break
-                if w.start(p.id, p.job_id, partial(self._submit, p), partial(_api_rejected, ctx)):
+                item = ctx.leases.held(f"attempt:{p.id}", partial(self._submit, p))
+                if w.free and w.start(p.id, p.job_id, item, partial(_api_rejected, ctx)):
                     self._took(p)
+                elif not w.running(p.id):
+                    await ctx.leases.release(f"attempt:{p.id}")
         if w.free:
-            for job_id in await ctx.store.due_new_jobs(window):
-                w.start(job_id, job_id, partial(advance, ctx, job_id), partial(_api_rejected, ctx))
+            if ctx.leases.shared:
+                leases = ctx.leases
+                ids = await leases.claims.new_jobs(  # type: ignore[union-attr]
+                    leases.owner, leases.cfg.lease_seconds, w.free
+                )
+                leases.hold([f"job:{i}" for i in ids])
+            else:
+                ids = await ctx.store.due_new_jobs(window)
+            for job_id in ids:
+                item = ctx.leases.held(f"job:{job_id}", partial(advance, ctx, job_id))
+                started = w.start(job_id, job_id, item, partial(_api_rejected, ctx))
+                if not started and not w.running(job_id):
+                    await ctx.leases.release(f"job:{job_id}")
         if ctx.hold.blocked:
             return due
         nxt = await ctx.store.next_pending_at(now)
@@ -609,13 +634,56 @@ class Submit:
             nxt = min(nxt or now + _FLIGHT_TTL, now + _FLIGHT_TTL)
         return min((t for t in (due, nxt) if t is not None), default=None)
 
+    async def _claim_pending(self, now: float) -> tuple[list[Pending], bool]:
+        """Replicas: claim the due attempts admission lets through, deciding in the claim's
+        transaction on what every replica has in flight (see store/claims.py)."""
+        ctx, w = self.ctx, self.worker
+        learned = await ctx.store.learned_limits()
+        limits = dict(ctx.cfg.admission.token_budgets)
+        for model, limit in learned.items():
+            limits[model] = min(limit, limits.get(model, limit))
+        held_back = False
+
+        def decide(pending: list[Pending], flight: dict[str, tuple[int, int]]) -> list[Pending]:
+            nonlocal held_back
+            chosen = pending
+            if not limits.keys().isdisjoint(p.model for p in pending):
+                by_id = {p.id: p for p in pending}
+                used = {m: t for m, (t, _) in flight.items()}
+                cands = [
+                    Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before)
+                    for p in pending
+                ]
+                chosen = [by_id[i] for i in admit(cands, used, limits, now)]
+            held_back = len(chosen) < len(pending)
+            return chosen[: w.free]
+
+        leases = ctx.leases
+        assert leases.claims is not None
+        window = max(w.free, 200) if limits else w.free
+        chosen = await leases.claims.pending(
+            leases.owner, leases.cfg.lease_seconds, now, window, decide
+        )
+        leases.hold([f"attempt:{p.id}" for p in chosen])
+        return chosen, held_back
+
     async def _submit(self, p: Pending) -> None:
-        await submit_attempt(self.ctx, await self.ctx.store.attempt(p.id))
+        att = await self.ctx.store.attempt(p.id)
+        if self.ctx.leases.shared and att.phase != "pending":
+            return  # another replica got there first (its lease ran out mid-way)
+        await submit_attempt(self.ctx, att)
 
     async def reconcile(self) -> None:
-        """At start-up: pieces left without an open attempt by an older batchd."""
+        """At start-up: pieces left without an open attempt by an older batchd (a replica
+        does this only for jobs no other replica works on)."""
         for job_id in await self.ctx.store.jobs_missing_attempts():
-            await ensure_attempts(self.ctx, await self.ctx.store.job(job_id))
+            key = f"job:{job_id}"
+            if not await self.ctx.leases.take(key):
+                continue
+            try:
+                await ensure_attempts(self.ctx, await self.ctx.store.job(job_id))
+            finally:
+                await self.ctx.leases.release(key)
 
 
 async def run(ctx: Context, stage: Submit | None = None) -> None:

@@ -34,6 +34,8 @@ MAX_PAGES = 200
 RELOAD_SECONDS = 60.0  # re-read the batches in flight from the store now and then
 PROGRESS_LOG_SECONDS = 60.0
 GAUGE_SECONDS = 2.0
+OTHERS_SECONDS = 1.0  # replicas: how often the tracker looks for others' new batches
+CHANGED_SLACK = 30.0  # seconds a replica's clock may be behind another's
 
 
 @dataclass
@@ -81,6 +83,8 @@ class Tracker:
         self._seen: dict[str, float] = {}  # batch id -> when a status call last saw it
         self._pages: dict[str | None, _Page] = {}  # list pages by cursor, as last seen
         self._calls: deque[float] = deque()  # times of the recent status calls
+        self._tracking = not ctx.leases.shared  # replicas: only while holding the role
+        self._others_at = float("-inf")  # when batches of other replicas were looked for
 
     async def reload(self) -> None:
         """Read the batches in flight from the store."""
@@ -121,7 +125,7 @@ class Tracker:
     async def _get(self, lb: LiveBatch) -> bool:
         await self._pace(budget(len(self.live)))
         try:
-            b = await self.ctx.api.get_batch(lb.batch_id)
+            b = await self.ctx.api.get_batch(lb.batch_id, caller="tracker")
         except AccessDenied as e:
             await self.ctx.hold.block(self.ctx, e)
             return False
@@ -157,7 +161,7 @@ class Tracker:
         """One list page: parsed only when its bytes differ from last time."""
         await self._pace(limit)
         try:
-            raw = await self.ctx.api.list_batches_raw(100, after)
+            raw = await self.ctx.api.list_batches_raw(100, after, caller="tracker")
         finally:
             self._spent += 1
             self._answered()
@@ -261,13 +265,51 @@ class Tracker:
                 by_status=dict(by_status),
             )
 
+    async def _role(self) -> bool:
+        """Replicas: one tracks at a time. True while this one holds the role; taking it
+        over starts from what the store says is in flight."""
+        leases = self.ctx.leases
+        if not await leases.role("tracker"):
+            if self._tracking:
+                self._tracking = False
+                self.live.clear()
+                self._pages.clear()
+                self._next_full = self._next_busy = None
+                self.ctx.log.warning("role_lost", role="tracker", replica=leases.owner)
+            self.ctx.new_batches.clear()  # the tracking replica finds them in the store
+            return False
+        if not self._tracking:
+            self._tracking = True
+            self._loaded_at = float("-inf")  # reload now
+        return True
+
+    async def _from_others(self) -> None:
+        """Replicas: batches other replicas created, and batch ids webhooks delivered to
+        them, looked for at most every OTHERS_SECONDS (indexed reads of what changed)."""
+        ctx = self.ctx
+        now = ctx.clock()
+        if now - self._others_at < OTHERS_SECONDS:
+            return
+        since, self._others_at = self._others_at - CHANGED_SLACK, now
+        for b in await ctx.store.live_batches_changed(since):
+            if b.batch_id not in self.live:
+                self.live[b.batch_id] = b
+                self._pages.clear()
+        assert ctx.leases.claims is not None
+        ctx.webhook_batches.update(await ctx.leases.claims.take_pushed())
+
     async def step(self) -> float | None:
         """Sweep when the interval is up (or check busy batches half-way); returns when
         to look again, or None with nothing in flight."""
         ctx = self.ctx
+        if ctx.leases.shared and not await self._role():
+            return ctx.clock() + ctx.leases.renew_every  # try again soon: takeover is quick
         now = ctx.clock()
         if now - self._loaded_at >= RELOAD_SECONDS:
             await self.reload()
+            self._others_at = now
+        elif ctx.leases.shared:
+            await self._from_others()
         self._absorb()
         if ctx.hold.blocked:
             return None
@@ -276,7 +318,7 @@ class Tracker:
         if not self.live:
             self._gauges(force=True)
             self._next_full = None
-            return None
+            return now + OTHERS_SECONDS if ctx.leases.shared else None
         every = interval(ctx)
         if self._next_full is None:  # the first batch in flight: its status is known
             self._next_full, self._spent = now + every, 0
@@ -299,6 +341,8 @@ class Tracker:
         due = [self._next_full, self._loaded_at + RELOAD_SECONDS]
         if self._next_busy is not None:
             due.append(self._next_busy)
+        if ctx.leases.shared:  # the role is renewed meanwhile; others' batches come in
+            due.append(now + OTHERS_SECONDS)
         return min(due)
 
 

@@ -73,13 +73,13 @@ WHERE expires_at >= batchd_now() GROUP BY 1, 2 ORDER BY 1, 2;
 DELETE FROM leases WHERE expires_at < batchd_now() - 3600;
 
 -- name: claim_new_jobs
--- Queued or validating jobs (one state) that nobody else works on, oldest first, leased
+-- Queued or validating jobs (one state) that no replica works on, oldest first, leased
 -- to :owner. SKIP LOCKED: replicas claiming at the same instant take different jobs.
 WITH due AS (
     SELECT j.id FROM jobs j
     WHERE j.state = :state
     AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.key = 'job:' || j.id
-                    AND l.owner <> :owner AND l.expires_at >= batchd_now())
+                    AND l.expires_at >= batchd_now())
     ORDER BY j.created_at, j.id LIMIT :limit
     FOR UPDATE OF j SKIP LOCKED
 )

@@ -100,7 +100,7 @@ async def test_admission_is_decided_once_for_all_replicas(pg_url: str) -> None:
         )
         assert sum(len(g) for g in got) == 2
         await store.update_attempt(
-            got[0][0].id if got[0] else [g for g in got if g][0][0].id,
+            next(g for g in got if g)[0].id,
             batch_id="b1",
             status="in_progress",
         )

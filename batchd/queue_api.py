@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -441,10 +442,18 @@ def _parse_since(text: str) -> float:
 
 
 def sweep_partials(ctx: Context) -> int:
-    """Remove uploads cut off by a crash (the daemon holds the spool lock); returns how many."""
+    """Remove uploads cut off by a crash (the daemon holds the spool lock; replicas share
+    it and leave alone what changed within [replicas] adopt_after_seconds: another
+    replica may be receiving it); returns how many."""
     n = 0
+    grace = ctx.cfg.replicas.adopt_after_seconds if ctx.leases.shared else -1.0
     for e in os.scandir(ctx.spool.inbox):
         if e.name.startswith(_PART_PREFIX) and e.name.endswith(_PART_SUFFIX):
+            try:
+                if time.time() - e.stat(follow_symlinks=False).st_mtime < grace:
+                    continue
+            except FileNotFoundError:
+                continue
             _unlink_quiet(Path(e.path))
             n += 1
     return n

@@ -45,15 +45,20 @@ def create_app(state: EmulatorState) -> web.Application:
         resource = request.match_info.route.resource
         if resource is not None:
             state.calls[f"{request.method} {resource.canonical}"] += 1
-            if request.method == "GET" and resource.canonical.startswith("/v1/batches"):
-                # Status calls, timed, with who made them (`batchd (tracker)`): how many a
-                # group of replicas makes per interval is checked against one daemon's.
-                agent = request.headers.get("User-Agent", "")
-                state.polls.append((state.now(), agent))
         try:
             api.auth(request)
             request[TARGET_KEY] = api
-            return await handler(request)
+            resp = await handler(request)
+            if (
+                request.method == "GET"
+                and resource is not None
+                and resource.canonical.startswith("/v1/batches")
+                and resp.status == 200
+            ):
+                # Status calls answered, timed, with who made them (`batchd (tracker)`):
+                # how many replicas make per interval is checked against one daemon's.
+                state.polls.append((state.now(), request.headers.get("User-Agent", "")))
+            return resp
         except ApiError as exc:
             return api.error(exc)
         except web.HTTPException as exc:

@@ -28,7 +28,7 @@ from batchd.stages import Context, loop
 from batchd.store import NewJob
 
 RESCAN_SECONDS = 5.0
-ADOPT_SECONDS = 30.0  # replicas: how often orphans of other replicas are looked for
+ADOPT_SECONDS = 5.0  # replicas: orphans of others are looked for as often as they may be adopted
 CHUNK = 500
 _MASK = flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
 
@@ -59,7 +59,8 @@ class Intake:
     async def step(self) -> float | None:
         """Claim what is complete; returns when to look again."""
         ctx = self.ctx
-        if ctx.leases.shared and ctx.clock() - self._adopted_at >= ADOPT_SECONDS:
+        every = max(ADOPT_SECONDS, ctx.cfg.replicas.adopt_after_seconds)
+        if ctx.leases.shared and ctx.clock() - self._adopted_at >= every:
             # Replicas: one that died between a claim and its record left an orphan that
             # it may never come back for.
             self._adopted_at = ctx.clock()

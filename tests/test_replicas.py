@@ -443,3 +443,37 @@ async def test_three_replicas_sigkilled_lose_nothing_and_submit_nothing_twice(
         f"max_per_interval={worst} ceiling={ceiling} faults={stats.get('fault_counts')}"
     )
     assert not problems, "\n".join(problems)
+
+
+async def test_the_tracker_role_is_taken_over_when_its_holder_dies(
+    tmp_path: Path, pg_url: str, emulator: Emulator
+) -> None:
+    """Two replicas: one tracks. SIGKILL it: the other tracks within about
+    [replicas] role_lease_seconds (the default, 5 s); the figure is printed."""
+    (tmp_path / "token").write_text(TOKEN)
+    env = {**os.environ, CRASH_KEY_ENV: API_KEY}
+    replicas = []
+    for n in range(2):
+        r = Replica(n, tmp_path / f"replica-{n}.toml", free_port(), tmp_path)
+        replica_config(r.config, tmp_path, pg_url, emulator.port, r.port)
+        text = r.config.read_text().replace("role_lease_seconds = 3\n", "")
+        r.config.write_text(text)
+        await r.start(env)
+        replicas.append(r)
+    try:
+        deadline = time.monotonic() + 30
+        while (owner := await tracker_of(pg_url)) is None:
+            assert time.monotonic() < deadline, "no replica took the tracker role"
+            await asyncio.sleep(0.05)
+        holder = next(r for r in replicas if r.proc and f":{r.proc.pid}:" in owner)
+        assert holder.proc is not None
+        await stop(holder.proc)  # SIGKILL
+        killed = time.monotonic()
+        while (now := await tracker_of(pg_url)) in (None, owner):
+            assert time.monotonic() - killed < 30, "the tracker role was not taken over"
+            await asyncio.sleep(0.05)
+        print(f"\ntracker takeover after SIGKILL: {time.monotonic() - killed:.2f}s ({now})")
+    finally:
+        for r in replicas:
+            if r.proc is not None:
+                await stop(r.proc, signal.SIGTERM)

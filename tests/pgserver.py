@@ -94,7 +94,8 @@ class PgServer:
 
 def start(initdb: str, pg_ctl: str) -> PgServer:
     """initdb into a temporary directory and start the server (fsync off)."""
-    root = Path(tempfile.mkdtemp(prefix="batchd-pg-"))
+    # As root the server runs as nobody, who must reach its directory: /tmp, not $TMPDIR.
+    root = Path(tempfile.mkdtemp(prefix="batchd-pg-", dir="/tmp" if os.geteuid() == 0 else None))
     os.chmod(root, 0o755)
     if os.geteuid() == 0:
         shutil.chown(root, "nobody")

@@ -275,6 +275,7 @@ class Tracker:
                 self.live.clear()
                 self._pages.clear()
                 self._next_full = self._next_busy = None
+                self._gauges(force=True)  # the replica that tracks now reports them
                 self.ctx.log.warning("role_lost", role="tracker", replica=leases.owner)
             self.ctx.new_batches.clear()  # the tracking replica finds them in the store
             return False

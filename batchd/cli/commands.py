@@ -275,6 +275,8 @@ async def cancel(args: argparse.Namespace) -> int:
         print(f"cancelling {job.id} ({job.name})")
         spool = Spool(cfg.spool.dir)
         try:
+            if cfg.state.url is not None:  # replicas take no spool lock: one of them acts
+                raise SpoolLocked("replicas share this store")
             spool.lock()
         except SpoolLocked:
             daemon = True

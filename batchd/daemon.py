@@ -68,6 +68,7 @@ class Daemon:
         oldest = await ctx.store.oldest_live_created_at()
         self.metrics.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
         self.metrics.inbox_files.set(len(ctx.spool.waiting()))
+        self.metrics.budget_waiting.set(await ctx.store.budget_waiting_count())
 
     async def _idle_watch(self, ctx: Context) -> None:
         """In --once mode: stop when the inbox is empty, every job has ended and the
@@ -127,6 +128,14 @@ class Daemon:
                 )
                 await asyncio.sleep(delay)
 
+    async def _warm_prices(self, ctx: Context) -> None:
+        """Load the price database off the event loop at start-up (~1 s), so the first
+        job's estimate does not stall the loop while it loads."""
+        try:
+            await asyncio.to_thread(ctx.prices.warm)
+        except Exception as e:  # prices then load (or fail: "unknown") at first use
+            self.log.warning("prices_unavailable", error=f"{type(e).__name__}: {e}")
+
     async def _watchdog(self) -> None:
         """Ping systemd's watchdog from the event loop, so a hung loop gets restarted."""
         period = sdnotify.watchdog_interval()
@@ -176,7 +185,9 @@ class Daemon:
             ctx.cfg.api, api_key_env=new.api.api_key_env, api_key_file=new.api.api_key_file
         )
         admission = dataclasses.replace(
-            ctx.cfg.admission, token_budgets=new.admission.token_budgets
+            ctx.cfg.admission,
+            token_budgets=new.admission.token_budgets,
+            request_limits=new.admission.request_limits,
         )
         webhooks = dataclasses.replace(
             ctx.cfg.webhooks, poll_interval_seconds=new.webhooks.poll_interval_seconds
@@ -190,7 +201,11 @@ class Daemon:
             retention=new.retention,
             admission=admission,
             webhooks=webhooks,
+            prices=new.prices,
+            estimate=new.estimate,
+            budget=new.budget,
         )
+        ctx.reprice()
         logs.setup(new.log.level, new.log.format)
         try:
             ctx.api.set_key(ctx.cfg.api.api_key())
@@ -332,6 +347,7 @@ class Daemon:
                 tg.create_task(self._status(ctx), name="status"),
                 tg.create_task(self._watch_store(ctx), name="store-watch"),
                 tg.create_task(ctx.leases.run(), name="leases"),
+                tg.create_task(self._warm_prices(ctx), name="prices"),
             ]
             if self.once:
                 side.append(tg.create_task(self._idle_watch(ctx), name="idle"))

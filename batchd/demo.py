@@ -104,7 +104,8 @@ async def run_demo(workdir: Path | None = None) -> int:
         if (done / "errors.jsonl").exists()
         else []
     )
-    status = orjson.loads((done / "job.json").read_bytes())["status"]
+    info = orjson.loads((done / "job.json").read_bytes())
+    status = info["status"]
     print(f"job       requests: {status}")
     print(f"results   {done}/")
     for f in sorted(done.iterdir()):
@@ -114,4 +115,17 @@ async def run_demo(workdir: Path | None = None) -> int:
         first = orjson.loads(out[0])
         content = first["response"]["body"]["choices"][0]["message"]["content"]
         print(f"first     {first['custom_id']}: {content!r}")
+    est, cost = info.get("estimate") or {}, info.get("cost") or {}
+    if est:
+        print(
+            f"estimate  ${est['cost_low_usd']} to ${est['cost_high_usd']} "
+            f"(~{est['input_tokens']} input tokens, {est['output_tokens_low']} to "
+            f"{est['output_tokens_high']} output tokens; batch price of gpt-4o-mini)"
+        )
+    if cost:
+        print(
+            f"cost      ${cost['usd']} ({cost['input_tokens']} input, "
+            f"{cost['output_tokens']} output tokens in {cost['requests_billed']} billed results;"
+            " the emulator counts a prompt as its JSON body's bytes / 4)"
+        )
     return 0

@@ -8,6 +8,7 @@ lines are diagnosed afterwards and valid lines pay for nothing else.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -115,10 +116,18 @@ def _count_inputs(value: object) -> int:
 class Validator:
     """Incremental: feed raw bytes chunks in order (e.g. while uploading), then finish()."""
 
-    def __init__(self, limits: Limits = Limits(), max_problems: int = 100) -> None:
-        """Create a validator enforcing ``limits``, keeping at most ``max_problems`` problems."""
+    def __init__(
+        self,
+        limits: Limits = Limits(),
+        max_problems: int = 100,
+        on_request: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Create a validator enforcing ``limits``, keeping at most ``max_problems`` problems;
+        ``on_request`` sees every line parsed as a JSON object (e.g. a cost estimator: the
+        line is parsed once, here)."""
         self.limits = limits
         self.max_problems = max_problems
+        self._on_request = on_request
         self._summary = Summary()
         self._pending: list[bytes] = []  # parts of the current, unterminated line
         self._lines = 0
@@ -212,6 +221,8 @@ class Validator:
             self._add(n, "not_object", f"the line is a JSON {_json_type(obj)}, not an object")
             return
         self._request(n, obj)
+        if self._on_request is not None:
+            self._on_request(obj)
 
     def _diagnose(self, n: int, view: bytes | memoryview, exc: orjson.JSONDecodeError) -> None:
         """Classify a line orjson rejected."""
@@ -305,13 +316,14 @@ def validate_path(
     max_problems: int = 100,
     *,
     nofollow: bool = False,
+    on_request: Callable[[dict[str, Any]], None] | None = None,
 ) -> Summary:
     """Stream the file through a Validator (1 MiB chunks).
 
     With ``nofollow`` a symbolic link is never followed: opening one raises OSError
-    (ELOOP).
+    (ELOOP). ``on_request``: see Validator.
     """
-    validator = Validator(limits, max_problems)
+    validator = Validator(limits, max_problems, on_request)
     opener = _open_nofollow if nofollow else None
     with open(path, "rb", buffering=0, opener=opener) as f:
         while chunk := f.read(_CHUNK):

@@ -5,7 +5,8 @@ may die at any moment. Per-item work (validating a job, submitting or settling a
 attempt, failing or publishing a job) is leased to one replica, renewed while it works;
 a lease that runs out is anyone's, so a dead replica's work is taken up by the others.
 One replica at a time tracks (the `tracker` role: list pages are not multiplied by the
-number of replicas), runs retention and the facade's stage; a role is taken over within
+number of replicas), runs retention and the facade's stage, and admits jobs against
+the [budget] limits; a role is taken over within
 `[replicas] role_lease_seconds` of its holder's death.
 
 With SQLite one daemon owns the spool (its lock), and `Leases.solo()` grants everything
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from batchd.store.claims import Claims
 
 Item = Callable[[], Awaitable[None]]
-ROLES = ("tracker", "retention", "facade")
+ROLES = ("tracker", "retention", "facade", "budget")
 
 
 class LeaseLost(Exception):

@@ -85,6 +85,7 @@ class Metrics:
             "transient",
             "create_unknown",
             "token_limit",
+            "request_limit",
             "expired",
             "request_failed",
             "short_download",
@@ -202,6 +203,44 @@ class Metrics:
         )
         for outcome in ("delivered", "failed", "dropped"):
             self.facade_webhooks.labels(outcome)
+        # --- cost ---------------------------------------------------------------------
+        self.cost = Counter(
+            "batchd_cost_usd",
+            "Money in USD by provider, model and job source: kind=estimated is the high "
+            "estimate of each job when it is admitted, kind=actual what its results billed",
+            ["provider", "model", "source", "kind"],
+            registry=r,
+        )
+        self.cost_unpriced = Counter(
+            "batchd_cost_unpriced_requests",
+            "Billed requests whose cost is unknown (a model without a price)",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.estimate_ratio = Histogram(
+            "batchd_cost_estimate_ratio",
+            "Per finished job: actual cost / high estimate (above 1: the estimate was low)",
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0, 1.1, 1.5, 2.0, 5.0),
+            registry=r,
+        )
+        self.budget_waiting = Gauge(
+            "batchd_budget_waiting_jobs",
+            "Jobs whose high estimate does not fit what is left of a [budget] limit; they "
+            "wait (nothing of them is submitted) for the period to roll over or a raise",
+            registry=r,
+        )
+        self.request_limit = Gauge(
+            "batchd_request_limit_requests",
+            "Enqueued-request limit per model (configured or learned from a refusal)",
+            ["model"],
+            registry=r,
+        )
+        self.enqueued_requests = Gauge(
+            "batchd_requests_enqueued",
+            "Requests of batches in flight, per model with an enqueued-request limit",
+            ["model"],
+            registry=r,
+        )
         self._replicas(r)
 
     def _replicas(self, r: CollectorRegistry) -> None:
@@ -217,11 +256,11 @@ class Metrics:
             self.replica_leases.labels(kind)
         self.replica_role = Gauge(
             "batchd_replica_role",
-            "1 while this replica holds the role (tracker, retention, facade)",
+            "1 while this replica holds the role (tracker, retention, facade, budget)",
             ["role"],
             registry=r,
         )
-        for role in ("tracker", "retention", "facade"):
+        for role in ("tracker", "retention", "facade", "budget"):
             self.replica_role.labels(role)
         self.replica_lease_lost = Counter(
             "batchd_replica_leases_lost",

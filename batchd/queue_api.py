@@ -128,6 +128,12 @@ def job_view(spool: Spool, job: Job, attempts: list[Attempt] | None = None) -> d
         "created_at": iso(job.created_at),
         "updated_at": iso(job.updated_at),
         "finished_at": iso(job.finished_at),
+        # Money as nano-dollars (1e-9 USD): the estimate made at intake, the actual cost
+        # once the job ended (null with cost_unknown when it could not all be priced).
+        "estimate": job.estimate,
+        "cost_nanousd": job.cost_nanos,
+        "cost_unknown": job.cost_unknown,
+        "budget_wait": job.budget_wait if job.admitted_at is None and not job.ended else None,
     }
     if attempts is not None:
         view["batch_ids"] = [a.batch_id for a in attempts if a.batch_id]

@@ -35,7 +35,14 @@ import orjson
 
 from batchd.prices import Price, Unknown, round_amount
 
-__all__ = ["AttemptTally", "Charge", "Usage", "usage_of_body", "usage_of_result"]
+__all__ = [
+    "AttemptTally",
+    "Charge",
+    "Usage",
+    "usage_of_body",
+    "usage_of_raw",
+    "usage_of_result",
+]
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,58 @@ def usage_of_result(line: Mapping[str, Any]) -> tuple[str, Usage] | None:
     return (cid, usage) if usage is not None else None
 
 
+_USAGE_KEY = b'"usage"'
+_WS = b" \t\r\n"
+
+
+def _usage_object(data: bytes) -> bytes | None:
+    """The text of the last `"usage": {...}` object of a raw line, or None."""
+    i = data.rfind(_USAGE_KEY)
+    if i < 0:
+        return None
+    j = i + len(_USAGE_KEY)
+    n = len(data)
+    while j < n and data[j] in _WS:
+        j += 1
+    if j >= n or data[j] != 58:  # ":"
+        return None
+    j += 1
+    while j < n and data[j] in _WS:
+        j += 1
+    if j >= n or data[j] != 123:  # "{"
+        return None
+    depth = 0
+    for k in range(j, min(n, j + 4096)):  # a usage object is numbers and small objects
+        c = data[k]
+        if c == 123:
+            depth += 1
+        elif c == 125:
+            depth -= 1
+            if depth == 0:
+                return data[j : k + 1]
+        elif c == 34 and data[k - 1] == 58:  # a string value: not a usage object
+            return None
+    return None
+
+
+def usage_of_raw(raw: bytes) -> tuple[Usage | None, bool]:
+    """(usage, sure) of one raw result line, without parsing the (often large) answer.
+
+    The billed usage is the last `"usage"` object of an OpenAI or Anthropic result line;
+    it is cut out and parsed alone. `sure` is False when that could not be decided (no
+    such object, or it does not look like usage): the caller parses the whole line.
+    """
+    text = _usage_object(raw)
+    if text is None:
+        return None, _USAGE_KEY not in raw
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None, False
+    usage = usage_of_body({"usage": obj})
+    return usage, usage is not None
+
+
 @dataclass(frozen=True)
 class Charge:
     """The tally of one attempt: billed requests, tokens, and cost (nano-dollars)."""
@@ -151,7 +210,18 @@ class AttemptTally:
         found = usage_of_result(line)
         if found is None:
             return False
-        cid, u = found
+        return self.add_usage(*found)
+
+    def add_line(self, cid: str, raw: bytes) -> bool:
+        """Count one raw result line whose custom_id is known (collect reads it as the
+        bytes arrive): only its usage object is parsed, the whole line when in doubt."""
+        usage, sure = usage_of_raw(raw)
+        if not sure:
+            return self.add_raw(raw)
+        return usage is not None and self.add_usage(cid, usage)
+
+    def add_usage(self, cid: str, u: Usage) -> bool:
+        """Count the usage of one request; False if `cid` was already counted."""
         if cid in self._seen:
             return False
         self._seen.add(cid)

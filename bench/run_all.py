@@ -26,6 +26,7 @@ BENCHMARKS = (
     "download",
     "estimate",
     "facade",
+    "cost_accuracy",
 )
 
 

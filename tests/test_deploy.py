@@ -39,6 +39,7 @@ ALERTS = {
     "BatchdApiErrorRate",
     "BatchdTokenLimitRefusals",
     "BatchdOldJob",
+    "BatchdBudgetWaiting",
 }
 MAX_EXPOSURE = 2.0
 

@@ -45,15 +45,15 @@ def test_chat_tokens_with_a_tokenizer_are_text_plus_message_overheads() -> None:
         ],
     }
     est = estimate([line(body)], tokenizer=words)
-    # 3 priming + 3 per message x 2 + 1 for the name + 2 + 3 words
-    assert est.input_tokens == 3 + 6 + 1 + 5
+    # 3 priming + 4 per message (3 + its role) x 2 + 1 for the name + 2 + 3 words
+    assert est.input_tokens == 3 + 8 + 1 + 5
     assert (est.output_low, est.output_high, est.unbounded) == (0, 10, 0)
     assert est.method.startswith("tokenizer, 1 of 1 lines tokenized")
 
 
 def test_without_a_tokenizer_text_is_utf8_bytes_over_4() -> None:
     est = estimate([chat("a" * 400), chat("é" * 200)], tokenizer=False)  # 400 bytes each
-    assert est.input_tokens == 2 * (3 + 3) + 2 * 100
+    assert est.input_tokens == 2 * (3 + 4) + 2 * 100
     assert est.method == "bytes/4"
 
 
@@ -63,7 +63,7 @@ def test_the_inlined_common_line_counts_like_the_general_walk() -> None:
     general = [chat(text, max_tokens=9, temperature=0, i=i) for i in range(50)]
     a, b = estimate(fast, tokenizer=False), estimate(general, tokenizer=False)
     assert (a.input_tokens, a.output_high) == (b.input_tokens, b.output_high)
-    assert a.input_tokens == 50 * (6 + len(text.encode()) / 4)
+    assert a.input_tokens == 50 * (7 + len(text.encode()) / 4)
 
 
 def test_a_sample_calibrates_every_line() -> None:
@@ -72,7 +72,7 @@ def test_a_sample_calibrates_every_line() -> None:
     text = "word " * 50  # 250 bytes, 50 words
     lines = [chat(text) for _ in range(1000)]
     est = estimate(lines, tokenizer=words, sample_head=2, sample_every=5)
-    assert est.input_tokens == 1000 * (6 + 50)
+    assert est.input_tokens == 1000 * (7 + 50)
     sampled = int(est.method.split(", ")[1].split(" of ")[0])
     assert 150 < sampled < 250
     # The same lines are sampled every time (a redo gives the same estimate).
@@ -115,15 +115,15 @@ def test_output_bounds_per_chat_line() -> None:
 
 
 def test_output_ratio_gives_the_low_end() -> None:
-    lines = [chat("a" * 396, max_tokens=1000)]  # 6 + 99 = 105 input tokens
+    lines = [chat("a" * 392, max_tokens=1000)]  # 7 + 98 = 105 input tokens
     est = estimate(lines, tokenizer=False, output_ratio=0.5)
     assert (est.input_tokens, est.output_low, est.output_high) == (105, 52, 1000)
-    capped = estimate([chat("a" * 396, max_tokens=10)], tokenizer=False, output_ratio=0.5)
+    capped = estimate([chat("a" * 392, max_tokens=10)], tokenizer=False, output_ratio=0.5)
     assert capped.output_low == 10  # never above the high end
 
 
 def test_cost_range_is_exact_in_nanodollars() -> None:
-    lines = [chat("a" * 396, max_tokens=1000, i=i) for i in range(1000)]  # 105 tokens each
+    lines = [chat("a" * 392, max_tokens=1000, i=i) for i in range(1000)]  # 7 + 98 = 105 tokens each
     est = estimate(lines, tokenizer=False)
     assert est.input_tokens == 105_000 and est.output_high == 1_000_000
     assert est.cost_low == to_nanos("0.105")
@@ -145,7 +145,7 @@ def test_responses_shape() -> None:
         "max_output_tokens": 200,
     }
     est = estimate([line(body, "/v1/responses")], tokenizer=words)
-    assert est.input_tokens == 2 + 3 + 1 + 2 * 3 + 3
+    assert est.input_tokens == 2 + 3 + 1 + 2 * 4 + 3
     assert est.output_high == 200
     no_limit = estimate([line({"model": "gpt-4.1", "input": "hi"}, "/v1/responses")])
     assert no_limit.output_high == 32_768 and no_limit.unbounded == 1
@@ -178,9 +178,9 @@ def test_images_are_a_fixed_charge_not_their_base64() -> None:
     ]
     est = estimate([chat(parts, model="gpt-4o")], tokenizer=words)
     assert est.images == 2
-    assert est.input_tokens == 6 + 3 + 1_445 + 85
+    assert est.input_tokens == 7 + 3 + 1_445 + 85
     mini = estimate([chat(parts[1:2], model="gpt-4o-mini")], tokenizer=words)
-    assert mini.input_tokens == 6 + 2_833 + 8 * 5_667
+    assert mini.input_tokens == 7 + 2_833 + 8 * 5_667
 
 
 def test_tools_count_as_text() -> None:
@@ -211,8 +211,8 @@ def test_long_context_tier_by_request() -> None:
         (Rates(to_nanos(1), 0, 0, to_nanos(2)), Rates(to_nanos(10), 0, 0, to_nanos(20))),
         (1000,),
     )
-    small = chat("a" * 3976, max_tokens=1)  # 6 + 994 = 1,000 tokens: base tier
-    big = chat("a" * 3980, max_tokens=1)  # 1,001 tokens: the higher tier, all of them
+    small = chat("a" * 3972, max_tokens=1)  # 7 + 993 = 1,000 tokens: base tier
+    big = chat("a" * 3976, max_tokens=1)  # 1,001 tokens: the higher tier, all of them
     est = estimate([small, big], tiered, tokenizer=False)
     assert est.input_tokens == 2001
     assert est.cost_high == ((1000 * 1 + 1 * 2 + 1001 * 10 + 1 * 20) * 1000)
@@ -220,7 +220,7 @@ def test_long_context_tier_by_request() -> None:
 
 def test_with_the_price_database() -> None:
     book = PriceBook("openai")
-    lines = [chat("a" * 396, max_tokens=1000)]
+    lines = [chat("a" * 392, max_tokens=1000)]
     est = estimate(lines, price=book.price("gpt-4o-mini"), tokenizer=False)
     # gpt-4o-mini batch: $0.075 / $0.30 per million tokens
     assert est.cost_low == (105 * 75)

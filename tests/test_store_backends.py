@@ -108,13 +108,21 @@ async def test_every_named_statement_runs_on_both_backends(pg_url: str, tmp_path
 
 
 def test_every_migration_has_a_postgresql_version() -> None:
+    """The rule (README, "Running more than one"): every SQLite migration has a twin of
+    the same file name in migrations/postgresql/, bringing PostgreSQL to the same schema."""
     sqlite, pg = migration_files("sqlite"), migration_files("postgresql")
-    missing = [
-        f"migrations/{f} has no PostgreSQL version: add migrations/postgresql/{f}"
-        for f in sqlite[len(pg) :]
+    problems = [
+        f"batchd/store/migrations/{f} has no PostgreSQL twin: write "
+        f"batchd/store/migrations/postgresql/{f} (same name, PostgreSQL's types)"
+        for f in sqlite
+        if f not in pg
+    ] + [
+        f"batchd/store/migrations/postgresql/{f} has no SQLite migration of that name "
+        f"(renumbered on one side only?)"
+        for f in pg
+        if f not in sqlite
     ]
-    assert not missing, "\n".join(missing)
-    assert [f[:4] for f in pg] == [f[:4] for f in sqlite], (sqlite, pg)
+    assert not problems, "\n".join(problems)
 
 
 async def test_both_backends_have_the_same_tables_and_columns(pg_url: str, tmp_path: Path) -> None:
@@ -210,6 +218,9 @@ async def test_attempt_phases_admission_and_settling(db_target: Path | str) -> N
             bytes=200,
             est_tokens=100,
         )
+        assert await store.due_pending(now[0], 10) == []  # not admitted yet
+        assert await store.admit_job("J", 1234, {"reserved": "$0.0000"})
+        assert not await store.admit_job("J", 1234)  # once
         due = await store.due_pending(now[0], 10)
         assert [p.id for p in due] == ["A0", "A1"] and due[0].tokens == 50
         await store.update_attempt(
@@ -239,6 +250,64 @@ async def test_attempt_phases_admission_and_settling(db_target: Path | str) -> N
         assert (await store.setting("k")) == ("v", 1000.0)
         with pytest.raises(IllegalTransition):
             await store.transition("J", JobState.QUEUED)
+
+
+async def test_cost_budgets_and_charges_exactly_once(db_target: Path | str) -> None:
+    """The cost statements (0006_cost) on both engines: a job waits for its budget, is
+    admitted once, its charge is replaced (never added to) when settled again, and the
+    sums come back as ints."""
+    now = [1000.0]
+    async with Store.connect(db_target, clock=lambda: now[0]) as store:
+        from batchd.store import Piece
+
+        for jid in ("J", "K"):
+            await store.create_job(jid, jid.lower(), f"processing/{jid}.jsonl", "inbox")
+            await store.transition(jid, JobState.VALIDATING)
+            await store.validated(
+                jid,
+                [Piece(jid, 0, f"p-{jid}", 10, 100, 50, False)],
+                [{"id": f"A{jid}", "job_id": jid, "piece": 0, "input_path": "p", "model": "m"}],
+                {"pieces": 1},
+                endpoint="/v1/x",
+                model="m",
+                requests=10,
+                bytes=100,
+                est_tokens=50,
+            )
+        assert [j.id for j in await store.unadmitted_jobs(10)] == ["J", "K"]
+        await store.set_budget_wait("K", "daily limit $1.00 reached")
+        assert await store.budget_waiting_count() == 1
+        assert await store.admit_job("J", 3_000_000_000)
+        assert [j.id for j in await store.unadmitted_jobs(10)] == ["K"]
+        assert await store.budget_committed(900.0, 0.0) == [("m", "inbox", True, 3_000_000_000)]
+        assert await store.budget_committed(1500.0, 0.0) == [("m", "inbox", False, 3_000_000_000)]
+        await store.update_attempt("AJ", "created", batch_id="bJ", status="completed")
+        charge = {
+            "provider": "openai",
+            "model": "m",
+            "source": "inbox",
+            "requests": 10,
+            "input_tokens": 4_000_000_000,  # beyond 32 bits: BIGINT, not INTEGER
+            "cached_tokens": 1,
+            "cache_write_tokens": 2,
+            "output_tokens": 3,
+            "reasoning_tokens": 4,
+            "cost_nanos": 5_000_000_000,
+            "cost_unknown": None,
+        }
+        for _ in range(2):  # settled again after a crash: the charge is replaced
+            await store.settle_attempt("AJ", "completed", {"id": "bJ"}, charge=charge)
+        cost = await store.job_cost("J")
+        assert cost["attempts"] == 1 and cost["input_tokens"] == 4_000_000_000
+        assert cost["cost_nanos"] == 5_000_000_000 and cost["cost_unknown"] is None
+        assert all(type(v) is int for k, v in cost.items() if k != "cost_unknown")
+        [row] = await store.charges_since(0.0)
+        assert (row["model"], row["requests"], row["cost_nanos"]) == ("m", 10, 5_000_000_000)
+        await store.learn_limit("m", 90_000)
+        await store.learn_request_limit("m", 50_000)
+        await store.learn_request_limit("e", 1_000_000)
+        assert await store.learned_limits() == {"m": 90_000}
+        assert await store.learned_request_limits() == {"m": 50_000, "e": 1_000_000}
 
 
 async def test_retention_deletes_rows_and_counts_follow(db_target: Path | str) -> None:

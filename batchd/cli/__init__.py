@@ -29,6 +29,7 @@ examples:
   batchd jobs --state tracking --since 1d        what is running since yesterday
   batchd show nightly                            one job: batches, progress, why it failed
   batchd retry nightly                           resubmit the requests that did not succeed
+  batchd cost --since 30d --by day               what the results billed, per day
 
 exit codes: 0 ok; 1 something checked failed; 2 usage or configuration error;
 3 no job (or more than one) matches JOB. The config file is --config FILE or
@@ -107,6 +108,14 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=[],
         metavar="MODEL=N",
         help="enqueued-token limit per model (repeatable)",
+    )
+    e.add_argument(
+        "--request-limit",
+        type=_token_limit,
+        action="append",
+        default=[],
+        metavar="MODEL=N",
+        help="enqueued-request limit per model (repeatable)",
     )
     e.add_argument(
         "--provider",
@@ -204,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--since", help="only jobs claimed since: 90s, 30m, 2h, 7d, or ISO-8601 (UTC)")
     j.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    j.add_argument(
+        "--cost", action="store_true", help="add each job's estimate (low-high) and actual cost"
+    )
     j.set_defaults(func=commands.jobs)
 
     s = cmd(
@@ -236,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rt.add_argument("job", metavar="JOB", help="job id, unique id prefix, or NAME")
     rt.set_defaults(func=commands.retry)
+
+    co = cmd(
+        "cost",
+        "what results billed: by model, source or day",
+        "Report the actual cost of the results collected since --since (batch prices), "
+        "grouped by model, source (inbox, http, retry) or day ([budget] timezone).",
+    )
+    co.add_argument(
+        "--since", default="30d", help="results collected since: 30d (default), 2h, ISO-8601"
+    )
+    co.add_argument("--by", choices=("model", "source", "day"), default="model")
+    co.add_argument("--json", action="store_true", help="JSON instead of a table")
+    co.set_defaults(func=commands.cost)
 
     _emulator_parser(sub)
 

@@ -24,7 +24,7 @@ from batchd.cli.common import (
     since,
     store,
 )
-from batchd.config import Config, ConfigError, LimitsConfig
+from batchd.config import Config, ConfigError
 from batchd.states import TERMINAL_JOB_STATES, JobState
 
 # Modules with heavy imports (the HTTP client, the validator, logging) are imported
@@ -53,27 +53,34 @@ async def run(args: argparse.Namespace) -> int:
 # --- validate / submit ----------------------------------------------------------------
 
 
-def _limits(args: argparse.Namespace) -> LimitsConfig:
-    """The per-batch limits of --config / $BATCHD_CONFIG, else the API's."""
+def _settings(args: argparse.Namespace) -> Config:
+    """The config of --config / $BATCHD_CONFIG, else the defaults (the API's limits,
+    OpenAI's prices)."""
     if getattr(args, "config", None) or os.environ.get("BATCHD_CONFIG"):
-        return config(args).limits
-    return LimitsConfig()
+        return config(args)
+    return Config()
 
 
-def _check_file(name: str, limits: LimitsConfig) -> tuple[bool, str]:
-    """Validate one file as the daemon does (bigger than one batch is fine: it is split);
-    prints its problems; returns (ok, one-line summary)."""
+def _check_file(name: str, cfg: Config) -> tuple[bool, str, str]:
+    """Validate one file as the daemon does (bigger than one batch is fine: it is split)
+    and estimate its cost as the daemon will; prints its problems; returns (ok, one-line
+    summary, the estimate line)."""
     from batchd import jsonl, pieces
+    from batchd.estimate import configured
+    from batchd.prices import PriceBook, provider_for_base_url
 
+    limits = cfg.limits
+    book = PriceBook(provider_for_base_url(cfg.api.base_url), cfg.prices)
+    estimator = configured(cfg.estimate, book.price)
     try:
-        summary = jsonl.validate_path(name, jsonl.UNBOUNDED)
+        summary = jsonl.validate_path(name, jsonl.UNBOUNDED, on_request=estimator.add)
     except OSError as e:
         print(f"{name}:0: unreadable: {e.strerror or e}")
-        return False, ""
+        return False, "", ""
     for p in summary.problems:
         print(jsonl.format_problem(name, p))
     if not summary.ok:
-        return False, ""
+        return False, "", ""
     lim = jsonl.Limits(
         limits.max_requests_per_batch,
         limits.max_bytes_per_batch,
@@ -81,17 +88,19 @@ def _check_file(name: str, limits: LimitsConfig) -> tuple[bool, str]:
     )
     batches = len(pieces.plan(Path(name), lim, summary.endpoint == "/v1/embeddings"))
     split = f"; split into {batches} batches" if batches > 1 else ""
-    return True, f"{summary.requests} requests, {summary.endpoint}, {summary.model}{split}"
+    what = f"{summary.requests} requests, {summary.endpoint}, {summary.model}{split}"
+    return True, what, estimator.finish().describe()
 
 
 async def validate(args: argparse.Namespace) -> int:
-    """Validate files locally with the same rules the daemon applies."""
-    limits = _limits(args)
+    """Validate files locally with the same rules the daemon applies; estimate their cost."""
+    cfg = _settings(args)
     bad = 0
     for name in args.files:
-        ok, what = await asyncio.to_thread(_check_file, name, limits)
+        ok, what, estimate = await asyncio.to_thread(_check_file, name, cfg)
         if ok:
             print(f"{name}: ok ({what})", file=sys.stderr)
+            print(f"{name}: {estimate}", file=sys.stderr)
         else:
             bad += 1
     return EXIT_FAIL if bad else EXIT_OK
@@ -145,9 +154,9 @@ async def submit(args: argparse.Namespace) -> int:
     bad = 0
     for name, stem in zip(args.files, stems, strict=True):
         src = Path(name)
-        what = ""
+        what = estimate = ""
         if not args.no_validate:
-            ok, what = await asyncio.to_thread(_check_file, name, cfg.limits)
+            ok, what, estimate = await asyncio.to_thread(_check_file, name, cfg)
             if not ok:
                 bad += 1
                 continue
@@ -166,6 +175,8 @@ async def submit(args: argparse.Namespace) -> int:
             bad += 1
             continue
         print(f"{name} -> {spool.inbox / fname}" + (f" ({what})" if what else ""))
+        if estimate:
+            print(f"{name}: {estimate}")
     return EXIT_FAIL if bad else EXIT_OK
 
 
@@ -197,7 +208,7 @@ async def jobs(args: argparse.Namespace) -> int:
     if not found:
         print("no jobs yet" if oldest is None else "no jobs match", file=sys.stderr)
         return EXIT_OK
-    print(render.jobs_table(found, held))
+    print(render.jobs_table(found, held, cost=args.cost))
     notes = []
     if more:
         notes.append(f"the newest {args.limit} shown; --limit N for more")
@@ -222,12 +233,14 @@ async def show(args: argparse.Namespace) -> int:
             events = await s.events(job.id)
             held = await s.hold()
             retries = await s.retries_of(job.id)
+            cost = await s.job_cost(job.id)
     except NoDatabase:
         raise Fail(f"no job matches {args.job!r} (no jobs yet)", EXIT_NOT_FOUND) from None
     if args.json:
         render.print_json(
             {
                 "job": job.to_dict(),
+                "cost": cost,
                 "first_error": render.first_error(job, events),
                 "held": held if not job.ended else None,
                 "attempts": [a.to_dict() for a in attempts],
@@ -236,7 +249,49 @@ async def show(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     results = str(cfg.spool.dir / job.result_dir) if job.result_dir else None
-    print(render.show_text(job, attempts, events, held, results, retries))
+    print(render.show_text(job, attempts, events, held, results, retries, cost))
+    return EXIT_OK
+
+
+async def cost(args: argparse.Namespace) -> int:
+    """Report what results billed since --since, grouped by model, source or day."""
+    from batchd import costreport
+    from batchd.prices import Unknown
+
+    cfg = config(args)
+    t = since(args.since)
+    rows: list[costreport.CostRow] = []
+    try:
+        async with store(cfg) as s:
+            found = await s.charges_since(t)
+    except NoDatabase as e:
+        print(f"batchd: {e}", file=sys.stderr)
+        found = []
+    for r in found:
+        nanos = r["cost_nanos"]
+        rows.append(
+            costreport.CostRow(
+                at=float(r["at"]),
+                model=r["model"],
+                source=r["source"],
+                requests=int(r["requests"]),
+                input_tokens=int(r["input_tokens"]),
+                cached_tokens=int(r["cached_tokens"]),
+                output_tokens=int(r["output_tokens"]),
+                cost=Unknown(r["cost_unknown"] or "not priced") if nanos is None else int(nanos),
+            )
+        )
+    lines, total = costreport.group(rows, args.by, cfg.budget.timezone)
+    if args.json:
+        render.print_json({**costreport.as_json(lines, total, args.by), "since": render.iso(t)})
+        return EXIT_OK
+    print(costreport.render(lines, total, args.by))
+    where = f"days in {cfg.budget.timezone}, " if args.by == "day" else ""
+    print(
+        f"(results collected since {render.ts(t)} UTC; {where}batch prices; charges are "
+        f"deleted with their jobs after [retention] jobs_days)",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -495,6 +550,7 @@ async def emulator(args: argparse.Namespace) -> int:
         output_pad_bytes=args.output_pad_bytes,
         expire_after_seconds=args.expire_after_seconds,
         token_limits=dict(args.token_limit),
+        request_limits=dict(args.request_limit),
         faults=faults,
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,

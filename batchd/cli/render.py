@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from batchd.prices import format_usd
 from batchd.store import Attempt, Event, Job
 
 
@@ -41,25 +42,88 @@ def held_line(held: dict[str, Any] | None) -> str | None:
     )
 
 
-def state_text(job: Job, held: dict[str, Any] | None) -> str:
-    """A job's state, `(held)` while the API refuses access and it has not ended."""
-    return f"{job.state} (held)" if held and not job.ended else str(job.state)
+def waits_for_budget(job: Job) -> bool:
+    """Validated, not admitted by its budget yet, and told why."""
+    return job.admitted_at is None and job.budget_wait is not None and not job.ended
 
 
-def jobs_table(jobs: list[Job], held: dict[str, Any] | None) -> str:
-    """The `batchd jobs` table: full names, counts, claim time in UTC."""
+def state_text(job: Job, held: dict[str, Any] | None, why: bool = False) -> str:
+    """A job's state, `(held)` while the API refuses access and it has not ended,
+    `(waiting for budget)` while a budget holds it back (`why`: with the reason)."""
+    if held and not job.ended:
+        return f"{job.state} (held)"
+    if waits_for_budget(job):
+        return f"{job.state} (waiting for budget" + (f": {job.budget_wait})" if why else ")")
+    return str(job.state)
+
+
+def usd(nanos: int | None, unknown: str | None = None) -> str:
+    """nano-dollars as USD for a table ("-" when absent; "+?" when part is unknown)."""
+    if nanos is None:
+        return "unknown" if unknown else "-"
+    return format_usd(nanos, 4) + ("+?" if unknown else "")
+
+
+def estimate_range(est: dict[str, Any] | None) -> str:
+    """`$0.0100-$0.0300` of a job's estimate, "unknown" without a price, "-" without one."""
+    if not est:
+        return "-"
+    low, high = est.get("cost_low_nanousd"), est.get("cost_high_nanousd")
+    if not isinstance(low, int) or not isinstance(high, int):
+        return "unknown"
+    return f"{format_usd(low, 4)}-{format_usd(high, 4)}"
+
+
+def jobs_table(jobs: list[Job], held: dict[str, Any] | None, cost: bool = False) -> str:
+    """The `batchd jobs` table: full names, counts, claim time in UTC; with `cost`, the
+    estimate (low-high) and the actual cost of each job."""
     name_w = max([4, *(len(j.name) for j in jobs)])
     state_w = max([5, *(len(state_text(j, held)) for j in jobs)])
-    lines = [
-        f"{'ID':26}  {'NAME':{name_w}}  {'STATE':{state_w}}  {'REQS':>7}  {'OK':>7}  "
-        f"{'FAIL':>6}  CREATED (UTC)"
-    ]
+    est_w = max([8, *(len(estimate_range(j.estimate)) for j in jobs)]) if cost else 0
+    cost_w = max([4, *(len(usd(j.cost_nanos, j.cost_unknown)) for j in jobs)]) if cost else 0
+    head = (
+        f"{'ID':26}  {'NAME':{name_w}}  {'STATE':{state_w}}  {'REQS':>7}  {'OK':>7}  {'FAIL':>6}  "
+    )
+    if cost:
+        head += f"{'ESTIMATE':>{est_w}}  {'COST':>{cost_w}}  "
+    lines = [head + "CREATED (UTC)"]
     for j in jobs:
-        lines.append(
+        row = (
             f"{j.id:26}  {j.name:{name_w}}  {state_text(j, held):{state_w}}  "
-            f"{j.requests or 0:>7}  {j.completed:>7}  {j.failed:>6}  {ts(j.created_at)}"
+            f"{j.requests or 0:>7}  {j.completed:>7}  {j.failed:>6}  "
         )
+        if cost:
+            row += f"{estimate_range(j.estimate):>{est_w}}  "
+            row += f"{usd(j.cost_nanos, j.cost_unknown):>{cost_w}}  "
+        lines.append(row + ts(j.created_at))
     return "\n".join(lines)
+
+
+def estimate_text(est: dict[str, Any]) -> str:
+    """The estimate line of `batchd show`."""
+    unknown = est.get("cost_unknown_reason")
+    money = f"unknown ({unknown})" if unknown else estimate_range(est).replace("-$", " to $")
+    text = (
+        f"{money}   ({est.get('requests', 0):,} requests, ~{est.get('input_tokens', 0):,} input "
+        f"tokens ({est.get('method')}), {est.get('output_tokens_low', 0):,} to "
+        f"{est.get('output_tokens_high', 0):,} output tokens)"
+    )
+    if est.get("unbounded_requests"):
+        text += f"; {est['unbounded_requests']:,} set no max tokens"
+    return text
+
+
+def cost_text(cost: dict[str, Any], ended: bool) -> str:
+    """The actual cost line of `batchd show`: what the collected results billed."""
+    money = format_usd(cost["cost_nanos"], 6)
+    if cost["cost_unknown"]:
+        money += f" + unknown ({cost['cost_unknown']})"
+    so_far = "" if ended else ", so far"
+    return (
+        f"{money}   ({cost['requests']:,} requests billed{so_far}: "
+        f"{cost['input_tokens']:,} input tokens ({cost['cached_tokens']:,} cached), "
+        f"{cost['output_tokens']:,} output ({cost['reasoning_tokens']:,} reasoning))"
+    )
 
 
 def error_text(err: dict[str, Any] | None) -> str | None:
@@ -105,12 +169,13 @@ def show_text(
     held: dict[str, Any] | None,
     results: str | None,
     retries: list[Job],
+    cost: dict[str, Any] | None = None,
 ) -> str:
     """`batchd show JOB` as text."""
     out = [f"job        {job.id}"]
     dropped = f"   (dropped as {job.stem})" if job.stem and job.stem != job.name else ""
     out.append(f"name       {job.name}{dropped}")
-    out.append(f"state      {state_text(job, held)}   source {job.source}")
+    out.append(f"state      {state_text(job, held, why=True)}   source {job.source}")
     if held and not job.ended:
         out.append(f"held       {held_line(held)}")
     out.append(f"endpoint   {job.endpoint or '-'}   model {job.model or '-'}")
@@ -120,6 +185,10 @@ def show_text(
     )
     if job.usage:
         out.append(f"usage      {orjson.dumps(job.usage).decode()}")
+    if job.estimate:
+        out.append(f"estimate   {estimate_text(job.estimate)}")
+    if cost is not None and (cost["attempts"] or job.ended):
+        out.append(f"cost       {cost_text(cost, job.ended)}")
     if results:
         out.append(f"results    {results}")
     if job.reason:

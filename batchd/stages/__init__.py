@@ -22,6 +22,7 @@ from batchd.api import AccessDenied, ApiError, BatchApi, InvalidRequest
 from batchd.config import Config
 from batchd.leases import Leases
 from batchd.metrics import Metrics
+from batchd.prices import PriceBook, provider_for_base_url
 from batchd.spool import Spool
 from batchd.stages.health import Hold
 from batchd.states import JobState, desired_job_state
@@ -73,6 +74,15 @@ class Context:
     admission_version: int = 0
     # Jobs ended while this process ran, by final state (`run --once` exit code).
     outcomes: Counter[str] = field(default_factory=Counter)
+    # Batch prices of the API's provider ([prices] first, then genai-prices).
+    prices: PriceBook = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reprice()
+
+    def reprice(self) -> None:
+        """Price with the current [prices] (at start-up and after a reload)."""
+        self.prices = PriceBook(provider_for_base_url(self.cfg.api.base_url), self.cfg.prices)
 
     def wake_all(self) -> None:
         """Wake every stage (the API is back, another process changed the store, …)."""
@@ -127,8 +137,11 @@ async def sync_job(ctx: Context, job_id: str) -> None:
         await ctx.store.transition(job_id, new, current=job)
         if new == JobState.COLLECTING:
             ctx.wake_collect.set()
-        elif new == JobState.SUBMITTING:
-            ctx.wake_submit.set()
+    if new == JobState.SUBMITTING:
+        # Also when it was submitting already: a follow-up attempt just queued (another
+        # piece still pending, or a restart that found it so) must not wait for an
+        # unrelated wake-up; the submit stage may be asleep with nothing else due.
+        ctx.wake_submit.set()
 
 
 class Backoff:

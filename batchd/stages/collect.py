@@ -17,12 +17,14 @@ import orjson
 from ulid import ULID
 
 from batchd import pieces
-from batchd.admission import limit_from_message
+from batchd.admission import limit_from_message, request_limit_from_message
 from batchd.api import ApiError, InvalidRequest, Lines, Transient
+from batchd.prices import NANOS_PER_USD, Unknown, format_usd
 from batchd.spool import fingerprint, fsync_dir, write_json
 from batchd.stages import Backoff, Context, guarded, loop, sync_job
 from batchd.states import TERMINAL_JOB_STATES, JobState, is_terminal_status
 from batchd.store import Attempt, Job
+from batchd.usage import AttemptTally
 
 _USAGE_KEYS = (
     ("input_tokens",),
@@ -99,8 +101,19 @@ async def publish(
             job = await store.job(job.id)
         for extra in (f"{job.id}.pieces", f"{job.id}.parts"):
             shutil.rmtree(spool.processing / extra, ignore_errors=True)
+        cost = await store.job_cost(job.id)
         detail = {"result_dir": job.result_dir, **(summary or {})}
-        job = await store.transition(job.id, new_state, str(new_state), detail)
+        if cost["attempts"]:
+            detail["cost"] = format_usd(cost["cost_nanos"], 6)
+        job = await store.transition(
+            job.id,
+            new_state,
+            str(new_state),
+            detail,
+            cost_nanos=cost["cost_nanos"],
+            cost_unknown=cost["cost_unknown"],
+        )
+    _cost_ended(ctx, job)
     ctx.wake_facade.set()  # a facade batch of this job can be settled
     ctx.metrics.jobs_finished.labels(new_state.value).inc()
     ctx.outcomes[new_state.value] += 1
@@ -116,6 +129,50 @@ async def publish(
         failed=job.failed,
         **(summary or {}),
     )
+
+
+def _cost_ended(ctx: Context, job: Job) -> None:
+    """A job ended: how its actual cost compares with its high estimate; a budget may
+    now have room (its actual cost replaced its reservation)."""
+    high = (job.estimate or {}).get("cost_high_nanousd")
+    if isinstance(high, int) and high > 0 and job.cost_nanos is not None and not job.cost_unknown:
+        ctx.metrics.estimate_ratio.observe(job.cost_nanos / high)
+    if ctx.cfg.budget.enabled:
+        ctx.admission_version += 1
+        ctx.wake_submit.set()
+
+
+def _price_source(ctx: Context, job: Job) -> str:
+    price = ctx.prices.price(job.model or "")
+    return price.reason if isinstance(price, Unknown) else price.source
+
+
+def estimate_view(est: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `estimate` of job.json: as made at intake, with the range in USD too."""
+    if not est:
+        return None
+    low, high = est.get("cost_low_nanousd"), est.get("cost_high_nanousd")
+    usd = {
+        "cost_low_usd": format_usd(low, 6).lstrip("$") if isinstance(low, int) else None,
+        "cost_high_usd": format_usd(high, 6).lstrip("$") if isinstance(high, int) else None,
+    }
+    return {**est, **usd}
+
+
+def cost_view(cost: dict[str, Any], price_source: str = "") -> dict[str, Any]:
+    """The `cost` of job.json: what the job's result lines billed, summed once each."""
+    return {
+        "usd": format_usd(cost["cost_nanos"], 6).lstrip("$"),
+        "nanousd": cost["cost_nanos"],
+        "unknown": cost["cost_unknown"],
+        "requests_billed": cost["requests"],
+        "input_tokens": cost["input_tokens"],
+        "cached_tokens": cost["cached_tokens"],
+        "cache_write_tokens": cost["cache_write_tokens"],
+        "output_tokens": cost["output_tokens"],
+        "reasoning_tokens": cost["reasoning_tokens"],
+        "price_source": price_source,
+    }
 
 
 def failure_report(job: Job, report: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +217,9 @@ async def fail_job(ctx: Context, job: Job, report: dict[str, Any]) -> None:
         if (ctx.spool.processing / f"{job.id}.parts").exists():
             await _merge(ctx, job, staging)
         summary = {"reason": report.get("reason"), "message": report.get("message")}
+        cost = await ctx.store.job_cost(job.id)
+        if cost["attempts"]:  # batches of other pieces ran: what they billed
+            report = {**report, "cost": cost_view(cost, _price_source(ctx, job))}
         await publish(ctx, job, "failed", JobState.FAILED, {"report.json": report}, summary)
 
 
@@ -183,10 +243,11 @@ def _parts(ctx: Context, job_id: str) -> Path:
 
 
 async def _download(
-    ctx: Context, att: Attempt, parts: Path
+    ctx: Context, att: Attempt, parts: Path, tally: AttemptTally
 ) -> tuple[dict[str, Any], pieces.Outcome]:
     """Download an ended attempt's output and error files; returns the final batch and
-    what its results say (counted and indexed as the bytes arrive: no second pass)."""
+    what its results say (counted and indexed as the bytes arrive: no second pass). Each
+    line's billed usage goes into `tally` (a custom_id once, however often it is read)."""
     batch = att.batch or {}
     assert att.batch_id is not None
     rc = batch.get("request_counts") or {}
@@ -207,10 +268,10 @@ async def _download(
             dest = parts / f"{att.id}.{suffix}.jsonl"
             if suffix == "output":
                 outcome.succeeded.clear()
-                lines = Lines(lambda line: outcome.succeeded.add(custom_id_of(line)))
+                lines = Lines(partial(_succeeded, outcome.succeeded, tally))
             else:
                 errors.clear()
-                lines = Lines(lambda line: errors.append(pieces.classify_error(line)))
+                lines = Lines(partial(_errored, errors, tally))
             if dest.exists():  # downloaded and verified before a restart: not fetched twice
                 await asyncio.to_thread(_feed_file, dest, lines)
             else:
@@ -227,6 +288,18 @@ async def _download(
         if cid not in outcome.succeeded:
             (outcome.retryable if retryable else outcome.failed).add(cid)
     return batch, outcome
+
+
+def _succeeded(ids: set[str], tally: AttemptTally, line: bytes) -> None:
+    cid = custom_id_of(line)
+    ids.add(cid)
+    tally.add_line(cid, line)
+
+
+def _errored(errors: list[tuple[str, bool]], tally: AttemptTally, line: bytes) -> None:
+    found = pieces.classify_error(line)
+    errors.append(found)
+    tally.add_line(found[0], line)  # an error line bills nothing, as a rule
 
 
 def _feed_file(path: Path, lines: Lines) -> None:
@@ -298,19 +371,33 @@ async def _requeue_refused(
         + 1
     )
     limit = limit_from_message(msg)
+    req_limit = request_limit_from_message(msg)
     if limit and att.model:
         await ctx.store.learn_limit(att.model, limit)
         ctx.admission_version += 1
-    too_big = limit is not None and att.est_tokens > limit and refusals >= 3
+    if req_limit and att.model:
+        await ctx.store.learn_request_limit(att.model, req_limit)
+        ctx.admission_version += 1
+    kind = "request" if req_limit is not None and limit is None else "token"
+    too_big = refusals >= 3 and (
+        (limit is not None and att.est_tokens > limit)
+        or (req_limit is not None and (att.requests or 0) > req_limit)
+    )
     if too_big or refusals > MAX_REFUSALS:
-        why = (
-            f"piece {att.piece} needs ~{att.est_tokens} tokens but the enqueued-token limit "
-            f"of {att.model} is {limit}; lower [limits] max_requests_per_batch or "
-            "max_bytes_per_batch"
-            if too_big
-            else f"refused {refusals} times for the enqueued-token limit"
-        )
-        report = {"reason": "token_limit", "message": why, "batch_id": batch.get("id")}
+        if too_big and kind == "request":
+            why = (
+                f"piece {att.piece} has {att.requests} requests but the enqueued-request "
+                f"limit of {att.model} is {req_limit}; lower [limits] max_requests_per_batch"
+            )
+        elif too_big:
+            why = (
+                f"piece {att.piece} needs ~{att.est_tokens} tokens but the enqueued-token "
+                f"limit of {att.model} is {limit}; lower [limits] max_requests_per_batch or "
+                "max_bytes_per_batch"
+            )
+        else:
+            why = f"refused {refusals} times for the enqueued-{kind} limit"
+        report = {"reason": f"{kind}_limit", "message": why, "batch_id": batch.get("id")}
         await ctx.store.settle_attempt(
             att.id,
             "failed",
@@ -322,13 +409,13 @@ async def _requeue_refused(
         return
     adm = ctx.cfg.admission
     delay = min(adm.max_refusal_backoff_seconds, adm.refusal_backoff_seconds * 2 ** (refusals - 1))
-    ctx.metrics.retries.labels("token_limit").inc()
+    ctx.metrics.retries.labels(f"{kind}_limit").inc()
     ctx.log.warning(
-        "token_limit_refused",
+        f"{kind}_limit_refused",
         job_id=att.job_id,
         piece=att.piece,
         model=att.model,
-        limit=limit,
+        limit=limit if kind == "token" else req_limit,
         retry_in=delay,
     )
     nxt = {
@@ -342,8 +429,21 @@ async def _requeue_refused(
         "not_before": ctx.clock() + delay,
     }
     await ctx.store.settle_attempt(
-        att.id, "requeue", batch, nxt, detail={"limit": limit}, remote_files=remote
+        att.id,
+        "requeue",
+        batch,
+        nxt,
+        detail={f"{kind}_limit": limit or req_limit},
+        remote_files=remote,
     )
+
+
+def _limit_refusal(err: dict[str, Any]) -> bool:
+    """The batch was refused for an enqueued-token or enqueued-request limit (the latter
+    recognised by its message: its error code was never documented)."""
+    if err.get("code") == "token_limit_exceeded":
+        return True
+    return request_limit_from_message(str(err.get("message") or "")) is not None
 
 
 def first_error_text(err: dict[str, Any]) -> str:
@@ -380,20 +480,29 @@ async def settle(ctx: Context, att: Attempt) -> None:
 async def _settle(ctx: Context, att: Attempt) -> None:
     job = await ctx.store.job(att.job_id)
     parts = _parts(ctx, job.id)
-    batch, outcome = await _download(ctx, att, parts)
+    tally = AttemptTally(ctx.prices.price(att.model or job.model or ""))
+    batch, outcome = await _download(ctx, att, parts, tally)
+    charge = _charge(ctx, job, att, tally)
     remote = _remote_copies(ctx, att, batch)
     status = batch.get("status")
     if status == "failed":
         errors = (batch.get("errors") or {}).get("data") or []
-        if errors and errors[0].get("code") == "token_limit_exceeded" and not job.cancel_requested:
+        if errors and _limit_refusal(errors[0]) and not job.cancel_requested:
             msg = str(errors[0].get("message") or "")
             await _requeue_refused(ctx, job, att, batch, msg, remote)
             await sync_job(ctx, job.id)
             return
         report = failure_report(job, _batch_failed(att, batch))
         await ctx.store.settle_attempt(
-            att.id, "failed", batch, piece_done=True, reason=report, remote_files=remote
+            att.id,
+            "failed",
+            batch,
+            piece_done=True,
+            reason=report,
+            remote_files=remote,
+            charge=charge,
         )
+        _charged(ctx, charge)
         return  # the failure is published by the loop (fail_job), crash or not
     err_f = parts / f"{att.id}.errors.jsonl"
     try:
@@ -415,7 +524,9 @@ async def _settle(ctx: Context, att: Attempt) -> None:
             piece_done=True,
             detail={"input_missing": att.input_path},
             remote_files=remote,
+            charge=charge,
         )
+        _charged(ctx, charge)
         await sync_job(ctx, job.id)
         return
     missing = asked - outcome.succeeded - outcome.retryable - outcome.failed
@@ -449,16 +560,55 @@ async def _settle(ctx: Context, att: Attempt) -> None:
             "est_tokens": sub.est_tokens,
         }
         await ctx.store.settle_attempt(
-            att.id, "resubmit", batch, nxt, detail={"resubmitted": len(again)}, remote_files=remote
+            att.id,
+            "resubmit",
+            batch,
+            nxt,
+            detail={"resubmitted": len(again)},
+            remote_files=remote,
+            charge=charge,
         )
     else:
         if missing and not stop:
             with (parts / f"{att.id}.missing.jsonl").open("wb") as f:
                 f.write(pieces.missing_lines(sorted(missing), "no result from the Batch API"))
         await ctx.store.settle_attempt(
-            att.id, str(status), batch, piece_done=True, remote_files=remote
+            att.id, str(status), batch, piece_done=True, remote_files=remote, charge=charge
         )
+    _charged(ctx, charge)
     await sync_job(ctx, job.id)
+
+
+def _charge(ctx: Context, job: Job, att: Attempt, tally: AttemptTally) -> dict[str, Any] | None:
+    """The charge row of an attempt's tally (None when its results billed nothing)."""
+    c = tally.charge()
+    if not c.requests:
+        return None
+    return {
+        "provider": ctx.prices.provider,
+        "model": att.model or job.model or "",
+        "source": job.source,
+        "requests": c.requests,
+        "input_tokens": c.input_tokens,
+        "cached_tokens": c.cached_tokens,
+        "cache_write_tokens": c.cache_write_tokens,
+        "output_tokens": c.output_tokens,
+        "reasoning_tokens": c.reasoning_tokens,
+        "cost_nanos": None if isinstance(c.cost, Unknown) else c.cost,
+        "cost_unknown": c.cost.reason if isinstance(c.cost, Unknown) else None,
+    }
+
+
+def _charged(ctx: Context, charge: dict[str, Any] | None) -> None:
+    """Count a settled attempt's charge in the cost metrics."""
+    if charge is None:
+        return
+    m = ctx.metrics
+    if charge["cost_nanos"] is None:
+        m.cost_unpriced.labels(charge["provider"], charge["model"]).inc(charge["requests"])
+        return
+    labels = (charge["provider"], charge["model"], charge["source"], "actual")
+    m.cost.labels(*labels).inc(charge["cost_nanos"] / NANOS_PER_USD)
 
 
 # --- finishing a job ------------------------------------------------------------------
@@ -585,6 +735,8 @@ async def finish(ctx: Context, job: Job) -> None:
         "request_counts": {"total": job.requests or 0, "completed": completed, "failed": failed},
         **summary,
         "usage": usage,
+        "estimate": estimate_view(job.estimate),
+        "cost": cost_view(await ctx.store.job_cost(job.id), _price_source(ctx, job)),
         "sha256": await _input_sha256(ctx, job, staging),
         **await _input_notes(ctx, job, staging),
         "timestamps": {

@@ -17,7 +17,8 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from ulid import ULID
 from batchd import jobmeta, jsonl, pieces
 from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Tap, Transient
+from batchd.budget import Admit, Committed, JobCost, Period, Spend, decide_in_order, period_bounds
+from batchd.estimate import Estimate, Estimator, configured
+from batchd.prices import NANOS_PER_USD, Unknown, format_usd
 from batchd.spool import COMPRESSED, SUFFIX, fingerprint
 from batchd.stages import Context, Worker, loop, sync_job
 from batchd.stages.collect import fail_job
@@ -35,6 +39,9 @@ from batchd.store import Attempt, Job, LiveBatch, Pending, Piece
 
 JOB_KEY = "batchd_job"
 _FLIGHT_TTL = 1.0  # seconds an admission snapshot of what is in flight is reused
+_SPEND_TTL = 5.0  # seconds the money committed this day and month is reused
+_BUDGET_BATCH = 200  # jobs waiting for admission decided on per step
+_BUDGET_ROLE_RETRY = 5.0  # replicas without the budget role look again this often
 
 
 class InputChanged(Exception):
@@ -73,10 +80,12 @@ async def _reject(ctx: Context, job: Job, problems: list[dict[str, Any]]) -> Non
 
 
 class _Reader:
-    """Sees every byte of the input once, in order: validates and hashes it."""
+    """Sees every byte of the input once, in order: validates and hashes it, and the
+    estimator sees each line the validator parsed (no second parse)."""
 
-    def __init__(self) -> None:
-        self.validator = jsonl.Validator(jsonl.UNBOUNDED)
+    def __init__(self, estimator: Estimator) -> None:
+        self.estimator = estimator
+        self.validator = jsonl.Validator(jsonl.UNBOUNDED, on_request=estimator.add)
         self.sha = hashlib.sha256()
 
     def feed(self, chunk: bytes) -> None:
@@ -199,7 +208,7 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         await _reject(ctx, job, [{"line": 0, "code": code, "message": why}])
         return
     before = fingerprint(path)
-    reader = _Reader()
+    reader = _Reader(configured(ctx.cfg.estimate, ctx.prices.price))
     try:
         att = await _upload_while_validating(ctx, job, path, reader.feed)
         if att is None:
@@ -246,6 +255,10 @@ async def _validate_job(ctx: Context, job: Job) -> None:
     if att is not None:
         fill = {"model": summary.model, "requests": summary.requests}
         reused = (att.id, {**fill, "est_tokens": summary.est_tokens})
+    est = reader.estimator.finish()
+    # Without a budget the job is admitted as it is validated; with one, the submit
+    # loop decides (Submit._budget) before any of its batches may be created.
+    admitted = {} if ctx.cfg.budget.enabled else _admission_values(ctx, est)
     await ctx.store.validated(
         job.id,
         rows,
@@ -265,8 +278,48 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         est_tokens=summary.est_tokens,
         sha256=sha,
         input_fp=before,
+        estimate=est.as_dict(),
+        **admitted,
     )
-    ctx.log.info("job_validated", job_id=job.id, requests=summary.requests, pieces=len(rows))
+    ctx.log.info(
+        "job_validated",
+        job_id=job.id,
+        requests=summary.requests,
+        pieces=len(rows),
+        estimate_low=format_usd(est.cost_low, 4),
+        estimate_high=format_usd(est.cost_high, 4),
+        input_tokens=est.input_tokens,
+    )
+    if admitted:
+        count_estimate(ctx, job.source, summary.model, est.cost_high)
+
+
+def _admission_values(ctx: Context, est: Estimate) -> dict[str, Any]:
+    """Job columns that admit it now, reserving its high estimate."""
+    high = est.cost_high
+    return {
+        "admitted_at": ctx.clock(),
+        "reserved_nanos": None if isinstance(high, Unknown) else high,
+    }
+
+
+def count_estimate(
+    ctx: Context, source: str, model: str | None, high: int | Unknown | None
+) -> None:
+    """An admitted job's high estimate counts in batchd_cost_usd_total{kind="estimated"}."""
+    if isinstance(high, int):
+        ctx.metrics.cost.labels(ctx.prices.provider, model or "", source, "estimated").inc(
+            high / NANOS_PER_USD
+        )
+
+
+def _high(job: Job) -> int | Unknown:
+    """A job's high estimate (nano-dollars), or why it is unknown."""
+    est = job.estimate or {}
+    high = est.get("cost_high_nanousd")
+    if isinstance(high, int):
+        return high
+    return Unknown(str(est.get("cost_unknown_reason") or "the job has no estimate"))
 
 
 def _check_unchanged(path: Path, before: str) -> None:
@@ -538,6 +591,29 @@ async def _api_rejected(ctx: Context, job_id: str, e: InvalidRequest) -> None:
     await fail_job(ctx, job, report)
 
 
+@dataclass
+class _Limits:
+    """What admission decides on, per model: enqueued tokens and requests in flight and
+    their limits (configured, or learned from the API's refusals)."""
+
+    tokens: dict[str, int] = field(default_factory=dict)
+    token_limits: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+    request_limits: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, model: str) -> bool:
+        """True when a limit applies to `model`."""
+        return model in self.token_limits or model in self.request_limits
+
+
+def _merge(given: Mapping[str, int], learned: Mapping[str, int]) -> dict[str, int]:
+    """Per model, the smaller of the configured and the learned limit."""
+    out = dict(given)
+    for model, limit in learned.items():
+        out[model] = min(limit, out.get(model, limit))
+    return out
+
+
 class Submit:
     """The submit stage: a worker of `max_concurrent_submits` slots, fed with what is due."""
 
@@ -545,24 +621,55 @@ class Submit:
         self.ctx = ctx
         self.worker = Worker(ctx, "submit", ctx.cfg.batch.max_concurrent_submits, ctx.wake_submit)
         self._flight: dict[str, tuple[int, int]] = {}
-        self._limits: dict[str, int] = {}
+        # Attempts being uploaded and created: not live in the store until their batch
+        # exists, yet already counted against the limits.
+        self._submitting: dict[str, Pending] = {}
+        self._limits = _Limits()
         self._flight_at = float("-inf")
         self._version = ctx.admission_version
+        self._gauged: set[str] = set()  # models whose in-flight gauges were set
+        self._spend: Spend | None = None
+        self._spend_at = float("-inf")
+        self._spend_version = ctx.admission_version
 
-    async def _admission(self, force: bool = False) -> tuple[dict[str, int], dict[str, int]]:
-        """(tokens in flight, budgets) per model, refreshed at most once a second."""
+    async def _admission(self, force: bool = False) -> _Limits:
+        """Enqueued tokens and requests in flight and their limits, per model; refreshed at
+        most once a second (at once after a limit was learned or the config reloaded)."""
         ctx = self.ctx
         now = ctx.clock()
         if self._version != ctx.admission_version:
             force, self._version = True, ctx.admission_version
         if force or now - self._flight_at >= _FLIGHT_TTL:
             self._flight = await ctx.store.in_flight()
-            learned = await ctx.store.learned_limits()
-            limits = dict(ctx.cfg.admission.token_budgets)
-            for model, limit in learned.items():
-                limits[model] = min(limit, limits.get(model, limit))
-            self._limits, self._flight_at = limits, now
-        return {m: t for m, (t, _) in self._flight.items()}, self._limits
+            for key, p in list(self._submitting.items()):
+                if self.worker.running(key):
+                    self._took(p)  # (counted twice for a moment once its batch exists)
+                else:
+                    del self._submitting[key]
+            adm = ctx.cfg.admission
+            token_limits = _merge(adm.token_budgets, await ctx.store.learned_limits())
+            request_limits = _merge(adm.request_limits, await ctx.store.learned_request_limits())
+            self._limits = _Limits({}, token_limits, {}, request_limits)
+            self._flight_at = now
+            self._gauges()
+        lim = self._limits
+        lim.tokens = {m: t for m, (t, _) in self._flight.items()}
+        lim.requests = {m: r for m, (_, r) in self._flight.items()}
+        return lim
+
+    def _gauges(self) -> None:
+        m, lim = self.ctx.metrics, self._limits
+        for model, limit in lim.token_limits.items():
+            m.token_budget.labels(model).set(limit)
+        for model, limit in lim.request_limits.items():
+            m.request_limit.labels(model).set(limit)
+        # A model with nothing in flight is absent from the snapshot: its gauges go to 0.
+        for model in self._gauged | set(self._flight):
+            tokens, requests = self._flight.get(model, (0, 0))
+            m.tokens_in_flight.labels(model).set(tokens)
+            if model in lim.request_limits:
+                m.enqueued_requests.labels(model).set(requests)
+        self._gauged |= set(self._flight)
 
     def _took(self, p: Pending) -> None:
         """An admitted attempt counts as in flight until the next refresh."""
@@ -573,17 +680,85 @@ class Submit:
         """The due pending attempts admission lets through now, in order."""
         if not pending:
             return []
-        used, limits = await self._admission()
-        if limits.keys().isdisjoint(p.model for p in pending):
-            return pending  # no budget applies: oldest due first
+        lim = await self._admission()
+        if not any(lim.apply(p.model) for p in pending):
+            return pending  # no limit applies: oldest due first
         by_id = {p.id: p for p in pending}
         ids = admit(
-            [Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before) for p in pending],
-            used,
-            limits,
+            [
+                Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before, p.requests)
+                for p in pending
+            ],
+            lim.tokens,
+            lim.token_limits,
             self.ctx.clock(),
+            request_limits=lim.request_limits,
+            in_flight_requests=lim.requests,
         )
         return [by_id[i] for i in ids]
+
+    # --- budgets: a job is admitted as a whole before any of its batches is created ---
+
+    async def _committed(self, now: float) -> Spend:
+        """Money held in the current day and month (refreshed every few seconds, at once
+        after a reload or a job ended; jobs admitted meanwhile are added as they are)."""
+        ctx = self.ctx
+        tz = ctx.cfg.budget.timezone
+        if (
+            self._spend is None
+            or self._spend_version != ctx.admission_version
+            or now - self._spend_at >= _SPEND_TTL
+        ):
+            day0, _ = period_bounds(Period.DAY, now, tz)
+            month0, _ = period_bounds(Period.MONTH, now, tz)
+            rows = await ctx.store.budget_committed(day0, month0)
+            committed = [
+                Committed(day0 if today else month0, model, source, nanos)
+                for model, source, today, nanos in rows
+            ]
+            self._spend = Spend.of(committed, now, tz)
+            self._spend_at, self._spend_version = now, ctx.admission_version
+        return self._spend
+
+    async def _budget(self) -> float | None:
+        """Admit the validated jobs the budgets let through, oldest first; the others wait
+        (with why). Returns when a waiting job may fit by the calendar alone."""
+        ctx = self.ctx
+        jobs = await ctx.store.unadmitted_jobs(_BUDGET_BATCH)
+        if not jobs:
+            return None
+        now = ctx.clock()
+        budget = ctx.cfg.budget
+        if budget.enabled and ctx.leases.shared:
+            # Replicas: budgets are global, so one replica at a time admits against them
+            # (two deciding at once could each spend what is left).
+            fresh = ctx.leases.has_role("budget")
+            if not await ctx.leases.role("budget"):
+                return now + _BUDGET_ROLE_RETRY
+            if not fresh:
+                self._spend = None  # another replica may have admitted meanwhile
+        spend = await self._committed(now) if budget.enabled else Spend()
+        by_id = {j.id: j for j in jobs}
+        costs = [JobCost(j.id, j.model or "", j.source, _high(j)) for j in jobs]
+        until: float | None = None
+        for cost, decision in decide_in_order(costs, spend, budget, now):
+            job = by_id[cost.id]
+            if isinstance(decision, Admit):
+                high = cost.high if isinstance(cost.high, int) else None
+                detail = {"reserved": format_usd(high, 4) if high is not None else None}
+                if await ctx.store.admit_job(job.id, high, detail):
+                    if high is not None and self._spend is not None and budget.enabled:
+                        self._spend = self._spend.plus(cost.model, cost.source, high)
+                    count_estimate(ctx, job.source, job.model, cost.high)
+                    if job.budget_wait:
+                        ctx.log.info("budget_admitted", job_id=job.id, name=job.name)
+                continue
+            if decision.until is not None:
+                until = decision.until if until is None else min(until, decision.until)
+            if job.budget_wait != decision.reason:  # write on change
+                await ctx.store.set_budget_wait(job.id, decision.reason)
+                ctx.log.warning("budget_wait", job_id=job.id, name=job.name, reason=decision.reason)
+        return until
 
     async def step(self) -> float | None:
         """Start due work in free slots; returns when the next pending attempt is due."""
@@ -595,15 +770,18 @@ class Submit:
         due = w.backoff.next_ready()
         now = ctx.clock()
         held_back = False
+        rollover = await self._budget()
         # Work under way first: a validated job's batch is created before the next file
         # is validated, so a burst yields batches from the start, not after its last file.
         if w.free and not ctx.hold.blocked:
+            lim: _Limits | None = None
             if ctx.leases.shared:
                 chosen, held_back = await self._claim_pending(now)
             else:
-                _used, limits = await self._admission()
-                # With a budget, admission chooses among many; without, the oldest due do.
-                pending = await ctx.store.due_pending(now, max(window, 200) if limits else window)
+                lim = await self._admission()
+                # With a limit, admission chooses among many; without, the oldest due do.
+                limited = lim.token_limits or lim.request_limits
+                pending = await ctx.store.due_pending(now, max(window, 200) if limited else window)
                 candidates = [p for p in pending if not w.busy(p.id)]
                 chosen = await self.choose(candidates)
                 held_back = len(chosen) < len(candidates)
@@ -611,6 +789,9 @@ class Submit:
                 item = ctx.leases.held(f"attempt:{p.id}", partial(self._submit, p))
                 if w.free and w.start(p.id, p.job_id, item, partial(_api_rejected, ctx)):
                     self._took(p)
+                    # Replicas count the attempts they lease as in flight in the claim.
+                    if lim is not None and lim.apply(p.model):
+                        self._submitting[p.id] = p
                 elif not w.running(p.id):
                     await ctx.leases.release(f"attempt:{p.id}")
         if w.free:
@@ -628,39 +809,45 @@ class Submit:
                 if not started and not w.running(job_id):
                     await ctx.leases.release(f"job:{job_id}")
         if ctx.hold.blocked:
-            return due
+            return min((t for t in (due, rollover) if t is not None), default=None)
         nxt = await ctx.store.next_pending_at(now)
-        if held_back:  # a budget holds some back: look again when it may fit
+        if held_back:  # a limit holds some back: look again when it may fit
             nxt = min(nxt or now + _FLIGHT_TTL, now + _FLIGHT_TTL)
-        return min((t for t in (due, nxt) if t is not None), default=None)
+        return min((t for t in (due, nxt, rollover) if t is not None), default=None)
 
     async def _claim_pending(self, now: float) -> tuple[list[Pending], bool]:
         """Replicas: claim the due attempts admission lets through, deciding in the claim's
         transaction on what every replica has in flight (see store/claims.py)."""
         ctx, w = self.ctx, self.worker
-        learned = await ctx.store.learned_limits()
-        limits = dict(ctx.cfg.admission.token_budgets)
-        for model, limit in learned.items():
-            limits[model] = min(limit, limits.get(model, limit))
+        # The limits (and the in-flight gauges) as one replica has them; what is in
+        # flight is read again in the claim's transaction.
+        lim = await self._admission()
         held_back = False
 
         def decide(pending: list[Pending], flight: dict[str, tuple[int, int]]) -> list[Pending]:
             nonlocal held_back
             chosen = pending
-            if not limits.keys().isdisjoint(p.model for p in pending):
+            if any(lim.apply(p.model) for p in pending):
                 by_id = {p.id: p for p in pending}
-                used = {m: t for m, (t, _) in flight.items()}
                 cands = [
-                    Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before)
+                    Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before, p.requests)
                     for p in pending
                 ]
-                chosen = [by_id[i] for i in admit(cands, used, limits, now)]
+                ids = admit(
+                    cands,
+                    {m: t for m, (t, _) in flight.items()},
+                    lim.token_limits,
+                    now,
+                    request_limits=lim.request_limits,
+                    in_flight_requests={m: r for m, (_, r) in flight.items()},
+                )
+                chosen = [by_id[i] for i in ids]
             held_back = len(chosen) < len(pending)
             return chosen[: w.free]
 
         leases = ctx.leases
         assert leases.claims is not None
-        window = max(w.free, 200) if limits else w.free
+        window = max(w.free, 200) if lim.token_limits or lim.request_limits else w.free
         chosen = await leases.claims.pending(
             leases.owner, leases.cfg.lease_seconds, now, window, decide
         )

@@ -56,6 +56,12 @@ _JOB_COLS = frozenset(
         "cancel_requested",
         "allow_duplicate",
         "input_fp",
+        "estimate",
+        "cost_nanos",
+        "cost_unknown",
+        "admitted_at",
+        "reserved_nanos",
+        "budget_wait",
     }
 )
 _ATTEMPT_COLS = frozenset(
@@ -404,13 +410,6 @@ class Store:
             out += [r[0] for r in await self._rows("due_new_jobs", state=s.value, limit=limit)]
         return out[:limit]
 
-    async def job_ids(self, states: Iterable[JobState]) -> list[str]:
-        """Ids of every job in these (live) states, oldest first."""
-        out: list[str] = []
-        for s in states:
-            out += [r[0] for r in await self._rows("live_job_ids", state=s.value)]
-        return out
-
     async def transition(
         self,
         job_id: str,
@@ -627,15 +626,22 @@ class Store:
         detail: Mapping[str, Any] | None = None,
         reason: Mapping[str, Any] | None = None,
         remote_files: Sequence[tuple[str, str]] = (),
+        charge: Mapping[str, Any] | None = None,
     ) -> None:
         """Mark an ended attempt collected with its outcome, and in the same transaction
         either queue the next attempt for its piece or mark the piece done (and, with
         `reason`, record that the job fails, so a crash cannot forget it). The
         provider's copies listed in `remote_files` ((file_id, kind)) become due for
-        deletion."""
+        deletion. `charge` (the put_charge columns but attempt_id, job_id and at) is what
+        the attempt's results billed: stored by attempt id, replacing any earlier tally,
+        so settling again after a crash can never charge twice."""
         att = await self.attempt(attempt_id)
         now = self._clock()
-        stmts = [
+        stmts = []
+        if charge is not None:
+            row = {"attempt_id": attempt_id, "job_id": att.job_id, "at": now, **charge}
+            stmts.append(Stmt(q("put_charge"), row))
+        stmts += [
             Stmt(
                 q("settle_attempt"),
                 {
@@ -758,10 +764,6 @@ class Store:
         """(estimated tokens, requests) of live batches per model ('' = unknown)."""
         return {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in await self._rows("live_in_flight")}
 
-    async def live_tokens(self) -> dict[str, int]:
-        """Estimated prompt tokens of live batches per model."""
-        return {m: t for m, (t, _) in (await self.in_flight()).items()}
-
     async def live_batches(self) -> list[LiveBatch]:
         """Batches in flight, with what the tracker compares (nothing decoded)."""
         return [
@@ -803,6 +805,88 @@ class Store:
     async def learned_limits(self) -> dict[str, int]:
         """Every learned per-model token limit."""
         return {r[0]: int(r[1]) for r in await self._rows("learned_limits")}
+
+    async def learn_request_limit(self, model: str, limit: int) -> None:
+        """Remember the enqueued-request limit an API refusal stated for a model."""
+        await self._b.tx(
+            [Stmt(q("learn_request_limit"), {"model": model, "limit": limit, "now": self._clock()})]
+        )
+
+    async def learned_request_limits(self) -> dict[str, int]:
+        """Every learned per-model enqueued-request limit."""
+        return {r[0]: int(r[1]) for r in await self._rows("learned_request_limits")}
+
+    # --- cost and budgets ---------------------------------------------------------------
+
+    async def unadmitted_jobs(self, limit: int) -> list[Job]:
+        """Validated jobs the budget has not admitted yet, oldest first."""
+        return [decode(Job, r) for r in await self._rows("unadmitted_jobs", limit=limit)]
+
+    async def budget_waiting_count(self) -> int:
+        """Jobs held back by a budget."""
+        return int(await self._scalar("budget_waiting_count") or 0)
+
+    async def admit_job(
+        self, job_id: str, reserved: int | None, detail: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Admit a job (its attempts may now be submitted), reserving `reserved` nano-dollars
+        in the current periods; False when it was admitted already."""
+        now = self._clock()
+        try:
+            await self._b.tx(
+                [
+                    Stmt(
+                        q("admit_job"),
+                        {"id": job_id, "reserved": reserved, "now": now},
+                        must_change=True,
+                    ),
+                    _event(job_id, now, "budget_admitted", detail=detail),
+                ]
+            )
+        except Conflict:
+            return False
+        return True
+
+    async def set_budget_wait(self, job_id: str, reason: str) -> None:
+        """Record why a job waits for its budget (with an event; call it on change only)."""
+        now = self._clock()
+        await self._b.tx(
+            [
+                Stmt(q("set_budget_wait"), {"id": job_id, "reason": reason, "now": now}),
+                _event(job_id, now, "budget_wait", detail={"reason": reason}),
+            ]
+        )
+
+    async def budget_committed(
+        self, day0: float, month0: float
+    ) -> list[tuple[str, str, bool, int]]:
+        """(model, source, admitted today, nano-dollars) held by jobs admitted this month:
+        the actual cost of ended jobs, the reservation of the others."""
+        rows = await self._rows("budget_committed", day0=day0, month0=month0)
+        return [(r[0], r[1], bool(r[2]), int(r[3] or 0)) for r in rows]
+
+    async def job_cost(self, job_id: str) -> dict[str, Any]:
+        """The sum of a job's charges: attempts charged, requests, tokens, cost (nano-dollars)
+        and why part of it could not be priced (None when all could)."""
+        r = (await self._rows("job_cost", job_id=job_id))[0]
+        keys = (
+            "attempts",
+            "requests",
+            "input_tokens",
+            "cached_tokens",
+            "cache_write_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+            "cost_nanos",
+        )
+        out: dict[str, Any] = {k: int(r[i]) for i, k in enumerate(keys)}
+        out["cost_unknown"] = r[8]
+        return out
+
+    async def charges_since(self, since: float) -> list[RowLike]:
+        """Every charge collected since `since` (at, model, source, requests, input, cached,
+        output tokens, cost_nanos, cost_unknown), oldest first."""
+        return await self._rows("charges_since", since=since)
 
     # --- settings ---------------------------------------------------------------------
 
@@ -868,6 +952,7 @@ class Store:
                 [
                     Stmt(q(name), rows)
                     for name in (
+                        "delete_job_charges",
                         "delete_job_events",
                         "delete_job_attempts",
                         "delete_job_pieces",

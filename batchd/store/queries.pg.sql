@@ -20,6 +20,7 @@ SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_b
 FROM attempts a JOIN jobs j ON j.id = a.job_id
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
+AND j.admitted_at IS NOT NULL
 ORDER BY a.not_before, a.created_at LIMIT :limit;
 
 -- name: facade_batches_to_settle
@@ -42,6 +43,46 @@ ORDER BY id DESC LIMIT :limit;
 SELECT * FROM facade_files
 WHERE tenant = :tenant AND id > :cursor AND (:purpose::text IS NULL OR purpose = :purpose)
 ORDER BY id LIMIT :limit;
+
+-- --- variants: cost (0006_cost) ------------------------------------------------------
+-- SUM of BIGINT is NUMERIC in PostgreSQL (a Decimal in Python): cast back to BIGINT.
+
+-- name: unadmitted_jobs
+SELECT * FROM jobs
+WHERE admitted_at IS NULL AND state = 'submitting'
+ORDER BY created_at, id LIMIT :limit;
+
+-- name: budget_waiting_count
+SELECT COUNT(*) FROM jobs
+WHERE admitted_at IS NULL AND state = 'submitting' AND budget_wait IS NOT NULL;
+
+-- name: budget_committed
+SELECT COALESCE(model, '') AS model, source, (admitted_at >= :day0)::int AS today,
+       SUM(CASE WHEN finished_at IS NOT NULL THEN COALESCE(cost_nanos, reserved_nanos, 0)
+                ELSE COALESCE(reserved_nanos, 0) END)::bigint AS nanos
+FROM jobs WHERE admitted_at >= :month0
+GROUP BY 1, 2, 3;
+
+-- name: put_charge
+INSERT INTO charges (attempt_id, job_id, at, provider, model, source, requests,
+    input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    cost_nanos, cost_unknown)
+VALUES (:attempt_id, :job_id, :at, :provider, :model, :source, :requests, :input_tokens,
+    :cached_tokens, :cache_write_tokens, :output_tokens, :reasoning_tokens, :cost_nanos,
+    :cost_unknown)
+ON CONFLICT (attempt_id) DO UPDATE SET job_id = excluded.job_id, at = excluded.at,
+    provider = excluded.provider, model = excluded.model, source = excluded.source,
+    requests = excluded.requests, input_tokens = excluded.input_tokens,
+    cached_tokens = excluded.cached_tokens, cache_write_tokens = excluded.cache_write_tokens,
+    output_tokens = excluded.output_tokens, reasoning_tokens = excluded.reasoning_tokens,
+    cost_nanos = excluded.cost_nanos, cost_unknown = excluded.cost_unknown;
+
+-- name: job_cost
+SELECT COUNT(*), COALESCE(SUM(requests), 0)::bigint, COALESCE(SUM(input_tokens), 0)::bigint,
+       COALESCE(SUM(cached_tokens), 0)::bigint, COALESCE(SUM(cache_write_tokens), 0)::bigint,
+       COALESCE(SUM(output_tokens), 0)::bigint, COALESCE(SUM(reasoning_tokens), 0)::bigint,
+       COALESCE(SUM(cost_nanos), 0)::bigint, MAX(cost_unknown)
+FROM charges WHERE job_id = :job_id;
 
 -- --- leases (PostgreSQL only) ---------------------------------------------------------
 
@@ -107,6 +148,7 @@ SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_b
 FROM attempts a JOIN jobs j ON j.id = a.job_id
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
+AND j.admitted_at IS NOT NULL  -- a job waiting for its budget keeps its attempts back
 AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.key = 'attempt:' || a.id
                 AND l.expires_at >= batchd_now())
 ORDER BY a.not_before, a.created_at LIMIT :limit;

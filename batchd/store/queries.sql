@@ -57,9 +57,6 @@ SELECT MIN(created_at) FROM jobs WHERE state = :state;
 -- name: due_new_jobs  (hot: submit)
 SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id LIMIT :limit;
 
--- name: live_job_ids
-SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id;
-
 -- name: failing_jobs  (hot: collect)
 SELECT * FROM jobs WHERE reason IS NOT NULL AND finished_at IS NULL
 ORDER BY created_at LIMIT :limit;
@@ -149,6 +146,7 @@ SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_b
 FROM attempts a CROSS JOIN jobs j ON j.id = a.job_id  -- CROSS: the pending attempts drive
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
+AND j.admitted_at IS NOT NULL  -- a job waiting for its budget keeps its attempts back
 ORDER BY a.not_before, a.created_at LIMIT :limit;
 
 -- name: next_pending_at  (hot: submit)
@@ -187,7 +185,7 @@ ON CONFLICT (model) DO UPDATE SET token_limit = excluded.token_limit,
     learned_at = excluded.learned_at;
 
 -- name: learned_limits
-SELECT model, token_limit FROM model_limits;
+SELECT model, token_limit FROM model_limits WHERE token_limit IS NOT NULL;
 
 -- name: get_setting
 SELECT value, updated_at FROM settings WHERE key = :key;
@@ -369,3 +367,64 @@ DELETE FROM facade_events WHERE id = :id;
 
 -- name: facade_event_later
 UPDATE facade_events SET due_at = :due_at, tries = tries + 1 WHERE id = :id;
+
+-- --- cost: estimates, charges, budget admission, request limits ------------------------
+
+-- name: unadmitted_jobs  (hot: submit)
+-- INDEXED BY: jobs_state would walk every submitting job (a burst: thousands) for none.
+SELECT * FROM jobs INDEXED BY jobs_unadmitted
+WHERE admitted_at IS NULL AND state = 'submitting'
+ORDER BY created_at, id LIMIT :limit;
+
+-- name: budget_waiting_count  (hot: gauges)
+SELECT COUNT(*) FROM jobs INDEXED BY jobs_unadmitted
+WHERE admitted_at IS NULL AND state = 'submitting' AND budget_wait IS NOT NULL;
+
+-- name: admit_job
+UPDATE jobs SET admitted_at = :now, reserved_nanos = :reserved, budget_wait = NULL,
+    updated_at = :now
+WHERE id = :id AND admitted_at IS NULL;
+
+-- name: set_budget_wait
+UPDATE jobs SET budget_wait = :reason, updated_at = :now
+WHERE id = :id AND admitted_at IS NULL;
+
+-- name: budget_committed  (hot: submit)
+-- Money the jobs admitted since :month0 hold: a job's actual cost once it ended, else
+-- its reservation (its high estimate); split at :day0 for the daily limits.
+SELECT COALESCE(model, '') AS model, source, admitted_at >= :day0 AS today,
+       SUM(CASE WHEN finished_at IS NOT NULL THEN COALESCE(cost_nanos, reserved_nanos, 0)
+                ELSE COALESCE(reserved_nanos, 0) END) AS nanos
+FROM jobs WHERE admitted_at >= :month0
+GROUP BY 1, 2, 3;
+
+-- name: put_charge
+INSERT OR REPLACE INTO charges (attempt_id, job_id, at, provider, model, source, requests,
+    input_tokens, cached_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    cost_nanos, cost_unknown)
+VALUES (:attempt_id, :job_id, :at, :provider, :model, :source, :requests, :input_tokens,
+    :cached_tokens, :cache_write_tokens, :output_tokens, :reasoning_tokens, :cost_nanos,
+    :cost_unknown);
+
+-- name: job_cost
+SELECT COUNT(*), COALESCE(SUM(requests), 0), COALESCE(SUM(input_tokens), 0),
+       COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cache_write_tokens), 0),
+       COALESCE(SUM(output_tokens), 0), COALESCE(SUM(reasoning_tokens), 0),
+       COALESCE(SUM(cost_nanos), 0), MAX(cost_unknown)
+FROM charges WHERE job_id = :job_id;
+
+-- name: charges_since
+SELECT at, model, source, requests, input_tokens, cached_tokens, output_tokens,
+       cost_nanos, cost_unknown
+FROM charges WHERE at >= :since ORDER BY at;
+
+-- name: delete_job_charges
+DELETE FROM charges WHERE job_id = :id;
+
+-- name: learn_request_limit
+INSERT INTO model_limits (model, request_limit, learned_at) VALUES (:model, :limit, :now)
+ON CONFLICT (model) DO UPDATE SET request_limit = excluded.request_limit,
+    learned_at = excluded.learned_at;
+
+-- name: learned_request_limits
+SELECT model, request_limit FROM model_limits WHERE request_limit IS NOT NULL;

@@ -10,7 +10,7 @@ import orjson
 
 from batchd.states import JobState
 
-JSON_COLS = frozenset({"usage", "reason", "batch", "detail"})
+JSON_COLS = frozenset({"usage", "reason", "batch", "detail", "estimate"})
 _BOOL_COLS = frozenset({"cancel_requested", "collected", "abandoned", "done", "allow_duplicate"})
 
 
@@ -43,6 +43,12 @@ class Job:
     allow_duplicate: bool = False
     results_deleted_at: float | None = None
     input_fp: str | None = None  # the input's fingerprint when it was validated
+    estimate: dict[str, Any] | None = None  # estimate.Estimate.as_dict() made at intake
+    cost_nanos: int | None = None  # actual cost once ended (sum of its charges)
+    cost_unknown: str | None = None  # why part of the cost could not be priced
+    admitted_at: float | None = None  # when the budget let it be submitted
+    reserved_nanos: int | None = None  # the high estimate it holds while it runs
+    budget_wait: str | None = None  # why it waits for its budget (not admitted yet)
 
     @property
     def ended(self) -> bool:

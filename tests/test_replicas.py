@@ -11,14 +11,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import pytest
 
+from batchd import logs
 from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY
+from batchd.leases import Leases
+from batchd.metrics import Metrics
+from batchd.spool import Spool
+from batchd.stages import Context
+from batchd.stages.submit import Submit
 from batchd.stages.track import budget
 from batchd.states import JobState
 from batchd.store import NewJob, Pending, Piece, Store
@@ -110,6 +116,8 @@ async def test_admission_is_decided_once_for_all_replicas(pg_url: str) -> None:
             for i in range(6)
         ]
         await store.validated("J", pieces, atts, {}, endpoint="/v1/chat/completions", model="m")
+        assert await Claims(store).pending("x", 30, time.time(), 10, lambda p, f: p) == []
+        await store.admit_job("J", None)  # budget admission first (no [budget] limit)
         claims = Claims(store)
         budget = {"m": 100}  # room for two pieces of 40 tokens
 
@@ -131,6 +139,44 @@ async def test_admission_is_decided_once_for_all_replicas(pg_url: str) -> None:
         )
         more = await claims.pending("d", 30, now, 10, decide)
         assert more == []  # one live (40) + one being submitted (40): 20 left, no room
+        seen: list[dict[str, tuple[int, int]]] = []
+
+        def look(pending: list[Pending], flight: dict[str, tuple[int, int]]) -> list[Pending]:
+            seen.append(flight)
+            return []
+
+        await claims.pending("e", 30, now, 10, look)
+        assert seen == [{"m": (80, 2)}]  # tokens and requests: request limits decide on both
+
+
+async def test_money_budgets_are_admitted_by_one_replica_at_a_time(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two replicas deciding budgets at once never admit more than the budget holds:
+    one holds the `budget` role and admits; the other leaves it (without the role each
+    would spend what it thinks is left)."""
+    cfg = make_config(tmp_path, "http://127.0.0.1:9/v1", budget={"daily_usd": 0.0065})
+    stages: list[Submit] = []
+    async with Store.connect(pg_url) as store, Store.connect(pg_url) as other:
+        for name in ("one", "two", "three"):  # $0.0030 each: two fit
+            job = await store.create_job(name, name, f"processing/{name}.jsonl", "inbox")
+            await store.transition(job.id, JobState.VALIDATING)
+            high = 3_000_000  # nano-dollars
+            est = {"cost_high_nanousd": high, "cost_low_nanousd": high // 2}
+            await store.validated(job.id, [], [], {}, model="gpt-4o-mini", estimate=est)
+        for s in (store, other):
+            leases = Leases.for_store(s, cfg.replicas, logs.get(), Metrics())
+            ctx = Context(cfg, s, Spool(cfg.spool.dir), cast(Any, None), Metrics(), logs.get())
+            ctx.leases = leases
+            stages.append(Submit(ctx))
+        for _ in range(3):
+            await asyncio.gather(*(st._budget() for st in stages))
+        admitted = [j for j in await store.list_jobs() if j.admitted_at is not None]
+        assert len(admitted) == 2
+        roles = [st.ctx.leases.has_role("budget") for st in stages]
+        assert sorted(roles) == [False, True]
+        for st in stages:
+            await st.ctx.leases.close()
 
 
 # --- three replicas, SIGKILLed at random, one PostgreSQL, one emulator with faults --------

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
 from batchd import logs
@@ -64,6 +65,17 @@ async def test_one_daemon_on_postgresql_runs_jobs_end_to_end(
     assert (cfg.spool.dir / "failed" / "bad" / "report.json").exists()
     async with Store.connect(pg_url) as store:
         assert await store.count_by_state() == {"done": 2, "failed": 1}
+        # Cost on PostgreSQL: estimated at intake, admitted, charged once per attempt.
+        split = next(j for j in await store.list_jobs() if j.name == "split")
+        info = orjson.loads((done / "split" / "job.json").read_bytes())
+        assert split.admitted_at is not None and split.estimate
+        assert info["cost"]["nanousd"] == split.cost_nanos > 0
+        charged = [c for c in await store.charges_since(0.0) if c["cost_nanos"]]
+        # small: one batch of 3; split: three batches (4+4+2), 9 billed (one request failed)
+        assert len(charged) == 4 and sum(c["requests"] for c in charged) == 3 + 9
+        assert sum(c["cost_nanos"] for c in charged) == info["cost"]["nanousd"] + (
+            next(j for j in await store.list_jobs() if j.name == "small").cost_nanos
+        )
 
 
 # --- leases and claims (the store's side, PostgreSQL) ------------------------------------

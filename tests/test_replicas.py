@@ -206,7 +206,7 @@ class Scale:
     finish_timeout: float  # seconds for every file to end once the kills stop
 
 
-CI_SCALE = Scale(files=30, ticks=10, finish_timeout=150)
+CI_SCALE = Scale(files=20, ticks=6, finish_timeout=150)
 SOAK_SCALE = Scale(files=200, ticks=60, finish_timeout=600)
 
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchd.jobmeta import API_MAX_PAIRS, BATCHD_PAIRS
+
+if TYPE_CHECKING:
+    from batchd.provider_config import ProviderConfig
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -42,14 +45,15 @@ class ApiConfig:
     ca_file: Path | None = None  # trusted besides the system's CAs (and $SSL_CERT_FILE)
     client_cert_file: Path | None = None  # for a gateway that wants mutual TLS
     client_key_file: Path | None = None  # never logged; default: in client_cert_file
+    credential: str = "openai_api_key"  # the systemd credential holding the key
 
     def api_key(self) -> str | None:
         """Return the API key from the key file, $CREDENTIALS_DIRECTORY, or the environment."""
         if self.api_key_file is not None:
             return self.api_key_file.read_text(encoding="utf-8").strip() or None
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if creds and (Path(creds) / "openai_api_key").is_file():
-            return (Path(creds) / "openai_api_key").read_text(encoding="utf-8").strip() or None
+        if creds and (Path(creds) / self.credential).is_file():
+            return (Path(creds) / self.credential).read_text(encoding="utf-8").strip() or None
         return os.environ.get(self.api_key_env) or None
 
 
@@ -375,6 +379,21 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     facade: FacadeConfig = field(default_factory=FacadeConfig)
     source: Path | None = None
+    # [providers.NAME] tables (batchd/provider_config.py); [api] is the provider "openai".
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+
+    def provider_configs(self) -> dict[str, ProviderConfig]:
+        """Every provider by NAME, the default ([api], named "openai") first."""
+        from batchd.provider_config import default_provider
+
+        first = default_provider(
+            self.api,
+            self.limits,
+            self.upload,
+            self.batch.completion_window,
+            self.batch.output_expires_after_seconds,
+        )
+        return {first.name: first, **self.providers}
 
 
 _LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -421,6 +440,7 @@ _SECTIONS = {
     "prices": set(),  # keys are model names (see _FREE_KEYS)
     "estimate": {"output_ratio", "default_max_output_tokens", "tokenizer"},
     "budget": {"timezone", "unknown_price", "daily_usd", "monthly_usd", "models", "sources"},
+    "providers": set(),  # keys are provider NAMEs (see _FREE_KEYS)
     "facade": {"tenants", "dedupe_window", "max_file_bytes", "max_upload_bytes"},
 }
 # Keys SIGHUP applies to a running daemon; any other change needs a restart.
@@ -453,7 +473,7 @@ RELOADABLE = frozenset(
     }
 )
 # Sections whose keys are names chosen by the user; their parsers check the inner tables.
-_FREE_KEYS = {"prices"}
+_FREE_KEYS = {"prices", "providers"}
 _PRICE_KEYS = {"input_per_mtok", "output_per_mtok", "cached_input_per_mtok", "batch", "same_as"}
 _LIMIT_KEYS = {"daily_usd", "monthly_usd"}
 _TENANT_KEYS = {"key_file", "key_sha256", "webhook_url", "webhook_secret_file", "webhook_secret"}
@@ -526,29 +546,31 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
-def _tls_and_proxy(t: Mapping[str, Any], base: Path) -> dict[str, Any]:
+def _tls_and_proxy(t: Mapping[str, Any], base: Path, section: str = "api") -> dict[str, Any]:
     """[api] proxy, ca_file, client_cert_file, client_key_file (files must be readable)."""
-    proxy = _get(t, "api", "proxy", str, None)
+    proxy = _get(t, section, "proxy", str, None)
     if proxy:
         if not proxy.startswith(("http://", "https://")):
             raise ConfigError(
-                f"[api] proxy: must start with http:// or https://, got {redact_url(proxy)!r}"
+                f"[{section}] proxy: must start with http:// or https://, got {redact_url(proxy)!r}"
             )
         if not proxy.split("://", 1)[1].split("/", 1)[0]:
-            raise ConfigError("[api] proxy: no host in the URL")
+            raise ConfigError(f"[{section}] proxy: no host in the URL")
     out: dict[str, Any] = {"proxy": proxy}
     for key in ("ca_file", "client_cert_file", "client_key_file"):
-        path = _path(base, _get(t, "api", key, str, None))
+        path = _path(base, _get(t, section, key, str, None))
         if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"[api] {key}: cannot read {path}")
+            raise ConfigError(f"[{section}] {key}: cannot read {path}")
         out[key] = path
     if out["client_key_file"] is not None and out["client_cert_file"] is None:
-        raise ConfigError("[api] client_key_file: needs [api] client_cert_file")
-    _check_tls_files(out["ca_file"], out["client_cert_file"], out["client_key_file"])
+        raise ConfigError(f"[{section}] client_key_file: needs [{section}] client_cert_file")
+    _check_tls_files(out["ca_file"], out["client_cert_file"], out["client_key_file"], section)
     return out
 
 
-def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
+def _check_tls_files(
+    ca: Path | None, cert: Path | None, key: Path | None, section: str = "api"
+) -> None:
     """Load the CA and client certificate once, so a bad file stops start-up by name."""
     if ca is None and cert is None:
         return
@@ -559,13 +581,13 @@ def _check_tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> No
         try:
             ctx.load_verify_locations(cafile=str(ca))
         except (ssl.SSLError, OSError, ValueError) as e:
-            raise ConfigError(f"[api] ca_file: {ca} is not a PEM CA bundle ({e})") from None
+            raise ConfigError(f"[{section}] ca_file: {ca} is not a PEM CA bundle ({e})") from None
     if cert is not None:
         try:
             ctx.load_cert_chain(str(cert), str(key) if key else None, password=_no_password)
         except (ssl.SSLError, OSError, ValueError) as e:  # the message never holds the key
             raise ConfigError(
-                f"[api] client_cert_file: cannot load {cert}"
+                f"[{section}] client_cert_file: cannot load {cert}"
                 + (f" with {key}" if key else "")
                 + f" ({getattr(e, 'reason', None) or e})"
             ) from None
@@ -751,6 +773,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     out = []
     for f in dataclasses.fields(Config):
         a, b = getattr(old, f.name), getattr(new, f.name)
+        if f.name == "providers" and a != b:
+            out.append("providers")  # a provider added, removed or changed: restart
         if a != b and f.name == "prices":  # a table of models, named as a whole
             out.append(f.name)
         if not dataclasses.is_dataclass(a) or a == b:
@@ -885,6 +909,8 @@ def _log(t: Mapping[str, Any]) -> LogConfig:
 
 def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = None) -> Config:
     """Build a Config from parsed TOML; relative paths resolve against `base`."""
+    from batchd.provider_config import parse_providers
+
     env = os.environ if env is None else env
     _check_keys(data)
     spool = _path(base, _get(data.get("spool", {}), "spool", "dir", str, "spool"))
@@ -901,6 +927,7 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
         prices=_prices(data.get("prices", {})),
         estimate=_estimate(data.get("estimate", {})),
         budget=_budget(data.get("budget", {})),
+        providers=parse_providers(data.get("providers", {}), base, _pieces(data)["upload"]),
         facade=_facade(data.get("facade", {}), base),
         **_pieces(data),
         **_sections(data),

@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from batchd import facade, logs, sdnotify
-from batchd.api import BatchApi
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
 from batchd.leases import Leases
 from batchd.metrics import Metrics
+from batchd.providers import Providers
 from batchd.spool import Spool
 from batchd.stages import Context, collect, health, intake, retention, submit, track
 from batchd.states import JobState
@@ -49,7 +49,7 @@ class Daemon:
         self.once = once
         self.clock = clock
         self.serve_http = serve_http
-        self.metrics = Metrics()
+        self.metrics = Metrics(list(cfg.provider_configs()))
         self.log = logs.get("batchd")
         self.stop_event = asyncio.Event()
         self.ctx: Context | None = None
@@ -74,14 +74,24 @@ class Daemon:
         """In --once mode: stop when the inbox is empty, every job has ended and the
         provider's copies due for deletion are gone, or when the API refuses access
         (nothing could get further; the jobs wait)."""
+        default = ctx.providers.default_name
         while True:
             await asyncio.sleep(IDLE_CHECK_SECONDS)
-            if ctx.hold.blocked:
-                self.log.error(
-                    "once_stopped_held", reason=ctx.hold.reason, message=ctx.hold.message
-                )
-                self.stop_event.set()
-                return
+            held = {h.provider: h for h in ctx.holds.values() if h.blocked}
+            if held:
+                live = {p or default for p in await ctx.store.live_providers()}
+                stuck = [held[n] for n in held if n in live]
+                if stuck:
+                    for h in stuck:
+                        self.log.error(
+                            "once_stopped_held",
+                            provider=h.provider,
+                            reason=h.reason,
+                            message=h.message,
+                        )
+                    ctx.stuck_held = True
+                    self.stop_event.set()
+                    return
             if ctx.claiming or ctx.spool.waiting():
                 continue
             if await ctx.store.live_count() or ctx.claiming:
@@ -153,7 +163,9 @@ class Daemon:
             try:
                 counts = await ctx.store.count_by_state()
                 live = sum(counts.get(s.value, 0) for s in LIVE_STATES)
-                held = f"; HELD: {ctx.hold.message}" if ctx.hold.blocked else ""
+                held = "".join(
+                    f"; HELD ({h.provider}): {h.message}" for h in ctx.holds.values() if h.blocked
+                )
                 sdnotify.status(
                     f"{live} job(s) in progress, {counts.get('tracking', 0)} tracking, "
                     f"{counts.get('done', 0)} done, {counts.get('failed', 0)} failed{held}"
@@ -207,11 +219,22 @@ class Daemon:
         )
         ctx.reprice()
         logs.setup(new.log.level, new.log.format)
-        try:
-            ctx.api.set_key(ctx.cfg.api.api_key())
-        except OSError as e:
-            self.log.error("reload_key_failed", error=str(e))
-        ctx.hold.changed.set()  # a held daemon probes with the new key at once
+        for name, provider in ctx.providers.items():
+            pc = new.provider_configs().get(name, provider.cfg)
+            # The key's source may change live; the rest of a provider needs a restart.
+            provider.cfg = dataclasses.replace(
+                provider.cfg,
+                api=dataclasses.replace(
+                    provider.cfg.api,
+                    api_key_env=pc.api.api_key_env,
+                    api_key_file=pc.api.api_key_file,
+                ),
+            )
+            try:
+                provider.set_key(provider.cfg.api.api_key())
+            except OSError as e:
+                self.log.error("reload_key_failed", provider=name, error=str(e))
+            ctx.hold_of(name).changed.set()  # a held provider is probed with it at once
         ctx.admission_version += 1
         ctx.wake_all()
         self.log.info(
@@ -229,7 +252,7 @@ class Daemon:
         self.stop_event.set()
 
     def _open_spool(self) -> Spool:
-        spool = Spool(self.cfg.spool.dir)
+        spool = Spool(self.cfg.spool.dir, self.cfg.providers)
         try:
             spool.ensure()
         except OSError as e:
@@ -260,7 +283,8 @@ class Daemon:
         await self.stop_event.wait()
         ctx.stopping = True
         ctx.wake_all()
-        ctx.hold.changed.set()
+        for hold in ctx.holds.values():
+            hold.changed.set()
         grace = self.cfg.daemon.shutdown_grace_seconds
         _done, pending = await asyncio.wait(stages, timeout=grace + 1.0)
         if pending:
@@ -276,25 +300,34 @@ class Daemon:
         token = cfg.http.token() if self.serve_http else None
         webhook_secret = cfg.webhooks.secret() if self.serve_http else None
         tenants = facade.load(cfg.facade) if self.serve_http and cfg.facade.tenants else None
-        try:
-            key = cfg.api.api_key()
-        except OSError as e:
-            raise StartupError(f"[api] api_key_file: {cfg.api.api_key_file}: {_why(e)}") from None
+        keys: dict[str, str | None] = {}
+        for name, pc in cfg.provider_configs().items():
+            try:
+                keys[name] = pc.api.api_key()
+            except OSError as e:
+                raise StartupError(
+                    f"{pc.section} api_key_file: {pc.api.api_key_file}: {_why(e)}"
+                ) from None
         spool = self._open_spool()
         loop = asyncio.get_running_loop()
         runner: web.AppRunner | None = None
         try:
             async with (
                 Store.connect(cfg.state.target, self.clock) as store,
-                BatchApi(cfg.api, key, self.metrics) as api,
+                Providers.build(cfg, self.metrics, keys) as providers,
             ):
-                ctx = self.ctx = Context(cfg, store, spool, api, self.metrics, self.log, self.clock)
+                ctx = self.ctx = Context(
+                    cfg, store, spool, providers, self.metrics, self.log, self.clock
+                )
                 ctx.outcomes = self.outcomes
                 ctx.leases = Leases.for_store(store, cfg.replicas, self.log, self.metrics)
-                if key is None:
-                    await ctx.hold.block(ctx, reason="api_key", message=health.no_key_message(ctx))
-                else:
-                    await store.set_setting(health.SETTING, None)  # a stale hold
+                for name in providers:
+                    hold = ctx.hold_of(name)
+                    if keys[name] is None:
+                        why = health.no_key_message(ctx, name)
+                        await hold.block(ctx, reason="api_key", message=why)
+                    else:
+                        await store.set_setting(hold.setting, None)  # a stale hold
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, self.request_stop)
                 loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -323,7 +356,7 @@ class Daemon:
             spool.unlock()
             if self.listen is not None or not self.serve_http:
                 self.log.info("stopped")
-        held = self.ctx is not None and self.ctx.hold.blocked
+        held = self.ctx is not None and self.ctx.stuck_held
         self.exit_code = 1 if self.once and (self.outcomes["failed"] or held) else 0
         return self.exit_code
 

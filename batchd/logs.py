@@ -15,7 +15,8 @@ _SECRET_KEY = re.compile(
     r"(authorization|api[_-]?key|token|secret|password|credential|bearer)", re.IGNORECASE
 )
 _SECRET_VALUE = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{6,}|whsec_[A-Za-z0-9+/=]{6,}|Bearer\s+[A-Za-z0-9._\-]{6,})"
+    r"(sk-[A-Za-z0-9_\-]{6,}|whsec_[A-Za-z0-9+/=]{6,}|Bearer\s+[A-Za-z0-9._\-]{6,}"
+    r"|AIza[A-Za-z0-9_\-]{20,})"  # Google (Gemini) API keys
 )
 REDACTED = "[REDACTED]"
 # Counters and names that merely contain the word "token" are not secrets.

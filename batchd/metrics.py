@@ -5,6 +5,8 @@ Labels are low-cardinality only: never a job id, batch id or file name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,9 +24,12 @@ _E2E_BUCKETS = (0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 2
 
 
 class Metrics:
-    """The daemon's metrics; a fresh registry per instance so tests can run many daemons."""
+    """The daemon's metrics; a fresh registry per instance so tests can run many daemons.
 
-    def __init__(self) -> None:
+    `providers`: the configured provider NAMEs, whose `provider` label values are
+    created up front (so a dashboard shows 0, not nothing, for a quiet provider)."""
+
+    def __init__(self, providers: Sequence[str] = ("openai",)) -> None:
         r = self.registry = CollectorRegistry()
         self.build_info = Info("batchd_build", "batchd version", registry=r)
         self.build_info.info({"version": __version__})
@@ -32,12 +37,16 @@ class Metrics:
         for s in JobState:
             self.jobs.labels(s.value)
         self.jobs_finished = Counter(
-            "batchd_jobs_finished", "Jobs that reached an end, by outcome", ["outcome"], registry=r
+            "batchd_jobs_finished",
+            "Jobs that reached an end, by outcome and provider",
+            ["outcome", "provider"],
+            registry=r,
         )
-        for o in ("done", "failed", "cancelled"):
-            self.jobs_finished.labels(o)
         self.batches_created = Counter(
-            "batchd_batches_created", "Remote batches created", registry=r
+            "batchd_batches_created",
+            "Remote batches created, by provider",
+            ["provider"],
+            registry=r,
         )
         self.batches = Gauge(
             "batchd_batches", "Tracked batches by remote status", ["status"], registry=r
@@ -45,10 +54,11 @@ class Metrics:
         for st in BatchStatus:
             self.batches.labels(st.value)
         self.batches_ended = Counter(
-            "batchd_batches_ended", "Batches seen ending, by final status", ["status"], registry=r
+            "batchd_batches_ended",
+            "Batches seen ending, by final status (batchd's vocabulary) and provider",
+            ["status", "provider"],
+            registry=r,
         )
-        for end in ("completed", "failed", "expired", "cancelled"):
-            self.batches_ended.labels(end)
         self.requests_completed = Counter(
             "batchd_requests_completed", "Requests that succeeded inside batches", registry=r
         )
@@ -56,10 +66,11 @@ class Metrics:
             "batchd_requests_failed", "Requests that failed inside batches", registry=r
         )
         self.tokens = Counter(
-            "batchd_tokens", "Tokens reported in batch usage, by kind", ["kind"], registry=r
+            "batchd_tokens",
+            "Tokens reported in batch usage, by kind and provider",
+            ["kind", "provider"],
+            registry=r,
         )
-        for k in ("input", "cached", "output", "reasoning"):
-            self.tokens.labels(k)
         self.uploaded_bytes = Counter(
             "batchd_uploaded_bytes", "Bytes of input uploaded", registry=r
         )
@@ -68,8 +79,8 @@ class Metrics:
         )
         self.api_requests = Counter(
             "batchd_api_requests",
-            "Batch API calls by operation and HTTP status code (0 = no response)",
-            ["operation", "code"],
+            "Batch API calls by operation, HTTP status code (0 = no response) and provider",
+            ["operation", "code", "provider"],
             registry=r,
         )
         self.api_duration = Histogram(
@@ -167,11 +178,11 @@ class Metrics:
         )
         self.remote_files_deleted = Counter(
             "batchd_remote_files_deleted",
-            "Provider copies deleted by retention, by kind (input, output, error)",
+            "Provider copies deleted by retention, by kind (input, output, error, batch)",
             ["kind"],
             registry=r,
         )
-        for kind in ("input", "output", "error"):
+        for kind in ("input", "output", "error", "batch"):
             self.remote_files_deleted.labels(kind)
         self.retention_deleted = Counter(
             "batchd_retention_deleted",
@@ -241,6 +252,8 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        for p in providers:
+            self.add_provider(p)
         self._replicas(r)
 
     def _replicas(self, r: CollectorRegistry) -> None:
@@ -267,3 +280,13 @@ class Metrics:
             "Leases this replica found taken over when renewing (it was too slow)",
             registry=r,
         )
+
+    def add_provider(self, name: str) -> None:
+        """Create the `provider` label values of one provider (its series start at 0)."""
+        for o in ("done", "failed", "cancelled"):
+            self.jobs_finished.labels(o, name)
+        self.batches_created.labels(name)
+        for end in ("completed", "failed", "expired", "cancelled"):
+            self.batches_ended.labels(end, name)
+        for k in ("input", "cached", "output", "reasoning"):
+            self.tokens.labels(k, name)

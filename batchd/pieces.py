@@ -170,12 +170,12 @@ def split(src: Path, out_dir: Path, limits: Limits, embeddings: bool) -> list[Pi
     return pieces
 
 
-def write_subset(src: Path, custom_ids: set[str], dest: Path) -> PieceFile:
-    """Write the lines of `src` whose custom_id is in `custom_ids` to `dest`."""
+def write_subset(src: Path, custom_ids: set[str], dest: Path, key: str = "custom_id") -> PieceFile:
+    """Write the lines of `src` whose `key` (custom_id) is in `custom_ids` to `dest`."""
     n = size = tokens = 0
     with _atomic(dest) as out:
         for line in iter_lines(src):
-            if orjson.loads(line).get("custom_id") in custom_ids:
+            if orjson.loads(line).get(key) in custom_ids:
                 out.write(line + b"\n")
                 n += 1
                 size += len(line) + 1
@@ -183,9 +183,9 @@ def write_subset(src: Path, custom_ids: set[str], dest: Path) -> PieceFile:
     return PieceFile(dest, n, size, tokens)
 
 
-def custom_ids(path: Path) -> list[str]:
-    """custom_ids of an input file, in order."""
-    return [str(orjson.loads(line).get("custom_id")) for line in iter_lines(path)]
+def custom_ids(path: Path, key: str = "custom_id") -> list[str]:
+    """Request ids (`key`: custom_id, Gemini's key) of an input file, in order."""
+    return [str(orjson.loads(line).get(key)) for line in iter_lines(path)]
 
 
 @dataclass
@@ -195,6 +195,16 @@ class Outcome:
     succeeded: set[str] = field(default_factory=set)
     retryable: set[str] = field(default_factory=set)  # failed, but another attempt may work
     failed: set[str] = field(default_factory=set)  # failed for good (e.g. HTTP 400)
+    expired: set[str] = field(default_factory=set)  # not run before the window ended
+    canceled: set[str] = field(default_factory=set)  # not run: the batch was cancelled
+
+    def seen(self) -> set[str]:
+        """Every request id a result line named."""
+        return self.succeeded | self.retryable | self.failed | self.expired | self.canceled
+
+    def again(self) -> set[str]:
+        """Requests worth another attempt (failed for a passing reason, or not run)."""
+        return self.retryable | self.expired | self.canceled
 
 
 def _is_retryable(rec: dict[str, Any]) -> bool:
@@ -214,12 +224,13 @@ def classify_error(line: bytes) -> tuple[str, bool]:
     return str(rec.get("custom_id")), _is_retryable(rec)
 
 
-def read_outcome(output: Path | None, errors: Path | None) -> Outcome:
-    """Classify every custom_id seen in an attempt's output and error files."""
+def read_outcome(output: Path | None, errors: Path | None, key: str = "custom_id") -> Outcome:
+    """Classify every request id seen in an attempt's output and error files (OpenAI's
+    error lines; other providers' output lines are read by `key` alone)."""
     out = Outcome()
     if output is not None and output.exists():
         for line in iter_lines(output):
-            out.succeeded.add(str(orjson.loads(line).get("custom_id")))
+            out.succeeded.add(str(orjson.loads(line).get(key)))
     if errors is not None and errors.exists():
         for line in iter_lines(errors):
             rec = orjson.loads(line)
@@ -240,11 +251,11 @@ def first_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def filter_lines(src: Path, dest: Path, drop: set[str]) -> None:
-    """Copy result lines whose custom_id is not in `drop` (e.g. ones retried later)."""
+def filter_lines(src: Path, dest: Path, drop: set[str], key: str = "custom_id") -> None:
+    """Copy result lines whose `key` (custom_id) is not in `drop` (e.g. ones retried later)."""
     with _atomic(dest) as out:
         for line in iter_lines(src):
-            if orjson.loads(line).get("custom_id") not in drop:
+            if orjson.loads(line).get(key) not in drop:
                 out.write(line + b"\n")
 
 
@@ -260,8 +271,8 @@ def concat(parts: Iterable[Path], dest: Path) -> int:
     return n
 
 
-def reorder(src: Path, order: list[str], dest: Path) -> None:
-    """Write `src`'s lines into `dest` in the order of `order` (custom_ids).
+def reorder(src: Path, order: list[str], dest: Path, key: str = "custom_id") -> None:
+    """Write `src`'s lines into `dest` in the order of `order` (request ids by `key`).
 
     Holds only (position, offset, length) per line in memory, not the lines.
     """
@@ -271,7 +282,7 @@ def reorder(src: Path, order: list[str], dest: Path) -> None:
     with src.open("rb") as f:
         for raw in f:
             if raw.strip():
-                cid = orjson.loads(raw).get("custom_id")
+                cid = orjson.loads(raw).get(key)
                 index.append((pos.get(str(cid), len(pos)), offset, len(raw)))
             offset += len(raw)
         index.sort()
@@ -280,6 +291,14 @@ def reorder(src: Path, order: list[str], dest: Path) -> None:
                 f.seek(off)
                 line = f.read(length)
                 out.write(line if line.endswith(b"\n") else line + b"\n")
+
+
+def split_lines(src: Path, ok: list[bool], output: Path, errors: Path) -> None:
+    """Split one stream of results into `output` (line i where ok[i]) and `errors` (the
+    rest): both written (possibly empty), each atomically."""
+    with _atomic(output) as good, _atomic(errors) as bad:
+        for i, line in enumerate(iter_lines(src)):
+            (good if i < len(ok) and ok[i] else bad).write(line + b"\n")
 
 
 def missing_lines(ids: Iterable[str], message: str) -> bytes:

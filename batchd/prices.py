@@ -33,6 +33,7 @@ __all__ = [
     "Rates",
     "Unknown",
     "format_usd",
+    "price_source",
     "provider_for_base_url",
     "to_nanos",
 ]
@@ -159,6 +160,23 @@ def provider_for_base_url(base_url: str) -> str:
     # api.openai.com, the built-in emulator and OpenAI-compatible hosts speak OpenAI's
     # Batch API; they are priced as OpenAI unless [prices] says otherwise.
     return "openai"
+
+
+# The price-list provider of each provider kind (batchd.provider_config.KINDS).
+_KIND_PRICES: Final[Mapping[str, str]] = {
+    "azure_openai": "azure",
+    "anthropic": "anthropic",
+    "gemini": "google",
+    "mistral": "mistral",
+    "groq": "groq",
+    "together": "together",
+}
+
+
+def price_source(kind: str, base_url: str) -> str:
+    """The price-list provider of a configured provider: its kind's, or for the openai
+    kind the one its base URL names (OpenAI's for anything OpenAI-compatible)."""
+    return _KIND_PRICES.get(kind) or provider_for_base_url(base_url)
 
 
 def _nanos_per_mtok(value: Decimal) -> int:

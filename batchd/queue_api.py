@@ -25,6 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from batchd import jobmeta
 from batchd.config import parse_since
+from batchd.provider_config import DEFAULT_PROVIDER
 from batchd.spool import Claimed, Spool, enter_inbox
 from batchd.spool import check_name as spool_check_name
 from batchd.stages import Context
@@ -110,6 +111,7 @@ def job_view(spool: Spool, job: Job, attempts: list[Attempt] | None = None) -> d
         "name": job.name,
         "state": str(job.state),
         "source": job.source,
+        "provider": job.provider or DEFAULT_PROVIDER,
         "endpoint": job.endpoint,
         "model": job.model,
         "request_counts": {"total": job.requests, "completed": job.completed, "failed": job.failed},
@@ -142,17 +144,18 @@ def job_view(spool: Spool, job: Job, attempts: list[Attempt] | None = None) -> d
 
 
 def _batch_view(a: Attempt) -> dict[str, Any]:
-    """One remote batch of a job, in the provider's terms."""
+    """One remote batch of a job: batchd's status beside the provider's own."""
     b = a.batch or {}
     return {
         "id": a.batch_id,
         "piece": a.piece,
         "status": a.status,
-        "request_counts": b.get("request_counts"),
+        "raw_status": a.raw_status or a.status,
+        "request_counts": {"total": a.total, "completed": a.completed, "failed": a.failed},
         "input_file_id": a.file_id,
         "output_file_id": b.get("output_file_id"),
         "error_file_id": b.get("error_file_id"),
-        "created_at": iso(b.get("created_at") or a.created_at),
+        "created_at": iso(a.batch_created_at or a.created_at),
     }
 
 
@@ -266,6 +269,7 @@ class QueueApi:
         up = _Upload()
         up.name = req.match_info.get("name") or req.query.get("name")
         up.metadata = req.headers.get(METADATA_HEADER)
+        provider = self._provider(req.query.get("provider"))
         fixed = self.ctx.cfg.batch.metadata
         if up.name is not None:
             check_name(up.name)  # fail before reading a byte of the body
@@ -289,7 +293,7 @@ class QueueApi:
             name = check_name(up.name) if up.name is not None else None
             name = name or _name_from_filename(up.filename) or f"http-{secrets.token_hex(4)}"
             meta = parse_metadata(up.metadata, fixed) if up.metadata is not None else {}
-            job = await self._enqueue(part, name, meta, up.size)
+            job = await self._enqueue(part, name, meta, up.size, provider)
         except (HttpProcessingError, ConnectionError) as e:
             # The client went away mid-upload; nobody reads this answer.
             _unlink_quiet(part)
@@ -336,21 +340,42 @@ class QueueApi:
         if up.size is None:
             raise Problem(400, "missing_file", "multipart/form-data needs a 'file' part")
 
-    async def _enqueue(self, part: Path, name: str, meta: dict[str, str], size: int) -> Job:
+    def _provider(self, name: str | None) -> str | None:
+        """`?provider=NAME`: a configured provider (None: the default)."""
+        if name is None or name == self.ctx.providers.default_name:
+            return None
+        if name not in self.ctx.spool.providers:
+            known = ", ".join(sorted(self.ctx.providers))
+            raise Problem(400, "unknown_provider", f"provider {name!r} is not configured ({known})")
+        return name
+
+    async def _enqueue(
+        self, part: Path, name: str, meta: dict[str, str], size: int, provider: str | None
+    ) -> Job:
         ctx = self.ctx
         # No await between placing and claiming: intake cannot take the file first,
         # so the job id is ours to answer with.
         if ctx.leases.shared:  # replicas: inbox/ is every replica's (see Spool.claim_as)
-            claimed: Claimed | None = ctx.spool.claim_as(part, name)
+            claimed: Claimed | None = ctx.spool.claim_as(part, name, provider)
         else:
-            fname = enter_inbox(ctx.spool.inbox, part, name)
-            claimed = ctx.spool.claim(fname)
+            inbox = ctx.spool.inbox / provider if provider else ctx.spool.inbox
+            fname = enter_inbox(inbox, part, name)
+            claimed = ctx.spool.claim(f"{provider}/{fname}" if provider else fname)
         if claimed is None:
             raise Problem(500, "internal", f"the upload of {name} vanished before it was claimed")
         if meta:
             jobmeta.write(ctx.spool, claimed.job_id, meta)
-        job = await ctx.store.create_job(claimed.job_id, claimed.name, claimed.rel_path, "http")
-        ctx.log.info("job_claimed", job_id=job.id, name=job.name, source="http", bytes=size)
+        job = await ctx.store.create_job(
+            claimed.job_id, claimed.name, claimed.rel_path, "http", provider=provider
+        )
+        ctx.log.info(
+            "job_claimed",
+            job_id=job.id,
+            name=job.name,
+            source="http",
+            bytes=size,
+            provider=provider or ctx.providers.default_name,
+        )
         ctx.wake_submit.set()
         return job
 

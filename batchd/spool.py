@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from batchd.errors import StartupError
 
 SUFFIX = ".jsonl"
 _SEP = "--"
+_PROVIDER = "~"  # processing/JOB~PROVIDER--NAME.jsonl: the provider survives a crash
 NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 # What intake takes (case-insensitive): plain JSONL under either usual name, or compressed
 # (decompressed while streaming before validation). -> the suffix it has in processing/.
@@ -68,11 +69,21 @@ def is_candidate(name: str) -> bool:
 def ignored_why(name: str, is_dir: bool) -> str | None:
     """Why an inbox entry that is not a candidate will never be taken (None for files
     that are being written by convention: dot files, `.part`, `.tmp`, …)."""
-    if name.startswith(".") or name.endswith(_IN_PROGRESS):
+    base = name.rpartition("/")[2]
+    if base.startswith(".") or base.endswith(_IN_PROGRESS):
         return None
     if is_dir:
-        return "a directory (only files directly in inbox/ are taken)"
+        return (
+            "a directory that names no configured provider (only files directly in "
+            "inbox/ or in inbox/PROVIDER/ are taken)"
+        )
     return "not a .jsonl, .ndjson, .jsonl.gz or .jsonl.zst file"
+
+
+def _job_part(part: str) -> tuple[str, str | None]:
+    """(job id, provider) of the `JOB` or `JOB~PROVIDER` part of a processing/ name."""
+    job_id, sep, provider = part.partition(_PROVIDER)
+    return job_id, (provider or None) if sep else None
 
 
 def no_writer(path: Path) -> bool | None:
@@ -132,11 +143,12 @@ class Claimed:
     job_id: str
     name: str  # the NAME as dropped (file name without its suffix)
     rel_path: str
+    provider: str | None = None  # dropped into inbox/PROVIDER/ (None: into inbox/)
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A file waiting in inbox/."""
+    """A file waiting in inbox/ (`name` is relative to it: `x.jsonl`, `claude/x.jsonl`)."""
 
     name: str
     mtime: float
@@ -148,10 +160,12 @@ class SpoolLocked(StartupError):
 
 
 class Spool:
-    """The tree under `root`: inbox/, processing/, done/, failed/."""
+    """The tree under `root`: inbox/ (and inbox/PROVIDER/ for each configured provider
+    NAME in `providers`), processing/, done/, failed/."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, providers: Iterable[str] = ()) -> None:
         self.root = root
+        self.providers = frozenset(providers)
         self.inbox = root / "inbox"
         self.processing = root / "processing"
         self.done = root / "done"
@@ -162,6 +176,8 @@ class Spool:
         """Create the directories (idempotent)."""
         for d in (self.inbox, self.processing, self.done, self.failed):
             d.mkdir(parents=True, exist_ok=True)
+        for name in self.providers:
+            (self.inbox / name).mkdir(exist_ok=True)
 
     def lock(self) -> None:
         """Take an exclusive lock so two daemons never share a spool."""
@@ -186,24 +202,32 @@ class Spool:
     def scan(self) -> tuple[list[Entry], dict[str, str]]:
         """Candidates in inbox/ (oldest first) and the entries that will never be taken,
         with why."""
-        try:
-            it = os.scandir(self.inbox)
-        except FileNotFoundError:
-            return [], {}
         ready: list[Entry] = []
         ignored: dict[str, str] = {}
+        self._scan_dir(self.inbox, "", ready, ignored)
+        ready.sort(key=lambda en: (en.mtime, en.name))
+        return ready, ignored
+
+    def _scan_dir(self, d: Path, prefix: str, ready: list[Entry], ignored: dict[str, str]) -> None:
+        try:
+            it = os.scandir(d)
+        except (FileNotFoundError, NotADirectoryError):
+            return
         with it:
             for e in it:
+                rel = prefix + e.name
                 if is_candidate(e.name):
                     try:
                         st = e.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    ready.append(Entry(e.name, st.st_mtime, st.st_size))
-                elif (why := ignored_why(e.name, e.is_dir(follow_symlinks=False))) is not None:
-                    ignored[e.name] = why
-        ready.sort(key=lambda en: (en.mtime, en.name))
-        return ready, ignored
+                    ready.append(Entry(rel, st.st_mtime, st.st_size))
+                    continue
+                is_dir = e.is_dir(follow_symlinks=False)
+                if is_dir and not prefix and e.name in self.providers:
+                    self._scan_dir(Path(e.path), e.name + "/", ready, ignored)
+                elif (why := ignored_why(rel, is_dir)) is not None:
+                    ignored[rel] = why
 
     def waiting(self) -> list[str]:
         """Names in inbox/ that intake would take, oldest first."""
@@ -211,41 +235,55 @@ class Spool:
 
     def claim(self, filename: str, sync: bool = True) -> Claimed | None:
         """Rename inbox/FILE to processing/JOB--NAME.jsonl (.jsonl.gz, .jsonl.zst); None if
-        it vanished meanwhile.
+        it vanished meanwhile. inbox/PROVIDER/FILE (FILE given as `PROVIDER/FILE`) goes
+        to processing/JOB~PROVIDER--NAME.jsonl: the job is that provider's.
 
         The rename moves whatever the entry is (a symlink is moved, never followed);
         validation later rejects anything that is not a regular file. With
         sync=False the caller makes it durable with `sync_claims()` (one pair of
         fsyncs for a whole burst) before recording the job.
         """
-        suffix = input_suffix(filename)
+        provider, _, base = filename.rpartition("/")
+        suffix = input_suffix(base)
         if suffix is None:
             raise ValueError(f"{filename}: not an input file name")
+        if provider and provider not in self.providers:
+            raise ValueError(f"{filename}: {provider!r} is not a configured provider")
         job_id = str(ULID())
-        name = filename[: -len(suffix)]
-        rel = f"processing/{job_id}{_SEP}{name}{INPUT_SUFFIXES[suffix.lower()]}"
+        name = base[: -len(suffix)]
+        tag = f"{_PROVIDER}{provider}" if provider else ""
+        rel = f"processing/{job_id}{tag}{_SEP}{name}{INPUT_SUFFIXES[suffix.lower()]}"
         try:
             os.rename(self.inbox / filename, self.root / rel)
         except FileNotFoundError:
             return None
         if sync:
             self.sync_claims()
-        return Claimed(job_id, name, rel)
+        return Claimed(job_id, name, rel, provider or None)
 
-    def claim_as(self, src: Path, name: str) -> Claimed:
+    def claim_as(self, src: Path, name: str, provider: str | None = None) -> Claimed:
         """Move a finished file of the spool (an HTTP upload) straight into processing/ as
-        a new job's input. Replicas share inbox/: a file placed there could be claimed by
-        another replica's intake before this one answers with its job id."""
+        a new job's input (`provider`'s, as from inbox/PROVIDER/). Replicas share inbox/:
+        a file placed there could be claimed by another replica's intake before this one
+        answers with its job id."""
+        if provider and provider not in self.providers:
+            raise ValueError(f"{provider!r} is not a configured provider")
         job_id = str(ULID())
-        rel = f"processing/{job_id}{_SEP}{name}{SUFFIX}"
+        tag = f"{_PROVIDER}{provider}" if provider else ""
+        rel = f"processing/{job_id}{tag}{_SEP}{name}{SUFFIX}"
         os.rename(src, self.root / rel)
         self.sync_claims()
-        return Claimed(job_id, name, rel)
+        return Claimed(job_id, name, rel, provider or None)
 
     def sync_claims(self) -> None:
-        """fsync processing/ and inbox/: every claim rename so far is durable."""
+        """fsync processing/ and inbox/ (and inbox/PROVIDER/): every claim rename so far is
+        durable."""
         fsync_dir(self.processing)
         fsync_dir(self.inbox)
+        for name in self.providers:
+            d = self.inbox / name
+            if d.is_dir():
+                fsync_dir(d)
 
     def claimed_files(self) -> Iterator[Claimed]:
         """Every claimed input in processing/ (`JOB--NAME.jsonl`, `.jsonl.gz`, `.jsonl.zst`);
@@ -253,12 +291,13 @@ class Spool:
         with os.scandir(self.processing) as it:
             names = [e.name for e in it]
         for name in names:
-            job_id, sep, rest = name.partition(_SEP)
+            head, sep, rest = name.partition(_SEP)
             if not sep or name.startswith("."):
                 continue
+            job_id, provider = _job_part(head)
             suffix = next((s for s in (*COMPRESSED, SUFFIX) if rest.endswith(s)), None)
             if suffix is not None:
-                yield Claimed(job_id, rest[: -len(suffix)], f"processing/{name}")
+                yield Claimed(job_id, rest[: -len(suffix)], f"processing/{name}", provider)
 
     def partial_files(self) -> Iterator[tuple[str, Path]]:
         """(job id, path) of half-written `JOB--….part` files in processing/ (a `batchd
@@ -266,9 +305,9 @@ class Spool:
         with os.scandir(self.processing) as it:
             found = [(e.name, e.path) for e in it]
         for name, path in found:
-            job_id, sep, _ = name.partition(_SEP)
+            head, sep, _ = name.partition(_SEP)
             if sep and name.endswith(".part"):
-                yield job_id, Path(path)
+                yield _job_part(head)[0], Path(path)
 
     def dir_taken(self, name: str) -> bool:
         """True when done/NAME or failed/NAME exists (a job must not be given NAME)."""

@@ -75,9 +75,10 @@ def create_app(
 
     async def readyz(req: web.Request) -> web.Response:
         ok = bool(req.app[READY]["ready"])
-        held = ctx.hold.view() if ctx is not None else None
-        if held is not None:  # jobs wait for the operator: not ready, and why
-            return web.json_response({"ready": False, "held": held}, status=503)
+        holds = [v for h in ctx.holds.values() if (v := h.view())] if ctx is not None else []
+        if holds:  # jobs wait for the operator: not ready, and why (per provider)
+            body = {"ready": False, "held": holds[0], "holds": holds}
+            return web.json_response(body, status=503)
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     app.router.add_get("/metrics", metrics_handler)

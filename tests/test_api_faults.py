@@ -108,7 +108,16 @@ async def test_rate_limit_waits_retry_after_then_succeeds() -> None:
         assert elapsed >= 2 * 0.2  # two 429s, each waited out in full
         assert emu.state.calls[LIST] == 3 and emu.state.fault_counts["rate_limit"] == 2
         assert retries(m, "rate_limited") == 2 and retries(m, "transient") == 0
-        assert sample(m, "batchd_api_requests_total", operation="list_batches", code="429") == 2
+        assert (
+            sample(
+                m,
+                "batchd_api_requests_total",
+                operation="list_batches",
+                code="429",
+                provider="openai",
+            )
+            == 2
+        )
 
 
 async def test_rate_limit_exhausted_raises_rate_limited_with_retry_after() -> None:
@@ -140,8 +149,26 @@ async def test_server_errors_500_502_503_are_retried_then_succeed() -> None:
         assert faulted > 0 and emu.state.calls[LIST] == 20 + faulted
         assert retries(m, "transient") == faulted
         for code in ("500", "502", "503"):
-            assert sample(m, "batchd_api_requests_total", operation="list_batches", code=code) > 0
-        assert sample(m, "batchd_api_requests_total", operation="list_batches", code="200") == 20
+            assert (
+                sample(
+                    m,
+                    "batchd_api_requests_total",
+                    operation="list_batches",
+                    code=code,
+                    provider="openai",
+                )
+                > 0
+            )
+        assert (
+            sample(
+                m,
+                "batchd_api_requests_total",
+                operation="list_batches",
+                code="200",
+                provider="openai",
+            )
+            == 20
+        )
 
 
 async def test_server_error_on_create_is_not_retried(tmp_path: Path) -> None:
@@ -208,7 +235,16 @@ async def test_dropped_connections_end_transient_after_max_retries() -> None:
         assert retries(m, "transient") == 2
         # aiohttp may resend an idempotent request once on a reused pooled connection.
         assert emu.state.calls[LIST] >= 3
-        assert sample(m, "batchd_api_requests_total", operation="list_batches", code="0") == 3
+        assert (
+            sample(
+                m,
+                "batchd_api_requests_total",
+                operation="list_batches",
+                code="0",
+                provider="openai",
+            )
+            == 3
+        )
 
 
 async def test_dropped_connections_sometimes_still_succeed() -> None:

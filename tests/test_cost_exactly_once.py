@@ -50,16 +50,18 @@ def crash_on_call(n: int, real: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def crash_on_line(n: int) -> Callable[..., None]:
-    """collect's per-line hook for output lines, crashing at the n-th line it sees."""
-    real = collect._succeeded
+    """collect's per-line hook (`_Sink._line`) for output lines, crashing at the n-th
+    output line it sees."""
+    real = collect._Sink._line
     seen = 0
 
-    def hook(ids: set[str], tally: Any, line: bytes) -> None:
+    def hook(sink: Any, line: bytes) -> None:
         nonlocal seen
-        seen += 1
-        if seen == n:
-            raise Crash
-        real(ids, tally, line)
+        if sink.key == "output":
+            seen += 1
+            if seen == n:
+                raise Crash
+        real(sink, line)
 
     return hook
 
@@ -104,7 +106,7 @@ async def test_crash_in_collect_charges_each_result_once(tmp_path: Path, point: 
         elif point == "after_settle":  # charge and settle committed, the job not moved on
             await crash_once(cfg, collect, "sync_job", crash_on_call(2, collect.sync_job))
         else:  # the third output line of a download: a partial file, a partial tally
-            await crash_once(cfg, collect, "_succeeded", crash_on_line(3))
+            await crash_once(cfg, collect._Sink, "_line", crash_on_line(3))
         # Every piece expired with its marked requests unanswered; those were resubmitted
         # (expiring again) until the attempts ran out: 9 of 12 requests billed.
         check_charged_once(cfg, "split", requests=9)

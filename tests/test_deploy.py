@@ -239,6 +239,24 @@ def test_dashboard_datasource_variable(dashboard: dict[str, Any]) -> None:
     assert "__inputs" not in dashboard, "use ${datasource}, not import-time inputs"
 
 
+def test_dashboard_provider_variable(dashboard: dict[str, Any]) -> None:
+    """Every panel on a metric with a `provider` label follows the provider variable."""
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    prov = variables["provider"]
+    assert prov["type"] == "query" and prov["includeAll"] and prov["multi"]
+    labelled = {"jobs_finished", "batches_created", "batches_ended", "api_requests", "tokens"}
+    labelled |= {"cost_usd", "cost_unpriced_requests"}
+    for where, expr in _dashboard_exprs(dashboard):
+        if where == "variable provider":
+            continue
+        for name in metric_names(expr):
+            if name.removeprefix("batchd_").removesuffix("_total") in labelled:
+                assert 'provider=~"$provider"' in expr, where
+    m = Metrics(["openai", "claude"])
+    text = generate_latest(m.registry)
+    assert 'batchd_batches_created_total{provider="claude"} 0.0' in text
+
+
 def test_dashboard_queries_parse(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """promtool parses every dashboard query (Grafana variables substituted)."""
     promtool = _tool("promtool")

@@ -336,6 +336,8 @@ async def test_input_removed_while_tracking_ends_the_job(tmp_path: Path) -> None
         try:
 
             async def has_batch() -> bool:
+                if task.done():  # the daemon ended early: say why
+                    task.result()
                 jobs = await store.list_jobs()
                 return bool(jobs) and any(a.batch_id for a in await store.attempts(jobs[0].id))
 

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -23,6 +23,7 @@ from batchd.admission import Candidate, admit
 from batchd.api import ATTEMPT_KEY
 from batchd.leases import Leases
 from batchd.metrics import Metrics
+from batchd.providers import Providers
 from batchd.spool import Spool
 from batchd.stages import Context
 from batchd.stages.submit import Submit
@@ -169,7 +170,11 @@ async def test_money_budgets_are_admitted_by_one_replica_at_a_time(
     would spend what it thinks is left)."""
     cfg = make_config(tmp_path, "http://127.0.0.1:9/v1", budget={"daily_usd": 0.0065})
     stages: list[Submit] = []
-    async with Store.connect(pg_url) as store, Store.connect(pg_url) as other:
+    async with (
+        Store.connect(pg_url) as store,
+        Store.connect(pg_url) as other,
+        Providers.build(cfg, Metrics()) as providers,
+    ):
         for name in ("one", "two", "three"):  # $0.0030 each: two fit
             job = await store.create_job(name, name, f"processing/{name}.jsonl", "inbox")
             await store.transition(job.id, JobState.VALIDATING)
@@ -178,7 +183,7 @@ async def test_money_budgets_are_admitted_by_one_replica_at_a_time(
             await store.validated(job.id, [], [], {}, model="gpt-4o-mini", estimate=est)
         for s in (store, other):
             leases = Leases.for_store(s, cfg.replicas, logs.get(), Metrics())
-            ctx = Context(cfg, s, Spool(cfg.spool.dir), cast(Any, None), Metrics(), logs.get())
+            ctx = Context(cfg, s, Spool(cfg.spool.dir), providers, Metrics(), logs.get())
             ctx.leases = leases
             stages.append(Submit(ctx))
         for _ in range(3):

@@ -16,8 +16,8 @@ from pathlib import Path
 import orjson
 
 from batchd import logs
-from batchd.api import BatchApi
 from batchd.metrics import Metrics
+from batchd.providers import Providers
 from batchd.spool import Spool
 from batchd.stages import Context
 from batchd.stages.retention import Retention
@@ -83,9 +83,9 @@ async def test_old_rows_and_result_dirs_go_in_bounded_steps(
     con.close()
     async with (
         Store.connect(cfg.state.database) as store,
-        BatchApi(cfg.api, API_KEY, Metrics()) as api,
+        Providers.build(cfg, Metrics()) as providers,
     ):
-        ctx = Context(cfg, store, Spool(cfg.spool.dir), api, Metrics(), logs.get())
+        ctx = Context(cfg, store, Spool(cfg.spool.dir), providers, Metrics(), logs.get())
         retention = Retention(ctx)
         await retention.step()
         names = sorted(j.name for j in await store.list_jobs())

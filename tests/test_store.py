@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from batchd.states import IllegalTransition, JobState
 from batchd.store import Store, migrations
 from batchd.store.queries import hot, queries
+from batchd.store.sqlite import _prepare
 
 
 async def test_migrations_versioned_and_reopen(tmp_path: Path) -> None:
@@ -137,3 +139,29 @@ async def test_an_old_database_is_migrated_with_names_kept(tmp_path: Path) -> No
         assert a.name.startswith("nightly~") and a.stem == "nightly"
         assert await store.count_by_state() == {"done": 2}
         assert [j.id for j in await store.find_jobs("nightly")] == ["01B"]
+
+
+def test_switching_a_new_database_to_wal_waits_for_another_writer(tmp_path: Path) -> None:
+    """Before: when another connection began writing to a new file just before batchd
+    switched it to WAL (a daemon and a CLI starting together), the switch failed at once
+    with "database is locked" (SQLite calls no busy handler there) and the daemon died at
+    start-up. The other writer starts at exactly that moment here, from the trace hook."""
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, isolation_level=None)
+    started: list[bool] = []
+
+    def just_before(sql: str) -> None:
+        if "journal_mode = WAL" in sql and not started:
+            started.append(True)
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("CREATE TABLE someone_elses (a)")
+            threading.Timer(0.3, other.execute, ["COMMIT"]).start()
+
+    conn.set_trace_callback(just_before)
+    _prepare(conn)
+    conn.set_trace_callback(None)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations())
+    conn.close()
+    other.close()

@@ -242,7 +242,7 @@ async def test_attempt_phases_admission_and_settling(db_target: Path | str) -> N
         )
         assert await store.ended_attempts() == []
         assert (await store.attempt("A0")).phase == "settled"
-        assert await store.due_remote_files(now[0], 10) == [("file-1", "J", "input", 0)]
+        assert await store.due_remote_files(now[0], 10) == [("file-1", "J", "input", 0, None)]
         await store.learn_limit("m", 90_000)
         await store.learn_limit("m", 80_000)
         assert await store.learned_limits() == {"m": 80_000}
@@ -308,6 +308,51 @@ async def test_cost_budgets_and_charges_exactly_once(db_target: Path | str) -> N
         await store.learn_request_limit("e", 1_000_000)
         assert await store.learned_limits() == {"m": 90_000}
         assert await store.learned_request_limits() == {"m": 50_000, "e": 1_000_000}
+
+
+async def test_providers_are_carried_from_job_to_attempts_and_copies(
+    db_target: Path | str,
+) -> None:
+    """The providers statements (0007_providers) on both engines: a job's provider NAME
+    is copied onto its attempts, due pendings, live batches and the copies to delete;
+    live providers and every provider's hold are read back."""
+    async with Store.connect(db_target) as store:
+        from batchd.store import Piece
+
+        await store.create_job("J", "j", "processing/J~claude--j.jsonl", "inbox", provider="claude")
+        await store.create_job("K", "k", "processing/K--k.jsonl", "inbox")
+        assert await store.live_providers() == {"claude", None}
+        await store.transition("J", JobState.VALIDATING)
+        att = {"id": "A", "job_id": "J", "piece": 0, "input_path": "p", "model": "m"}
+        await store.validated("J", [Piece("J", 0, "p", 1, 10, 5, False)], [att], {}, model="m")
+        assert await store.admit_job("J", 0)
+        [p] = await store.due_pending(9e9, 10)
+        assert (p.id, p.provider) == ("A", "claude")
+        assert (await store.attempt("A")).provider == "claude"
+        await store.update_attempt("A", "created", batch_id="b", status="in_progress")
+        assert not await store.batch_owned("other") and await store.batch_owned("b")
+        [lb] = await store.live_batches()
+        [changed] = await store.live_batches_changed(0.0)
+        assert lb.provider == changed.provider == "claude"
+        await store.record_batch(lb, {"id": "b"}, "completed", (1, 0, 1), raw_status="ended")
+        usage = {"input_tokens": 3}
+        await store.settle_attempt(
+            "A",
+            "completed",
+            {"id": "b"},
+            piece_done=True,
+            remote_files=[("f", "input")],
+            usage=usage,
+        )
+        settled = await store.attempt("A")
+        assert (settled.raw_status, settled.usage, settled.refusals) == ("ended", usage, 0)
+        assert [r[4] for r in await store.due_remote_files(9e9, 10)] == ["claude"]
+        await store.set_setting("api_hold", '{"reason": "auth"}')
+        await store.set_setting("api_hold:claude", '{"reason": "api_key"}')
+        assert await store.holds() == {
+            "openai": {"reason": "auth"},
+            "claude": {"reason": "api_key"},
+        }
 
 
 async def test_retention_deletes_rows_and_counts_follow(db_target: Path | str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from batchd import logs
 from batchd.api import BatchApi
 from batchd.metrics import Metrics
+from batchd.providers import Providers
 from batchd.spool import Spool
 from batchd.stages import Context, track
 from batchd.store import Store
@@ -42,7 +43,9 @@ async def in_flight(
                 )
             for _ in range(newer):
                 await api.create_batch(f["id"], "/v1/chat/completions", "24h", {})
-            yield Context(cfg, store, Spool(cfg.spool.dir), api, Metrics(), logs.get()), emu
+            async with Providers.build(cfg, Metrics()) as providers:
+                ctx = Context(cfg, store, Spool(cfg.spool.dir), providers, Metrics(), logs.get())
+                yield ctx, emu
     finally:
         await store.close()
         await runner.cleanup()

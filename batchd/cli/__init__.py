@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-validate", action="store_true", help="skip the local check (the daemon checks)"
     )
     sm.add_argument(
+        "--provider",
+        metavar="NAME",
+        help="send to this configured provider (inbox/NAME/; default: [api])",
+    )
+    sm.add_argument(
         "--allow-duplicate",
         action="store_true",
         help="submit even if the same content was submitted within [intake] duplicate_window",
@@ -201,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "how many batches a valid file becomes (files over the per-batch limits are split).",
     )
     v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument(
+        "--provider",
+        metavar="P",
+        help="check with this provider's rules and limits: a configured NAME, or a kind "
+        "(openai, azure_openai, anthropic, gemini, mistral, groq, together); default: [api]",
+    )
     v.set_defaults(func=commands.validate)
 
     j = cmd("jobs", "list jobs, newest first", "List jobs, newest first.")

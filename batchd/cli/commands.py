@@ -25,6 +25,7 @@ from batchd.cli.common import (
     store,
 )
 from batchd.config import Config, ConfigError
+from batchd.provider_config import DEFAULT_PROVIDER, ProviderConfig
 from batchd.states import TERMINAL_JOB_STATES, JobState
 
 # Modules with heavy imports (the HTTP client, the validator, logging) are imported
@@ -53,27 +54,55 @@ async def run(args: argparse.Namespace) -> int:
 # --- validate / submit ----------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> Config:
-    """The config of --config / $BATCHD_CONFIG, else the defaults (the API's limits,
-    OpenAI's prices)."""
-    if getattr(args, "config", None) or os.environ.get("BATCHD_CONFIG"):
-        return config(args)
-    return Config()
+def _rules(args: argparse.Namespace) -> tuple[Config, ProviderConfig]:
+    """The config of --config / $BATCHD_CONFIG (else the defaults: the API's limits,
+    OpenAI's prices) and the provider whose rules and per-batch limits apply:
+    `--provider P` (a configured NAME, or without a config a kind such as `anthropic`),
+    else the default ([api])."""
+    from batchd import formats
+    from batchd.provider_config import KINDS, parse_one
+
+    name = getattr(args, "provider", None)
+    have_config = bool(getattr(args, "config", None) or os.environ.get("BATCHD_CONFIG"))
+    cfg = config(args) if have_config else Config()
+    providers = cfg.provider_configs()
+    if name is None:
+        return cfg, providers[DEFAULT_PROVIDER]
+    if name in providers:
+        return cfg, providers[name]
+    if name in KINDS and name != "azure_openai":  # a kind's own rules and limits
+        table = {"kind": name}
+        return cfg, parse_one(f"{name}-rules", table, Path("."), cfg.upload)
+    if name == "azure_openai":
+        table = {"kind": name, "base_url": "https://example.openai.azure.com"}
+        return cfg, parse_one("azure-rules", table, Path("."), cfg.upload)
+    known = ", ".join([*providers, *(k for k in formats.KINDS if k not in providers)])
+    raise Fail(
+        f"--provider: {name!r} is neither a configured provider nor a kind ({known})", EXIT_USAGE
+    )
 
 
-def _check_file(name: str, cfg: Config) -> tuple[bool, str, str]:
-    """Validate one file as the daemon does (bigger than one batch is fine: it is split)
-    and estimate its cost as the daemon will; prints its problems; returns (ok, one-line
-    summary, the estimate line)."""
-    from batchd import jsonl, pieces
+def _check_file(name: str, pc: ProviderConfig, cfg: Config) -> tuple[bool, str, str]:
+    """Validate one file as the daemon does for provider `pc` (bigger than one batch is
+    fine: it is split) and estimate its cost as the daemon will; prints its problems;
+    returns (ok, one-line summary, the estimate line)."""
+    from batchd import formats, jsonl, pieces
     from batchd.estimate import configured
-    from batchd.prices import PriceBook, provider_for_base_url
+    from batchd.prices import PriceBook, price_source
 
-    limits = cfg.limits
-    book = PriceBook(provider_for_base_url(cfg.api.base_url), cfg.prices)
+    limits = pc.limits
+    book = PriceBook(price_source(pc.kind, pc.api.base_url), cfg.prices)
     estimator = configured(cfg.estimate, book.price)
     try:
-        summary = jsonl.validate_path(name, jsonl.UNBOUNDED, on_request=estimator.add)
+        summary = formats.validate_path(
+            name,
+            pc.kind,
+            jsonl.UNBOUNDED,
+            model=pc.model,
+            endpoint=pc.endpoint,
+            deployments=pc.deployments,
+            on_request=estimator.add,
+        )
     except OSError as e:
         print(f"{name}:0: unreadable: {e.strerror or e}")
         return False, "", ""
@@ -88,16 +117,17 @@ def _check_file(name: str, cfg: Config) -> tuple[bool, str, str]:
     )
     batches = len(pieces.plan(Path(name), lim, summary.endpoint == "/v1/embeddings"))
     split = f"; split into {batches} batches" if batches > 1 else ""
-    what = f"{summary.requests} requests, {summary.endpoint}, {summary.model}{split}"
+    model = summary.model or "mixed models"
+    what = f"{summary.requests} requests, {summary.endpoint}, {model}{split}"
     return True, what, estimator.finish().describe()
 
 
 async def validate(args: argparse.Namespace) -> int:
     """Validate files locally with the same rules the daemon applies; estimate their cost."""
-    cfg = _settings(args)
+    cfg, rules = _rules(args)
     bad = 0
     for name in args.files:
-        ok, what, estimate = await asyncio.to_thread(_check_file, name, cfg)
+        ok, what, estimate = await asyncio.to_thread(_check_file, name, rules, cfg)
         if ok:
             print(f"{name}: ok ({what})", file=sys.stderr)
             print(f"{name}: {estimate}", file=sys.stderr)
@@ -146,7 +176,15 @@ async def submit(args: argparse.Namespace) -> int:
 
     cfg = config(args)
     stems = _submit_names(args)
-    spool = Spool(cfg.spool.dir)
+    spool = Spool(cfg.spool.dir, cfg.providers)
+    provider = args.provider
+    if provider == DEFAULT_PROVIDER:
+        provider = None
+    if provider is not None and provider not in cfg.providers:
+        known = ", ".join(cfg.provider_configs())
+        raise Fail(f"--provider: {provider!r} is not configured ({known})", EXIT_USAGE)
+    rules = cfg.provider_configs()[provider or DEFAULT_PROVIDER]
+    inbox = spool.inbox / provider if provider else spool.inbox
     try:
         spool.ensure()
     except OSError as e:
@@ -156,11 +194,11 @@ async def submit(args: argparse.Namespace) -> int:
         src = Path(name)
         what = estimate = ""
         if not args.no_validate:
-            ok, what, estimate = await asyncio.to_thread(_check_file, name, cfg)
+            ok, what, estimate = await asyncio.to_thread(_check_file, name, rules, cfg)
             if not ok:
                 bad += 1
                 continue
-        tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"
+        tmp = spool.inbox / f".submit-{os.getpid()}-{stem}.jsonl.part"  # (same filesystem)
         try:
             sha = await asyncio.to_thread(_copy, src, tmp)
             if args.allow_duplicate:  # before the file is in inbox/: intake may be quick
@@ -168,13 +206,13 @@ async def submit(args: argparse.Namespace) -> int:
                 marker.parent.mkdir(exist_ok=True)
                 marker.touch()
                 fsync_dir(marker.parent)
-            fname = enter_inbox(spool.inbox, tmp, stem)
+            fname = enter_inbox(inbox, tmp, stem)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             print(f"batchd: {name}: {e.strerror or e}", file=sys.stderr)
             bad += 1
             continue
-        print(f"{name} -> {spool.inbox / fname}" + (f" ({what})" if what else ""))
+        print(f"{name} -> {inbox / fname}" + (f" ({what})" if what else ""))
         if estimate:
             print(f"{name}: {estimate}")
     return EXIT_FAIL if bad else EXIT_OK
@@ -193,7 +231,7 @@ async def jobs(args: argparse.Namespace) -> int:
     try:
         async with store(cfg) as s:
             found = await s.list_jobs(states, t, args.limit + 1)
-            held = await s.hold()
+            holds = await s.holds()
             oldest = await s.oldest_job_at()
     except NoDatabase as e:
         print(f"batchd: {e}", file=sys.stderr)
@@ -203,12 +241,13 @@ async def jobs(args: argparse.Namespace) -> int:
     if args.json:
         render.print_json([j.to_dict() for j in found])
         return EXIT_OK
-    if line := render.held_line(held):
-        print(f"batchd: {line}", file=sys.stderr)
+    for held in holds.values():
+        if line := render.held_line(held):
+            print(f"batchd: {line}", file=sys.stderr)
     if not found:
         print("no jobs yet" if oldest is None else "no jobs match", file=sys.stderr)
         return EXIT_OK
-    print(render.jobs_table(found, held, cost=args.cost))
+    print(render.jobs_table(found, holds, cost=args.cost))
     notes = []
     if more:
         notes.append(f"the newest {args.limit} shown; --limit N for more")
@@ -231,7 +270,7 @@ async def show(args: argparse.Namespace) -> int:
             job = await one_job(s, args.job)
             attempts = await s.attempts(job.id)
             events = await s.events(job.id)
-            held = await s.hold()
+            held = render.held_for(job, await s.holds())
             retries = await s.retries_of(job.id)
             cost = await s.job_cost(job.id)
     except NoDatabase:
@@ -328,7 +367,7 @@ async def cancel(args: argparse.Namespace) -> int:
         if not await s.request_cancel(job.id):
             raise Fail(f"job {job.id} already ended ({job.state})")
         print(f"cancelling {job.id} ({job.name})")
-        spool = Spool(cfg.spool.dir)
+        spool = Spool(cfg.spool.dir, cfg.providers)
         try:
             if cfg.state.url is not None:  # replicas take no spool lock: one of them acts
                 raise SpoolLocked("replicas share this store")
@@ -340,7 +379,8 @@ async def cancel(args: argparse.Namespace) -> int:
         else:
             daemon = False
             try:
-                if cfg.api.api_key() is None:
+                pc = cfg.provider_configs().get(job.provider or DEFAULT_PROVIDER)
+                if pc is None or pc.api.api_key() is None:
                     raise Fail(
                         "no API key and no daemon running: the cancellation is recorded; "
                         "the next `batchd run` carries it out",
@@ -373,14 +413,17 @@ async def cancel(args: argparse.Namespace) -> int:
 
 async def retry(args: argparse.Namespace) -> int:
     """Queue an ended job's failed and missing requests as a new job."""
+    from batchd.formats import id_key
     from batchd.spool import Spool
     from batchd.stages.retry import RetryRefused, retry_job
 
     cfg = config(args)
     async with store(cfg) as s:
         job = await one_job(s, args.job)
+        pc = cfg.provider_configs().get(job.provider or DEFAULT_PROVIDER)
+        key = id_key(pc.kind) if pc else "custom_id"
         try:
-            new, n = await retry_job(s, Spool(cfg.spool.dir), job)
+            new, n = await retry_job(s, Spool(cfg.spool.dir, cfg.providers), job, key)
         except RetryRefused as e:
             raise Fail(f"cannot retry {job.name}: {e}") from None
     print(
@@ -457,42 +500,55 @@ def _check_database(cfg: Config) -> Result:
     return True, "database", f"{db} ({n} jobs, schema {version})"
 
 
-async def _check_api(cfg: Config) -> list[Result]:
+async def _check_provider(pc: ProviderConfig) -> list[Result]:
+    """The key, proxy and one authenticated call of one provider."""
     import ssl
 
-    from batchd.api import ApiError, BatchApi, TlsError
     from batchd.metrics import Metrics
+    from batchd.providers import make
+    from batchd.providers.errors import ApiError, TlsError
     from batchd.transport import describe_proxy, probe_tls, proxy_for
 
+    label = "" if pc.name == DEFAULT_PROVIDER else f" {pc.name}"
     try:
-        key = cfg.api.api_key()
+        key = pc.api.api_key()
     except OSError as e:
-        return [(False, "api key", f"[api] api_key_file: {e.strerror or e}")]
+        return [(False, f"api key{label}", f"{pc.section} api_key_file: {e.strerror or e}")]
     if key is None:
         where = (
-            f"${cfg.api.api_key_env}, [api] api_key_file or $CREDENTIALS_DIRECTORY/openai_api_key"
+            f"${pc.api.api_key_env}, {pc.section} api_key_file or "
+            f"$CREDENTIALS_DIRECTORY/{pc.api.credential}"
         )
-        return [(False, "api key", f"not set ({where})")]
-    out: list[Result] = [(True, "api key", f"found ({len(key)} characters)")]
-    out.append((True, "proxy", describe_proxy(cfg.api)))
-    api_cfg = dataclasses.replace(cfg.api, max_retries=1)
+        return [(False, f"api key{label}", f"not set ({where})")]
+    out: list[Result] = [(True, f"api key{label}", f"found ({len(key)} characters)")]
+    out.append((True, f"proxy{label}", describe_proxy(pc.api)))
+    once = dataclasses.replace(pc, api=dataclasses.replace(pc.api, max_retries=1))
+    url = pc.api.base_url
+    what = f"api{label}"
     try:
-        async with BatchApi(api_cfg, key, Metrics()) as api:
-            page = await api.list_batches(1)
-        listed = len(page.get("data") or [])
-        out.append((True, "api", f"{cfg.api.base_url} reachable, key accepted ({listed} listed)"))
+        async with make(once, key, Metrics([pc.name])) as provider:
+            listed = await provider.probe()
+        kind = "" if pc.name == DEFAULT_PROVIDER else f" ({pc.kind})"
+        out.append((True, what, f"{url}{kind} reachable, key accepted ({listed} listed)"))
     except TlsError as e:
-        out.append((False, "api", f"{cfg.api.base_url}: {e.cause}"))
+        out.append((False, what, f"{url}: {e.cause}"))
     except ApiError as e:
         why = f"HTTP {e.status}: {e.message}" if e.status else e.message
-        if not e.status and cfg.api.base_url.startswith("https://"):
+        if not e.status and url.startswith("https://"):
             # A dropped connection may be a TLS refusal that came too late for the HTTP
             # client to read: one quiet handshake names it.
-            cause = await asyncio.to_thread(probe_tls, cfg.api, proxy_for(cfg.api))
+            cause = await asyncio.to_thread(probe_tls, pc.api, proxy_for(pc.api))
             why = cause or why
-        out.append((False, "api", f"{cfg.api.base_url}: {why}"))
-    except (OSError, ssl.SSLError) as e:  # [api] ca_file / client certificate unusable
-        out.append((False, "api", f"{cfg.api.base_url}: TLS setup: {e}"))
+        out.append((False, what, f"{url}: {why}"))
+    except (OSError, ssl.SSLError) as e:  # ca_file / client certificate unusable
+        out.append((False, what, f"{url}: TLS setup: {e}"))
+    return out
+
+
+async def _check_api(cfg: Config) -> list[Result]:
+    out: list[Result] = []
+    for pc in cfg.provider_configs().values():
+        out += await _check_provider(pc)
     return out
 
 

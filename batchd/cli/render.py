@@ -35,11 +35,19 @@ def held_line(held: dict[str, Any] | None) -> str | None:
     """One line saying that (and why) jobs wait for the operator."""
     if not held:
         return None
+    provider = held.get("provider")
+    who = f"provider {provider}'s API" if provider and provider != "openai" else "the API"
+    where = f"[providers.{provider}]" if provider and provider != "openai" else "[api]"
     return (
-        f"HELD since {ts(held.get('since'))} UTC: the API refuses access "
+        f"HELD since {ts(held.get('since'))} UTC: {who} refuses access "
         f"({held.get('reason')}: {held.get('message')}); jobs wait. Fix the key or "
-        "[api] base_url (SIGHUP re-reads the key); batchd carries on by itself."
+        f"{where} base_url (SIGHUP re-reads the key); batchd carries on by itself."
     )
+
+
+def held_for(job: Job, holds: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The hold that keeps this job waiting, if its provider is held."""
+    return holds.get(job.provider or "openai")
 
 
 def waits_for_budget(job: Job) -> bool:
@@ -74,11 +82,11 @@ def estimate_range(est: dict[str, Any] | None) -> str:
     return f"{format_usd(low, 4)}-{format_usd(high, 4)}"
 
 
-def jobs_table(jobs: list[Job], held: dict[str, Any] | None, cost: bool = False) -> str:
+def jobs_table(jobs: list[Job], holds: dict[str, dict[str, Any]], cost: bool = False) -> str:
     """The `batchd jobs` table: full names, counts, claim time in UTC; with `cost`, the
     estimate (low-high) and the actual cost of each job."""
     name_w = max([4, *(len(j.name) for j in jobs)])
-    state_w = max([5, *(len(state_text(j, held)) for j in jobs)])
+    state_w = max([5, *(len(state_text(j, held_for(j, holds))) for j in jobs)])
     est_w = max([8, *(len(estimate_range(j.estimate)) for j in jobs)]) if cost else 0
     cost_w = max([4, *(len(usd(j.cost_nanos, j.cost_unknown)) for j in jobs)]) if cost else 0
     head = (
@@ -89,7 +97,7 @@ def jobs_table(jobs: list[Job], held: dict[str, Any] | None, cost: bool = False)
     lines = [head + "CREATED (UTC)"]
     for j in jobs:
         row = (
-            f"{j.id:26}  {j.name:{name_w}}  {state_text(j, held):{state_w}}  "
+            f"{j.id:26}  {j.name:{name_w}}  {state_text(j, held_for(j, holds)):{state_w}}  "
             f"{j.requests or 0:>7}  {j.completed:>7}  {j.failed:>6}  "
         )
         if cost:
@@ -153,9 +161,11 @@ def first_error(job: Job, events: list[Event]) -> dict[str, Any] | None:
 
 
 def attempt_line(a: Attempt) -> str:
-    """One batch of `batchd show`."""
+    """One batch of `batchd show`: batchd's status, the provider's own when it differs."""
     counts = f"{a.completed}/{a.total} done, {a.failed} failed" if a.total else ""
     state = a.status or ("abandoned" if a.abandoned else "-")
+    if a.raw_status and a.raw_status != a.status:
+        state = f"{state} ({a.raw_status})"
     return (
         f"  {a.batch_id or '(not created)'}  {state:11} {counts:24} "
         f"piece {a.piece}  attempt {a.id}" + (f"  -> {a.outcome}" if a.outcome else "")
@@ -176,6 +186,7 @@ def show_text(
     dropped = f"   (dropped as {job.stem})" if job.stem and job.stem != job.name else ""
     out.append(f"name       {job.name}{dropped}")
     out.append(f"state      {state_text(job, held, why=True)}   source {job.source}")
+    out.append(f"provider   {job.provider or 'openai'}")
     if held and not job.ended:
         out.append(f"held       {held_line(held)}")
     out.append(f"endpoint   {job.endpoint or '-'}   model {job.model or '-'}")

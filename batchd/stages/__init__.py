@@ -18,11 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchd.api import AccessDenied, ApiError, BatchApi, InvalidRequest
 from batchd.config import Config
 from batchd.leases import Leases
 from batchd.metrics import Metrics
-from batchd.prices import PriceBook, provider_for_base_url
+from batchd.prices import PriceBook, price_source
+from batchd.providers import Provider, Providers
+from batchd.providers.errors import AccessDenied, ApiError, InvalidRequest
 from batchd.spool import Spool
 from batchd.stages.health import Hold
 from batchd.states import JobState, desired_job_state
@@ -40,7 +41,7 @@ class Context:
     cfg: Config
     store: Store
     spool: Spool
-    api: BatchApi
+    providers: Providers
     metrics: Metrics
     log: Any
     clock: Callable[[], float] = time.time
@@ -63,7 +64,8 @@ class Context:
     # Batches created since the tracker last looked (handed over in process; the
     # tracker also reloads from the store now and then).
     new_batches: list[LiveBatch] = field(default_factory=list)
-    hold: Hold = field(default_factory=Hold)
+    # Per provider NAME: why its API refuses access (its jobs wait meanwhile).
+    holds: dict[str, Hold] = field(default_factory=dict)
     # What this replica works on (replicas sharing a PostgreSQL store); solo: everything.
     leases: Leases = field(default_factory=Leases.solo)
     # Set at shutdown: stages start nothing new; what is in flight drains.
@@ -74,15 +76,59 @@ class Context:
     admission_version: int = 0
     # Jobs ended while this process ran, by final state (`run --once` exit code).
     outcomes: Counter[str] = field(default_factory=Counter)
-    # Batch prices of the API's provider ([prices] first, then genai-prices).
-    prices: PriceBook = field(init=False)
+    # `run --once` stopped because a held provider's jobs could not go on.
+    stuck_held: bool = False
+    # Batch prices per provider NAME ([prices] first, then genai-prices); built on use.
+    price_books: dict[str, PriceBook] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.reprice()
+    def provider(self, name: str | None) -> Provider:
+        """The provider of a job or attempt (None: the default)."""
+        return self.providers.of(name)
+
+    def hold_of(self, name: str | None) -> Hold:
+        """The hold of one provider (None: the default's)."""
+        key = name or self.providers.default_name
+        h = self.holds.get(key)
+        if h is None:
+            h = self.holds[key] = Hold(provider=key, default=key == self.providers.default_name)
+        return h
+
+    @property
+    def hold(self) -> Hold:
+        """The default provider's hold."""
+        return self.hold_of(None)
+
+    def blocked(self, name: str | None) -> bool:
+        """True while this provider refuses access (its jobs wait)."""
+        return self.hold_of(name).blocked
+
+    @property
+    def all_blocked(self) -> bool:
+        """True while every provider refuses access (nothing can move)."""
+        return all(self.hold_of(n).blocked for n in self.providers)
+
+    async def block(self, err: AccessDenied) -> None:
+        """Hold the provider that refused access."""
+        await self.hold_of(err.provider).block(self, err)
+
+    def prices_of(self, name: str | None) -> PriceBook:
+        """The batch prices of one provider's models (None: the default's)."""
+        key = name or self.providers.default_name
+        book = self.price_books.get(key)
+        if book is None:
+            cfg = self.providers[key].cfg if key in self.providers else None
+            source = price_source(cfg.kind, cfg.api.base_url) if cfg else "openai"
+            book = self.price_books[key] = PriceBook(source, self.cfg.prices)
+        return book
+
+    @property
+    def prices(self) -> PriceBook:
+        """The default provider's batch prices."""
+        return self.prices_of(None)
 
     def reprice(self) -> None:
-        """Price with the current [prices] (at start-up and after a reload)."""
-        self.prices = PriceBook(provider_for_base_url(self.cfg.api.base_url), self.cfg.prices)
+        """Price with the current [prices] (after a reload; books are rebuilt on use)."""
+        self.price_books.clear()
 
     def wake_all(self) -> None:
         """Wake every stage (the API is back, another process changed the store, …)."""
@@ -196,7 +242,7 @@ async def guarded(
         try:
             await item()
         except AccessDenied as e:
-            await ctx.hold.block(ctx, e)
+            await ctx.block(e)
             return
         except InvalidRequest as e:
             if on_invalid is None:
@@ -204,7 +250,7 @@ async def guarded(
             await on_invalid(job_id, e)
         backoff.ok(key)
     except AccessDenied as e:
-        await ctx.hold.block(ctx, e)
+        await ctx.block(e)
     except Exception as e:
         n, delay = backoff.failed(key)
         ctx.log.warning(

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 
 from batchd import logs
-from batchd.api import ApiError, BatchApi, InvalidRequest
 from batchd.config import Config
 from batchd.metrics import Metrics
+from batchd.providers import Providers
+from batchd.providers.errors import ApiError, InvalidRequest
 from batchd.spool import Spool
 from batchd.stages import Context, collect, sync_job
 from batchd.stages.track import Tracker, budget, interval
@@ -51,9 +52,11 @@ async def _round(ctx: Context, tracker: Tracker, job_id: str) -> None:
 async def drive(cfg: Config, store: Store, job_id: str, deadline: float) -> Job:
     """Cancel one job until it ends or `deadline` (event-loop time); returns it."""
     loop = asyncio.get_running_loop()
-    metrics = Metrics()
-    async with BatchApi(cfg.api, cfg.api.api_key(), metrics) as api:
-        ctx = Context(cfg, store, Spool(cfg.spool.dir), api, metrics, logs.get("batchd"))
+    metrics = Metrics(list(cfg.provider_configs()))
+    async with Providers.build(cfg, metrics) as providers:
+        ctx = Context(
+            cfg, store, Spool(cfg.spool.dir, cfg.providers), providers, metrics, logs.get("batchd")
+        )
         tracker = Tracker(ctx)
         while True:
             job = await store.job(job_id)

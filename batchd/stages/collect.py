@@ -18,13 +18,19 @@ from ulid import ULID
 
 from batchd import pieces
 from batchd.admission import limit_from_message, request_limit_from_message
-from batchd.api import ApiError, InvalidRequest, Lines, Transient
 from batchd.prices import NANOS_PER_USD, Unknown, format_usd
+from batchd.providers import Provider
+from batchd.providers.base import ResultFile, Snapshot, Verdict, usage_dict
+from batchd.providers.errors import ApiError, InvalidRequest, Transient
+from batchd.providers.http import Lines
+from batchd.providers.openai import custom_id_of
 from batchd.spool import fingerprint, fsync_dir, write_json
 from batchd.stages import Backoff, Context, guarded, loop, sync_job
 from batchd.states import TERMINAL_JOB_STATES, JobState, is_terminal_status
 from batchd.store import Attempt, Job
-from batchd.usage import AttemptTally
+from batchd.usage import AttemptTally, Usage
+
+__all__ = ["custom_id_of", "fail_job", "finish", "publish", "run", "settle"]
 
 _USAGE_KEYS = (
     ("input_tokens",),
@@ -115,7 +121,7 @@ async def publish(
         )
     _cost_ended(ctx, job)
     ctx.wake_facade.set()  # a facade batch of this job can be settled
-    ctx.metrics.jobs_finished.labels(new_state.value).inc()
+    ctx.metrics.jobs_finished.labels(new_state.value, ctx.provider(job.provider).name).inc()
     ctx.outcomes[new_state.value] += 1
     log = ctx.log.warning if new_state == JobState.FAILED else ctx.log.info
     log(
@@ -143,7 +149,7 @@ def _cost_ended(ctx: Context, job: Job) -> None:
 
 
 def _price_source(ctx: Context, job: Job) -> str:
-    price = ctx.prices.price(job.model or "")
+    price = ctx.prices_of(job.provider).price(job.model or "")
     return price.reason if isinstance(price, Unknown) else price.source
 
 
@@ -228,7 +234,7 @@ async def _cancel_live(ctx: Context, job_id: str) -> None:
     for a in await ctx.store.attempts(job_id):
         if a.batch_id and a.open and not is_terminal_status(a.status) and a.status != "cancelling":
             try:
-                await ctx.api.cancel_batch(a.batch_id)
+                await ctx.provider(a.provider).cancel(a.batch_id)
             except ApiError as e:
                 ctx.log.warning("cancel_failed", job_id=job_id, batch_id=a.batch_id, error=str(e))
 
@@ -242,64 +248,106 @@ def _parts(ctx: Context, job_id: str) -> Path:
     return d
 
 
+class _Sink(Lines):
+    """Counts one result file's lines as they arrive and records what each says; starts
+    over with the download (a retried one sends every byte again). Each line's billed
+    usage goes into `tally`, which counts a request id once however often it is fed."""
+
+    def __init__(self, provider: Provider, key: str, tally: AttemptTally) -> None:
+        super().__init__(self._line)
+        self.provider, self.key, self.tally = provider, key, tally
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.succeeded: set[str] = set()
+        self.other: list[tuple[str, Verdict]] = []
+        self.ok: list[bool] = []  # per line of a "results" stream: a success?
+
+    def _line(self, line: bytes) -> None:
+        p = self.provider
+        if self.key == "output":
+            cid = p.result_id(line)
+            self.succeeded.add(cid)
+        else:
+            cid, verdict = p.classify(line)
+            good = verdict is Verdict.SUCCEEDED
+            if good:
+                self.succeeded.add(cid)
+            else:
+                self.other.append((cid, verdict))
+            self.ok.append(good)
+        p.tally_line(self.tally, cid, line)  # a failed line bills nothing, as a rule
+
+
+def _usage_of(tally: AttemptTally) -> Usage:
+    c = tally.charge()
+    return Usage(
+        c.input_tokens, c.cached_tokens, c.cache_write_tokens, c.output_tokens, c.reasoning_tokens
+    )
+
+
+async def _fetch(
+    ctx: Context, provider: Provider, att: Attempt, rf: ResultFile, parts: Path, sink: _Sink
+) -> None:
+    """One result file on disk, verified, its lines recorded in `sink` (downloaded and
+    verified before a restart: read from disk, never fetched twice)."""
+    dest = parts / f"{att.id}.{rf.key}.jsonl"
+    out_f, err_f = parts / f"{att.id}.output.jsonl", parts / f"{att.id}.errors.jsonl"
+    if rf.key == "results" and not dest.exists() and out_f.exists() and err_f.exists():
+        # Split before a restart: what the two halves say is what the stream said.
+        for path, key in ((out_f, "output"), (err_f, "errors")):
+            half = _Sink(provider, key, sink.tally)
+            await asyncio.to_thread(_feed_file, path, half)
+            sink.succeeded |= half.succeeded
+            sink.other += half.other
+            sink.count += half.count
+    elif dest.exists():
+        await asyncio.to_thread(_feed_file, dest, sink)
+    else:
+        await provider.download(rf, dest, sink)
+    if sink.count < rf.min_lines:
+        dest.unlink(missing_ok=True)
+        ctx.metrics.retries.labels("short_download").inc()
+        raise Transient(
+            f"{rf.key} of {att.batch_id} has {sink.count} lines, the batch says {rf.min_lines}"
+        )
+    if rf.key == "results" and dest.exists():
+        await asyncio.to_thread(pieces.split_lines, dest, sink.ok, out_f, err_f)
+        dest.unlink()
+
+
 async def _download(
     ctx: Context, att: Attempt, parts: Path, tally: AttemptTally
-) -> tuple[dict[str, Any], pieces.Outcome]:
-    """Download an ended attempt's output and error files; returns the final batch and
-    what its results say (counted and indexed as the bytes arrive: no second pass). Each
-    line's billed usage goes into `tally` (a custom_id once, however often it is read)."""
-    batch = att.batch or {}
+) -> tuple[Snapshot, pieces.Outcome, dict[str, Any] | None]:
+    """Fetch an ended attempt's result files; returns the final batch, what its results
+    say (counted and classified as the bytes arrive: no second pass), and the usage its
+    lines report when the batch reports none. Each line's billed usage goes into
+    `tally` (a request id once, however often it is read)."""
     assert att.batch_id is not None
-    rc = batch.get("request_counts") or {}
-    if (rc.get("completed") and not batch.get("output_file_id")) or (
-        rc.get("failed") and not batch.get("error_file_id")
-    ):
-        # Just after `completed` the file ids have been seen missing: re-read once.
-        batch = await ctx.api.get_batch(att.batch_id)
-    rc = batch.get("request_counts") or {}
+    provider = ctx.provider(att.provider)
+    snap = provider.snapshot(att.batch or {})
+    if provider.results_pending(snap):
+        snap = await provider.get(att.batch_id)
     outcome = pieces.Outcome()
-    errors: list[tuple[str, bool]] = []
-    for key, suffix, count in (
-        ("output_file_id", "output", "completed"),
-        ("error_file_id", "errors", "failed"),
-    ):
-        file_id = batch.get(key)
-        if file_id:
-            dest = parts / f"{att.id}.{suffix}.jsonl"
-            if suffix == "output":
-                outcome.succeeded.clear()
-                lines = Lines(partial(_succeeded, outcome.succeeded, tally))
-            else:
-                errors.clear()
-                lines = Lines(partial(_errored, errors, tally))
-            if dest.exists():  # downloaded and verified before a restart: not fetched twice
-                await asyncio.to_thread(_feed_file, dest, lines)
-            else:
-                await ctx.api.download(file_id, dest, lines)
-            if lines.count < int(rc.get(count) or 0):
-                dest.unlink()
-                ctx.metrics.retries.labels("short_download").inc()
-                raise Transient(
-                    f"{suffix} file of {att.batch_id} has {lines.count} lines, "
-                    f"request_counts.{count} says {rc.get(count)}"
-                )
+    others: list[tuple[str, Verdict]] = []
+    for rf in provider.result_files(snap):
+        sink = _Sink(provider, rf.key, tally)
+        await _fetch(ctx, provider, att, rf, parts, sink)
+        outcome.succeeded |= sink.succeeded
+        others += sink.other
     fsync_dir(parts)  # the renames are durable before the provider's copies may go
-    for cid, retryable in errors:  # as pieces.read_outcome: a success wins
+    sets = {
+        Verdict.RETRYABLE: outcome.retryable,
+        Verdict.FAILED: outcome.failed,
+        Verdict.EXPIRED: outcome.expired,
+        Verdict.CANCELED: outcome.canceled,
+    }
+    for cid, verdict in others:  # as pieces.read_outcome: a success wins
         if cid not in outcome.succeeded:
-            (outcome.retryable if retryable else outcome.failed).add(cid)
-    return batch, outcome
-
-
-def _succeeded(ids: set[str], tally: AttemptTally, line: bytes) -> None:
-    cid = custom_id_of(line)
-    ids.add(cid)
-    tally.add_line(cid, line)
-
-
-def _errored(errors: list[tuple[str, bool]], tally: AttemptTally, line: bytes) -> None:
-    found = pieces.classify_error(line)
-    errors.append(found)
-    tally.add_line(found[0], line)  # an error line bills nothing, as a rule
+            sets[verdict].add(cid)
+    # The batch reports no usage: what its lines billed stands in (job.json's usage).
+    return snap, outcome, usage_dict(_usage_of(tally)) if snap.usage is None else None
 
 
 def _feed_file(path: Path, lines: Lines) -> None:
@@ -309,41 +357,12 @@ def _feed_file(path: Path, lines: Lines) -> None:
     lines.end()
 
 
-_CID_KEY = b'"custom_id"'
-
-
-def custom_id_of(line: bytes) -> str:
-    """The custom_id of a result line. The API writes it near the start of the line, at
-    the top level: found there without parsing the (often large) rest; else parsed."""
-    i = line.find(_CID_KEY, 0, 4096)
-    if i > 0 and line.find(b"{", 1, i) == -1:
-        j = i + len(_CID_KEY)
-        while line[j : j + 1] in (b" ", b"\t"):
-            j += 1
-        if line[j : j + 1] == b":":
-            j += 1
-            while line[j : j + 1] in (b" ", b"\t"):
-                j += 1
-            if line[j : j + 1] == b'"':
-                k = line.find(b'"', j + 1)
-                value = line[j + 1 : k]
-                if k > 0 and b"\\" not in value:
-                    try:
-                        return value.decode()
-                    except UnicodeDecodeError:
-                        pass
-    return str(orjson.loads(line).get("custom_id"))
-
-
-def _remote_copies(ctx: Context, att: Attempt, batch: dict[str, Any]) -> list[tuple[str, str]]:
-    """The provider's copies of an ended attempt's files, once the results are on disk."""
+def _remote_copies(ctx: Context, att: Attempt, snap: Snapshot) -> list[tuple[str, str]]:
+    """The provider's copies of an ended attempt (its input, result files, the batch
+    itself where it can be deleted), once the results are on disk."""
     if not ctx.cfg.retention.delete_remote_files:
         return []
-    out = [(att.file_id, "input")] if att.file_id else []
-    for key, kind in (("output_file_id", "output"), ("error_file_id", "error")):
-        if batch.get(key):
-            out.append((str(batch[key]), kind))
-    return out
+    return ctx.provider(att.provider).remote_copies(snap, att.file_id)
 
 
 def _count_lines(path: Path) -> int:
@@ -351,6 +370,14 @@ def _count_lines(path: Path) -> int:
 
 
 MAX_REFUSALS = 20
+
+
+def refusal_delay(ctx: Context, refusals: int) -> float:
+    """Seconds before trying again after the n-th enqueued-token refusal."""
+    adm = ctx.cfg.admission
+    return float(
+        min(adm.max_refusal_backoff_seconds, adm.refusal_backoff_seconds * 2 ** (refusals - 1))
+    )
 
 
 async def _requeue_refused(
@@ -407,8 +434,7 @@ async def _requeue_refused(
             remote_files=remote,
         )
         return
-    adm = ctx.cfg.admission
-    delay = min(adm.max_refusal_backoff_seconds, adm.refusal_backoff_seconds * 2 ** (refusals - 1))
+    delay = refusal_delay(ctx, refusals)
     ctx.metrics.retries.labels(f"{kind}_limit").inc()
     ctx.log.warning(
         f"{kind}_limit_refused",
@@ -452,15 +478,16 @@ def first_error_text(err: dict[str, Any]) -> str:
     return f"{text} (line {err['line']})" if err.get("line") else text
 
 
-def _batch_failed(att: Attempt, batch: dict[str, Any]) -> dict[str, Any]:
+def _batch_failed(att: Attempt, snap: Snapshot) -> dict[str, Any]:
     """The report of a job whose batch the API failed, its first error in the message."""
-    errors = (batch.get("errors") or {}).get("data") or []
-    first = errors[0] if errors and isinstance(errors[0], dict) else {}
+    errors = list(snap.errors)
+    first = errors[0] if errors else {}
     return {
         "reason": "batch_failed",
         "message": "the Batch API failed the batch"
         + (f": {first_error_text(first)}" if first else ""),
-        "batch_id": batch.get("id"),
+        "batch_id": snap.id,
+        "raw_status": snap.raw_status,
         "piece": att.piece,
         "first_error": first or None,
         "errors": errors,
@@ -480,19 +507,36 @@ async def settle(ctx: Context, att: Attempt) -> None:
 async def _settle(ctx: Context, att: Attempt) -> None:
     job = await ctx.store.job(att.job_id)
     parts = _parts(ctx, job.id)
-    tally = AttemptTally(ctx.prices.price(att.model or job.model or ""))
-    batch, outcome = await _download(ctx, att, parts, tally)
-    charge = _charge(ctx, job, att, tally)
-    remote = _remote_copies(ctx, att, batch)
-    status = batch.get("status")
+    tally = AttemptTally(ctx.prices_of(att.provider).price(att.model or job.model or ""))
+    snap, outcome, usage = await _download(ctx, att, parts, tally)
+    remote = _remote_copies(ctx, att, snap)
+    await _decide(ctx, job, att, snap, outcome, usage, _charge(ctx, job, att, tally), remote)
+
+
+async def _decide(
+    ctx: Context,
+    job: Job,
+    att: Attempt,
+    snap: Snapshot,
+    outcome: pieces.Outcome,
+    usage: dict[str, Any] | None,
+    charge: dict[str, Any] | None,
+    remote: list[tuple[str, str]],
+) -> None:
+    """Settle an attempt whose results are on disk: its piece is done, or resubmitted."""
+    provider = ctx.provider(att.provider)
+    key = provider.id_key
+    parts = _parts(ctx, job.id)
+    batch = snap.raw
+    status = snap.status
     if status == "failed":
-        errors = (batch.get("errors") or {}).get("data") or []
+        errors = snap.errors
         if errors and _limit_refusal(errors[0]) and not job.cancel_requested:
             msg = str(errors[0].get("message") or "")
             await _requeue_refused(ctx, job, att, batch, msg, remote)
             await sync_job(ctx, job.id)
             return
-        report = failure_report(job, _batch_failed(att, batch))
+        report = failure_report(job, _batch_failed(att, snap))
         await ctx.store.settle_attempt(
             att.id,
             "failed",
@@ -506,7 +550,7 @@ async def _settle(ctx: Context, att: Attempt) -> None:
         return  # the failure is published by the loop (fail_job), crash or not
     err_f = parts / f"{att.id}.errors.jsonl"
     try:
-        asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path)))
+        asked = set(await asyncio.to_thread(pieces.custom_ids, ctx.spool.path(att.input_path), key))
     except FileNotFoundError:
         # Someone removed batchd's copy of the input: what came back is kept and the
         # piece ends here (nothing can be resubmitted or told missing without it).
@@ -519,23 +563,24 @@ async def _settle(ctx: Context, att: Attempt) -> None:
         )
         await ctx.store.settle_attempt(
             att.id,
-            str(status),
+            status,
             batch,
             piece_done=True,
             detail={"input_missing": att.input_path},
             remote_files=remote,
+            usage=usage,
             charge=charge,
         )
         _charged(ctx, charge)
         await sync_job(ctx, job.id)
         return
-    missing = asked - outcome.succeeded - outcome.retryable - outcome.failed
+    missing = asked - outcome.seen()
     tries = sum(
         1
         for a in await ctx.store.attempts(job.id)
         if a.piece == att.piece and a.outcome != "requeue" and not a.abandoned
     )
-    again = (outcome.retryable | missing) & asked
+    again = (outcome.again() | missing) & asked
     stop = job.cancel_requested or status == "cancelled"
     if again and not stop and tries < ctx.cfg.retry.max_attempts_per_piece:
         nxt_id = str(ULID())
@@ -544,9 +589,10 @@ async def _settle(ctx: Context, att: Attempt) -> None:
             ctx.spool.path(att.input_path),
             again,
             parts / f"{nxt_id}.input.jsonl",
+            key,
         )
         if err_f.exists():  # those errors are superseded by the next attempt's results
-            await asyncio.to_thread(pieces.filter_lines, err_f, err_f, again)
+            await asyncio.to_thread(pieces.filter_lines, err_f, err_f, again, key)
         ctx.metrics.retries.labels("expired" if status == "expired" else "request_failed").inc(
             len(again)
         )
@@ -566,14 +612,23 @@ async def _settle(ctx: Context, att: Attempt) -> None:
             nxt,
             detail={"resubmitted": len(again)},
             remote_files=remote,
+            usage=usage,
             charge=charge,
         )
     else:
         if missing and not stop:
+            msg = "no result from the Batch API"
             with (parts / f"{att.id}.missing.jsonl").open("wb") as f:
-                f.write(pieces.missing_lines(sorted(missing), "no result from the Batch API"))
+                for cid in sorted(missing):
+                    f.write(orjson.dumps(provider.missing_line(cid, msg)) + b"\n")
         await ctx.store.settle_attempt(
-            att.id, str(status), batch, piece_done=True, remote_files=remote, charge=charge
+            att.id,
+            status,
+            batch,
+            piece_done=True,
+            remote_files=remote,
+            usage=usage,
+            charge=charge,
         )
     _charged(ctx, charge)
     await sync_job(ctx, job.id)
@@ -585,7 +640,7 @@ def _charge(ctx: Context, job: Job, att: Attempt, tally: AttemptTally) -> dict[s
     if not c.requests:
         return None
     return {
-        "provider": ctx.prices.provider,
+        "provider": ctx.provider(att.provider).name,
         "model": att.model or job.model or "",
         "source": job.source,
         "requests": c.requests,
@@ -657,8 +712,9 @@ async def _merge(ctx: Context, job: Job, staging: Path) -> tuple[list[Attempt], 
     out_f, err_f = staging / "output.jsonl", staging / "errors.jsonl"
     await asyncio.to_thread(pieces.concat, outs, out_f)
     if ctx.cfg.output.order == "input":
-        order = await asyncio.to_thread(pieces.custom_ids, _input_file(ctx, job, staging))
-        await asyncio.to_thread(pieces.reorder, out_f, order, out_f)
+        key = ctx.provider(job.provider).id_key
+        order = await asyncio.to_thread(pieces.custom_ids, _input_file(ctx, job, staging), key)
+        await asyncio.to_thread(pieces.reorder, out_f, order, out_f, key)
     failed = 0
     if errs:
         await asyncio.to_thread(pieces.concat, errs, err_f)
@@ -668,20 +724,11 @@ async def _merge(ctx: Context, job: Job, staging: Path) -> tuple[list[Attempt], 
     return atts, await asyncio.to_thread(_count_lines, out_f), failed
 
 
-def request_error(rec: dict[str, Any]) -> dict[str, Any]:
-    """What went wrong with one request, from its line in errors.jsonl."""
-    resp = rec.get("response") if isinstance(rec.get("response"), dict) else None
-    err = rec.get("error") if isinstance(rec.get("error"), dict) else None
-    if err is None and resp is not None:
-        body = resp.get("body")
-        err = body.get("error") if isinstance(body, dict) else None
-    err = err or {}
-    return {
-        "custom_id": rec.get("custom_id"),
-        "status_code": resp.get("status_code") if resp else None,
-        "code": err.get("code") or err.get("type"),
-        "message": err.get("message"),
-    }
+def attempt_usage(provider: Provider, a: Attempt) -> dict[str, Any] | None:
+    """An attempt's usage: tallied from its result lines, else its batch's own."""
+    if a.usage is not None:
+        return a.usage
+    return provider.snapshot(a.batch or {}).usage if a.batch else None
 
 
 async def _input_notes(ctx: Context, job: Job, staging: Path) -> dict[str, Any]:
@@ -706,28 +753,34 @@ async def finish(ctx: Context, job: Job) -> None:
         await publish(ctx, job, "done", new_state, {})
         return
     staging = ctx.spool.staging(job.id)
+    provider = ctx.provider(job.provider)
     atts, completed, failed = await _merge(ctx, job, staging)
-    batches = [a.batch or {} for a in atts]
-    usage = sum_usage(batches)
+    snaps = [provider.snapshot(a.batch or {}) for a in atts]
+    usage = sum_usage([{"usage": attempt_usage(provider, a)} for a in atts])
     await ctx.store.update_job(job.id, completed=completed, failed=failed, usage=usage)
     m = ctx.metrics
     m.requests_completed.inc(completed)
     m.requests_failed.inc(failed)
-    m.tokens.labels("input").inc(usage["input_tokens"])
-    m.tokens.labels("cached").inc(usage["input_tokens_details"]["cached_tokens"])
-    m.tokens.labels("output").inc(usage["output_tokens"])
-    m.tokens.labels("reasoning").inc(usage["output_tokens_details"]["reasoning_tokens"])
-    created = [float(b["created_at"]) for b in batches if b.get("created_at")]
+    name = provider.name
+    m.tokens.labels("input", name).inc(usage["input_tokens"])
+    m.tokens.labels("cached", name).inc(usage["input_tokens_details"]["cached_tokens"])
+    m.tokens.labels("output", name).inc(usage["output_tokens"])
+    m.tokens.labels("reasoning", name).inc(usage["output_tokens_details"]["reasoning_tokens"])
+    created = [s.created_at for s in snaps if s.created_at]
     if created:
         m.created_to_results.observe(max(0.0, ctx.clock() - min(created)))
-    statuses = [b.get("status") for b in batches]
+    statuses = [s.status for s in snaps]
+    raw = [s.raw_status for s in snaps]
     first = await asyncio.to_thread(pieces.first_record, staging / "errors.jsonl")
-    summary: dict[str, Any] = {"first_error": request_error(first)} if first else {}
+    summary: dict[str, Any] = {"first_error": provider.request_error(first)} if first else {}
     info = {
         "job_id": job.id,
         "name": job.name,
         "status": str(new_state),
+        "provider": name,
+        "kind": provider.kind,
         "batch_status": statuses[-1] if len(set(statuses)) == 1 else "mixed",
+        "raw_status": raw[-1] if len(set(raw)) == 1 else "mixed",
         "batch_ids": [a.batch_id for a in atts],
         "pieces": len(await ctx.store.pieces(job.id)),
         "endpoint": job.endpoint,
@@ -744,22 +797,20 @@ async def finish(ctx: Context, job: Job) -> None:
             "finished_at": ctx.clock(),
             "batches": [
                 {
-                    k: b.get(k)
-                    for k in (
-                        "id",
-                        "status",
-                        "created_at",
-                        "completed_at",
-                        "expired_at",
-                        "cancelled_at",
-                        "failed_at",
-                    )
+                    "id": s.id,
+                    "status": s.status,
+                    "raw_status": s.raw_status,
+                    "created_at": s.created_at or None,
+                    **{k: s.times.get(k) for k in _ENDS},
                 }
-                for b in batches
+                for s in snaps
             ],
         },
     }
     await publish(ctx, job, "done", new_state, {"job.json": info}, summary)
+
+
+_ENDS = ("completed_at", "expired_at", "cancelled_at", "failed_at")
 
 
 # --- cancellation ---------------------------------------------------------------------
@@ -789,22 +840,28 @@ async def _cancel_one(ctx: Context, job: Job) -> float | None:
     due: float | None = None
     for a in await ctx.store.attempts(job.id):
         if a.open and a.batch_id is None:
-            wait_until = (a.create_sent_at or 0) + ctx.cfg.api.request_timeout_seconds + 5
+            timeout = ctx.provider(a.provider).cfg.api.request_timeout_seconds
+            wait_until = (a.create_sent_at or 0) + timeout + 5
             if a.create_sent_at is not None and ctx.clock() < wait_until:
                 due = min(due or wait_until, wait_until)
                 continue  # its create may still be in flight: wait for its answer
             found = None
             if a.create_sent_at is not None:
-                found = await ctx.api.find_batch(a.id, not_before=a.create_sent_at - 600)
+                from batchd.stages.submit import find_lost
+
+                async with ctx.provider(a.provider).serial():
+                    found = await find_lost(ctx, job, a, a.create_sent_at)
             if found:
                 await ctx.store.update_attempt(
                     a.id,
                     "adopted",
-                    batch_id=found["id"],
-                    status=found.get("status"),
-                    batch=found,
+                    batch_id=found.id,
+                    status=found.status,
+                    raw_status=found.raw_status,
+                    batch=found.raw,
+                    batch_created_at=found.created_at or ctx.clock(),
                 )
-                ctx.wake_track.set()
+                (ctx.wake_collect if found.ended else ctx.wake_track).set()
             else:
                 await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
     await _cancel_live(ctx, job.id)
@@ -855,11 +912,14 @@ class Collect:
         """Do what is due; returns when something is due next (None: wait to be woken)."""
         ctx = self.ctx
         more = False
-        if not ctx.hold.blocked:
+        if not ctx.all_blocked:
             await self._each("cancel", "-", self._cancels)
             ended = await ctx.store.ended_attempts(BATCH)
-            more |= len(ended) == BATCH
+            # (ended attempts of a held provider wait; they must not make the step spin)
+            more |= len(ended) == BATCH and not all(ctx.blocked(a.provider) for a in ended)
             for att in ended:
+                if ctx.blocked(att.provider):
+                    continue
                 await self._each(
                     att.id,
                     att.job_id,

@@ -1,4 +1,5 @@
-"""Intake: notice files in inbox/ and claim the complete ones.
+"""Intake: notice files in inbox/ (and in inbox/PROVIDER/ for each configured provider
+NAME: those jobs go to that provider) and claim the complete ones.
 
 A file renamed into inbox/ is complete by convention and is claimed at once. People
 also write straight into inbox/ (cp, scp, rsync --inplace, editors, `> inbox/x.jsonl`),
@@ -44,7 +45,7 @@ class Intake:
         self._adopted_at = ctx.clock()  # run() adopts at start-up
 
     def on_event(self, name: str, mask: int) -> None:
-        """An inotify event for inbox/NAME."""
+        """An inotify event for inbox/NAME (NAME may be PROVIDER/FILE)."""
         if mask & flags.MOVED_TO:
             self.moved.add(name)
         elif mask & flags.CREATE:
@@ -100,7 +101,10 @@ class Intake:
                 return
             ctx.spool.sync_claims()  # durable before recorded (adopt_orphans covers a crash)
             given = await ctx.store.create_jobs(
-                [NewJob(c.job_id, c.name, c.rel_path, "inbox") for c in claims],
+                [
+                    NewJob(c.job_id, c.name, c.rel_path, "inbox", provider=c.provider)
+                    for c in claims
+                ],
                 ctx.spool.dir_taken,
                 skip_recorded=ctx.leases.shared,  # a replica adopted one meanwhile
             )
@@ -108,7 +112,13 @@ class Intake:
             ctx.claiming = False
         for c in claims:
             if c.job_id in given:
-                ctx.log.info("job_claimed", job_id=c.job_id, name=given[c.job_id], file=c.name)
+                ctx.log.info(
+                    "job_claimed",
+                    job_id=c.job_id,
+                    name=given[c.job_id],
+                    file=c.name,
+                    provider=c.provider or ctx.providers.default_name,
+                )
         ctx.wake_submit.set()
 
 
@@ -144,7 +154,7 @@ async def adopt_orphans(ctx: Context) -> int:
         except KeyError:
             path.unlink(missing_ok=True)
     names = await ctx.store.create_jobs(
-        [NewJob(c.job_id, c.name, c.rel_path, "inbox") for c in orphans],
+        [NewJob(c.job_id, c.name, c.rel_path, "inbox", provider=c.provider) for c in orphans],
         ctx.spool.dir_taken,
         skip_recorded=ctx.leases.shared,
     )
@@ -157,9 +167,12 @@ async def adopt_orphans(ctx: Context) -> int:
 
 def _watch_inotify(ctx: Context, intake: Intake) -> Callable[[], None] | None:
     """Register inbox/'s inotify fd with the loop; returns the cleanup, or None."""
+    prefixes: dict[int, str] = {}  # watch descriptor -> "" (inbox/) or "PROVIDER/"
     try:
         ino = INotify(nonblocking=True)
-        ino.add_watch(ctx.spool.inbox, _MASK)
+        prefixes[ino.add_watch(ctx.spool.inbox, _MASK)] = ""
+        for name in sorted(ctx.spool.providers):
+            prefixes[ino.add_watch(ctx.spool.inbox / name, _MASK)] = name + "/"
     except (OSError, AttributeError) as e:  # no inotify here (or no watches left)
         ctx.log.info("inotify_unavailable", error=str(e))
         return None
@@ -167,7 +180,7 @@ def _watch_inotify(ctx: Context, intake: Intake) -> Callable[[], None] | None:
 
     def readable() -> None:
         for ev in ino.read(timeout=0):  # level-triggered: drain now so the loop won't spin
-            intake.on_event(ev.name, ev.mask)
+            intake.on_event(prefixes.get(ev.wd, "") + ev.name, ev.mask)
         intake.wake.set()
 
     aio.add_reader(ino.fd, readable)
@@ -187,7 +200,7 @@ async def _watchfiles(ctx: Context, intake: Intake) -> None:
         step=50,
         rust_timeout=int(RESCAN_SECONDS * 1000),
         yield_on_timeout=True,
-        recursive=False,
+        recursive=bool(ctx.spool.providers),  # inbox/PROVIDER/ too
     ):
         intake.wake.set()
 

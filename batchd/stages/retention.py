@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 
-from batchd.api import AccessDenied, ApiError, NotFound
+from batchd.providers.errors import AccessDenied, ApiError, NotFound
 from batchd.stages import Context, loop
 
 STEP = 200  # rows / files per step
@@ -40,16 +40,21 @@ class Retention:
             # The results these copies back up are recorded; make that record survive a
             # power cut before the copies go (one fsync for the whole step).
             await ctx.store.durable()
-        for file_id, job_id, kind, tries in due:
-            if ctx.stopping or ctx.hold.blocked:
+        for file_id, job_id, kind, tries, name in due:
+            if ctx.stopping:
                 return False
+            if ctx.blocked(name):
+                continue
             try:
-                await ctx.api.delete_file(file_id)
+                await ctx.provider(name).delete_remote(file_id, kind)
             except NotFound:
                 pass  # already gone (expired, or deleted by someone else)
             except AccessDenied as e:
-                await ctx.hold.block(ctx, e)
-                return False
+                await ctx.block(e)
+                continue
+            except KeyError:  # a provider no longer configured: its copies wait
+                await ctx.store.remote_file_later(file_id, now + _DAY)
+                continue
             except ApiError as e:
                 delay = min(_DAY, 60.0 * 2 ** min(tries, 10))
                 ctx.log.warning(
@@ -59,8 +64,10 @@ class Retention:
                 continue
             await ctx.store.remote_file_deleted(file_id, job_id, kind)
             ctx.metrics.remote_files_deleted.labels(kind).inc()
-            ctx.log.info("remote_file_deleted", job_id=job_id, file_id=file_id, kind=kind)
-        return len(due) == STEP
+            ctx.log.info(
+                "remote_file_deleted", job_id=job_id, file_id=file_id, kind=kind, provider=name
+            )
+        return len(due) == STEP and not all(ctx.blocked(d[4]) for d in due)
 
     async def _rows(self) -> bool:
         ctx = self.ctx
@@ -98,7 +105,7 @@ class Retention:
         if ctx.leases.claims is not None:
             await ctx.leases.claims.sweep()  # leases of replicas long dead
         more = False
-        if not ctx.hold.blocked:
+        if not ctx.all_blocked:
             more |= await self._remote()
         more |= await self._results()
         more |= await self._rows()
@@ -107,7 +114,7 @@ class Retention:
             return now
         nxt = await ctx.store.next_remote_file_at()
         sweep = now + SWEEP_SECONDS
-        return sweep if nxt is None or ctx.hold.blocked else min(max(nxt, now), sweep)
+        return sweep if nxt is None or ctx.all_blocked else min(max(nxt, now), sweep)
 
 
 async def run(ctx: Context) -> None:

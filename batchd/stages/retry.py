@@ -31,16 +31,19 @@ class AlreadyRetried(RetryRefused):
         self.retry = retry
 
 
-def _todo(result: Path) -> set[str]:
+def _todo(result: Path, key: str) -> set[str]:
     done: set[str] = set()
     if (result / "output.jsonl").exists():
-        done = pieces.read_outcome(result / "output.jsonl", None).succeeded
-    return set(pieces.custom_ids(result / "input.jsonl")) - done
+        done = pieces.read_outcome(result / "output.jsonl", None, key).succeeded
+    return set(pieces.custom_ids(result / "input.jsonl", key)) - done
 
 
-async def retry_job(store: Store, spool: Spool, job: Job) -> tuple[Job, int]:
-    """Queue the failed and missing requests of an ended job as a new job; returns it
-    and how many requests it holds."""
+async def retry_job(
+    store: Store, spool: Spool, job: Job, key: str = "custom_id"
+) -> tuple[Job, int]:
+    """Queue the failed and missing requests of an ended job as a new job (for the same
+    provider; `key` names a request in its lines); returns it and how many requests it
+    holds."""
     if not job.ended:
         raise RetryRefused(f"job {job.id} is {job.state}: it has not ended yet")
     for r in await store.retries_of(job.id):
@@ -49,19 +52,26 @@ async def retry_job(store: Store, spool: Spool, job: Job) -> tuple[Job, int]:
     result = spool.path(job.result_dir) if job.result_dir else None
     if result is None or not (result / "input.jsonl").exists():
         raise RetryRefused(f"job {job.id} has no input.jsonl in its result dir to retry from")
-    todo = await asyncio.to_thread(_todo, result)
+    todo = await asyncio.to_thread(_todo, result, key)
     if not todo:
         raise RetryRefused(f"every request of job {job.id} already succeeded")
     new_id = str(ULID())
     stem = f"{job.name}-retry"
-    rel = f"processing/{new_id}--{stem}.jsonl.part"
+    tag = f"~{job.provider}" if job.provider else ""  # as spool.claim names it
+    rel = f"processing/{new_id}{tag}--{stem}.jsonl.part"
     sub = await asyncio.to_thread(
-        pieces.write_subset, result / "input.jsonl", todo, spool.path(rel)
+        pieces.write_subset, result / "input.jsonl", todo, spool.path(rel), key
     )
     fsync_dir(spool.processing)
     try:
         new = await store.create_job(
-            new_id, stem, rel, "retry", retry_of=job.id, allow_duplicate=True
+            new_id,
+            stem,
+            rel,
+            "retry",
+            retry_of=job.id,
+            allow_duplicate=True,
+            provider=job.provider,
         )
     except Duplicate:  # another `batchd retry` was quicker
         spool.path(rel).unlink(missing_ok=True)

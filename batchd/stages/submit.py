@@ -1,9 +1,12 @@
-"""Submit stage: validate a claimed file, split it into pieces, and create one batch per
-piece attempt as admission allows (upload, then an idempotent create).
+"""Submit stage: validate a claimed file with its provider's rules, split it into pieces
+by that provider's limits, and create one batch per piece attempt as admission allows
+(stage the input, then a create that is never made twice).
 
-An attempt's id is recorded before anything is sent and travels in the batch
-metadata, so when a create's outcome is unknown (timeout, 5xx, crash) the stage
-first looks for a batch carrying that id and adopts it instead of creating again.
+An attempt's id is recorded before anything is sent and travels with the batch (as
+metadata, a display name or its own input file, as the provider allows), so when a
+create's outcome is unknown (timeout, 5xx, crash) the stage first looks for a batch
+carrying that id and adopts it instead of creating again; a provider that can carry
+no tag is matched by creation time and size (see the provider modules).
 
 Each wake-up reads only what is due: the oldest few queued jobs and the due pending
 attempts, as many as there are free slots (plus what is running or backing off).
@@ -26,18 +29,21 @@ from typing import Any
 from ulid import ULID
 
 from batchd import jobmeta, jsonl, pieces
-from batchd.admission import Candidate, admit
-from batchd.api import ATTEMPT_KEY, ApiError, InvalidRequest, Tap, Transient
+from batchd.admission import Candidate, admit, limit_from_message
 from batchd.budget import Admit, Committed, JobCost, Period, Spend, decide_in_order, period_bounds
 from batchd.estimate import Estimate, Estimator, configured
 from batchd.prices import NANOS_PER_USD, Unknown, format_usd
+from batchd.providers import Provider
+from batchd.providers.base import JOB_KEY, Create, Snapshot
+from batchd.providers.errors import ApiError, InvalidRequest, QuotaRefused, Transient
+from batchd.providers.http import Tap
 from batchd.spool import COMPRESSED, SUFFIX, fingerprint
 from batchd.stages import Context, Worker, loop, sync_job
-from batchd.stages.collect import fail_job
+from batchd.stages.collect import MAX_REFUSALS, fail_job, refusal_delay
 from batchd.states import TERMINAL_JOB_STATES, JobState
 from batchd.store import Attempt, Job, LiveBatch, Pending, Piece
 
-JOB_KEY = "batchd_job"
+__all__ = ["JOB_KEY", "Submit", "advance", "ensure_attempts", "run", "submit_attempt"]
 _FLIGHT_TTL = 1.0  # seconds an admission snapshot of what is in flight is reused
 _SPEND_TTL = 5.0  # seconds the money committed this day and month is reused
 _BUDGET_BATCH = 200  # jobs waiting for admission decided on per step
@@ -80,12 +86,15 @@ async def _reject(ctx: Context, job: Job, problems: list[dict[str, Any]]) -> Non
 
 
 class _Reader:
-    """Sees every byte of the input once, in order: validates and hashes it, and the
-    estimator sees each line the validator parsed (no second parse)."""
+    """Sees every byte of the input once, in order: validates (by its provider's rules)
+    and hashes it, and the estimator sees each line the validator parsed (no second
+    parse)."""
 
-    def __init__(self, estimator: Estimator) -> None:
+    def __init__(self, provider: Provider, estimator: Estimator) -> None:
         self.estimator = estimator
-        self.validator = jsonl.Validator(jsonl.UNBOUNDED, on_request=estimator.add)
+        self.validator: jsonl.Validator = provider.validator(
+            jsonl.UNBOUNDED, on_request=estimator.add
+        )
         self.sha = hashlib.sha256()
 
     def feed(self, chunk: bytes) -> None:
@@ -111,7 +120,10 @@ async def _upload_while_validating(
     uploaded before a restart, or the API is on hold: it is then validated from disk).
     """
     size = path.stat().st_size
-    if ctx.hold.blocked or not 0 < size <= ctx.cfg.limits.max_bytes_per_batch:
+    provider = ctx.provider(job.provider)
+    if not provider.stages_input(size) or ctx.blocked(job.provider):
+        return None
+    if not 0 < size <= provider.cfg.limits.max_bytes_per_batch:
         return None
     atts = [a for a in await ctx.store.attempts(job.id) if a.open and a.piece == 0]
     if atts and atts[-1].file_id is not None:
@@ -130,26 +142,19 @@ async def _upload_while_validating(
         )
     if att.upload_started_at is None or atts:
         await ctx.store.update_attempt(att.id, durable=True, upload_started_at=ctx.clock())
-    up = ctx.cfg.upload
-    f = await ctx.api.upload(
-        path,
-        f"batchd-{att.id}.jsonl",
-        up.uploads_api_threshold_bytes,
-        up.part_bytes,
-        Tap(consume),
-    )
-    await ctx.store.update_attempt(att.id, "uploaded", job_id=job.id, file_id=f["id"])
-    return dataclasses.replace(att, file_id=f["id"])
+    file_id = await provider.stage(path, f"batchd-{att.id}.jsonl", Tap(consume))
+    await ctx.store.update_attempt(att.id, "uploaded", job_id=job.id, file_id=file_id)
+    return dataclasses.replace(att, file_id=file_id)
 
 
 async def _adopt_lost_upload(ctx: Context, att: Attempt) -> None:
     """An upload started before a crash may have finished: find its file, or forget it."""
     assert att.upload_started_at is not None
-    found = await ctx.api.find_file(f"batchd-{att.id}.jsonl", att.upload_started_at - 600)
-    if found is not None and found.get("bytes") == ctx.spool.path(att.input_path).stat().st_size:
-        await ctx.store.update_attempt(att.id, "upload_adopted", file_id=found["id"])
-    elif found is not None:  # a partial or foreign file under our name: don't leak it
-        await ctx.api.delete_file(found["id"])
+    size = ctx.spool.path(att.input_path).stat().st_size
+    provider = ctx.provider(att.provider)
+    found = await provider.find_staged(f"batchd-{att.id}.jsonl", att.upload_started_at - 600, size)
+    if found is not None:
+        await ctx.store.update_attempt(att.id, "upload_adopted", file_id=found)
 
 
 async def _discard(ctx: Context, att: Attempt | None) -> None:
@@ -160,7 +165,7 @@ async def _discard(ctx: Context, att: Attempt | None) -> None:
     await ctx.store.update_attempt(att.id, "abandoned", abandoned=1)
     if att.file_id:
         try:
-            await ctx.api.delete_file(att.file_id)
+            await ctx.provider(att.provider).delete_file(att.file_id)
         except ApiError as e:
             ctx.log.warning("delete_failed", job_id=att.job_id, file_id=att.file_id, error=str(e))
 
@@ -208,7 +213,8 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         await _reject(ctx, job, [{"line": 0, "code": code, "message": why}])
         return
     before = fingerprint(path)
-    reader = _Reader(configured(ctx.cfg.estimate, ctx.prices.price))
+    provider = ctx.provider(job.provider)
+    reader = _Reader(provider, configured(ctx.cfg.estimate, ctx.prices_of(job.provider).price))
     try:
         att = await _upload_while_validating(ctx, job, path, reader.feed)
         if att is None:
@@ -291,7 +297,7 @@ async def _validate_job(ctx: Context, job: Job) -> None:
         input_tokens=est.input_tokens,
     )
     if admitted:
-        count_estimate(ctx, job.source, summary.model, est.cost_high)
+        count_estimate(ctx, job.source, summary.model, est.cost_high, job.provider)
 
 
 def _admission_values(ctx: Context, est: Estimate) -> dict[str, Any]:
@@ -304,13 +310,17 @@ def _admission_values(ctx: Context, est: Estimate) -> dict[str, Any]:
 
 
 def count_estimate(
-    ctx: Context, source: str, model: str | None, high: int | Unknown | None
+    ctx: Context,
+    source: str,
+    model: str | None,
+    high: int | Unknown | None,
+    provider: str | None = None,
 ) -> None:
-    """An admitted job's high estimate counts in batchd_cost_usd_total{kind="estimated"}."""
+    """An admitted job's high estimate counts in batchd_cost_usd_total{kind="estimated"}
+    (`provider`: the job's provider NAME, None: the default)."""
     if isinstance(high, int):
-        ctx.metrics.cost.labels(ctx.prices.provider, model or "", source, "estimated").inc(
-            high / NANOS_PER_USD
-        )
+        name = provider or ctx.providers.default_name
+        ctx.metrics.cost.labels(name, model or "", source, "estimated").inc(high / NANOS_PER_USD)
 
 
 def _high(job: Job) -> int | Unknown:
@@ -331,12 +341,9 @@ def _check_unchanged(path: Path, before: str) -> None:
 async def _pieces(
     ctx: Context, job: Job, path: Path, summary: jsonl.Summary, att: Attempt | None
 ) -> tuple[list[Piece], list[dict[str, Any]], Attempt | None]:
-    """The job's pieces and the first attempt of each (piece 0 may reuse `att`, the
-    upload made while validating; otherwise it is discarded)."""
-    lim = ctx.cfg.limits
-    piece_limits = jsonl.Limits(
-        lim.max_requests_per_batch, lim.max_bytes_per_batch, lim.max_embedding_inputs_per_batch
-    )
+    """The job's pieces (by its provider's limits) and the first attempt of each (piece 0
+    may reuse `att`, the upload made while validating; otherwise it is discarded)."""
+    piece_limits = ctx.provider(job.provider).piece_limits
     first = {"model": summary.model, "job_id": job.id}
     if (
         summary.requests <= piece_limits.max_requests
@@ -360,7 +367,7 @@ async def _pieces(
     await _discard(ctx, att)
     out_dir = ctx.spool.processing / f"{job.id}.pieces"
     files = await asyncio.to_thread(
-        pieces.split, path, out_dir, piece_limits, summary.endpoint == "/v1/embeddings"
+        pieces.split, path, out_dir, piece_limits, summary.embedding_inputs > 0
     )
     rows = [
         Piece(
@@ -437,115 +444,192 @@ def _unwanted(job: Job, att: Attempt) -> bool:
     return att.abandoned or job.cancel_requested or job.state in TERMINAL_JOB_STATES
 
 
-async def _adopt(ctx: Context, att: Attempt, batch: dict[str, Any], how: str) -> None:
+async def adopt(ctx: Context, att: Attempt, snap: Snapshot, how: str) -> None:
+    """Record the batch an attempt got (created now, or found after an ambiguous create)."""
     job, now = await ctx.store.job(att.job_id), await ctx.store.attempt(att.id)
     late = _unwanted(job, now)
+    provider = ctx.provider(job.provider)
     # A batch created while a cancel (or a failure) was being handled: record it so it
     # is cancelled, and collected with the job's partial results unless the job ended.
     await ctx.store.update_attempt(
         att.id,
         how,
         job_id=job.id,
-        batch_id=batch["id"],
-        status=batch.get("status"),
-        batch=batch,
+        batch_id=snap.id,
+        status=snap.status,
+        raw_status=snap.raw_status,
+        batch=snap.raw,
+        batch_created_at=snap.created_at or ctx.clock(),
         abandoned=int(job.state in TERMINAL_JOB_STATES),
     )
-    ctx.new_batches.append(
-        LiveBatch(
-            att.id,
-            job.id,
-            batch["id"],
-            batch.get("status"),
-            0,
-            0,
-            0,
-            float(batch.get("created_at") or ctx.clock()),
+    if snap.ended:  # found after it had already ended (a lost create, found late)
+        ctx.wake_collect.set()
+    else:
+        ctx.new_batches.append(
+            LiveBatch(
+                att.id,
+                job.id,
+                snap.id,
+                snap.status,
+                0,
+                0,
+                0,
+                snap.created_at or ctx.clock(),
+                job.provider,
+            )
         )
-    )
-    ctx.wake_track.set()
+        ctx.wake_track.set()
     if late:
-        ctx.log.warning("late_batch_cancelled", job_id=job.id, batch_id=batch["id"])
+        ctx.log.warning("late_batch_cancelled", job_id=job.id, batch_id=snap.id)
         try:
-            await ctx.api.cancel_batch(batch["id"])
+            await provider.cancel(snap.id)
         except ApiError as e:
-            ctx.log.warning("cancel_failed", job_id=job.id, batch_id=batch["id"], error=str(e))
-    ctx.metrics.batches_created.inc()
+            ctx.log.warning("cancel_failed", job_id=job.id, batch_id=snap.id, error=str(e))
+    ctx.metrics.batches_created.labels(provider.name).inc()
     ctx.metrics.drop_to_created.observe(max(0.0, ctx.clock() - job.created_at))
-    ctx.log.info("batch_created", job_id=job.id, piece=att.piece, batch_id=batch["id"], how=how)
+    ctx.log.info(
+        "batch_created",
+        job_id=job.id,
+        piece=att.piece,
+        batch_id=snap.id,
+        provider=provider.name,
+        how=how,
+    )
     await sync_job(ctx, job.id)
 
 
+def create_request(ctx: Context, job: Job, att: Attempt) -> Create:
+    """What the provider needs to create (or find) the batch of one attempt."""
+    extra = jobmeta.read(ctx.spool, job)  # {} unless the job came with metadata (HTTP)
+    return Create(
+        attempt_id=att.id,
+        job_id=job.id,
+        input_path=ctx.spool.path(att.input_path),
+        file_id=att.file_id,
+        requests=att.requests or 0,
+        endpoint=job.endpoint,
+        model=att.model or job.model,
+        metadata={**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id},
+    )
+
+
+async def find_lost(ctx: Context, job: Job, att: Attempt, sent_at: float) -> Snapshot | None:
+    """The batch an earlier create of this attempt (sent at `sent_at`) made, if the
+    provider has it."""
+    return await ctx.provider(job.provider).find(
+        create_request(ctx, job, att), sent_at, ctx.store.batch_owned
+    )
+
+
 async def submit_attempt(ctx: Context, att: Attempt) -> None:
-    """Upload (if needed) and create the batch of one attempt, adopting a lost create."""
+    """Stage the input (if needed) and create the batch of one attempt, adopting a lost
+    create."""
     job = await ctx.store.job(att.job_id)
     assert job.endpoint is not None
+    provider = ctx.provider(job.provider)
     if att.create_sent_at is not None:
-        found = await ctx.api.find_batch(att.id, not_before=att.create_sent_at - 600)
-        if found:
-            await _adopt(ctx, att, found, "adopted")
-            return
-        if ctx.leases.shared and ctx.clock() < _create_answered_by(ctx, att.create_sent_at):
+        async with provider.serial():
+            found = await find_lost(ctx, job, att, att.create_sent_at)
+            if found:
+                await adopt(ctx, att, found, "adopted")
+                return
+        if ctx.leases.shared and ctx.clock() < _create_answered_by(ctx, job, att.create_sent_at):
             # Another replica sent this create and lost its lease (or died): its request
             # may still be on its way. Wait for it rather than create a second batch.
             raise Transient(f"a create of attempt {att.id} may still be in flight")
     if att.file_id is None and att.upload_started_at is not None:
         await _adopt_lost_upload(ctx, att)
         att = await ctx.store.attempt(att.id)
-    if att.file_id is None:
-        path = ctx.spool.path(att.input_path)
-        if not path.exists():
-            what = "input" if att.input_path == job.input_path else f"piece {att.piece}"
-            await fail_job(
-                ctx,
-                job,
-                {
-                    "reason": "input_missing",
-                    "message": f"the {what} disappeared from processing/ before it was "
-                    "uploaded (files under processing/ belong to batchd)",
-                },
-            )
-            return
-        await ctx.store.update_attempt(att.id, durable=True, upload_started_at=ctx.clock())
-        f = await ctx.api.upload(
-            path,
-            f"batchd-{att.id}.jsonl",
-            ctx.cfg.upload.uploads_api_threshold_bytes,
-            ctx.cfg.upload.part_bytes,
+    path = ctx.spool.path(att.input_path)
+    staged = provider.stages_input(path.stat().st_size) if path.exists() else True
+    needs_input = att.file_id is None or not staged
+    if needs_input and not path.exists():
+        what = "input" if att.input_path == job.input_path else f"piece {att.piece}"
+        await fail_job(
+            ctx,
+            job,
+            {
+                "reason": "input_missing",
+                "message": f"the {what} disappeared from processing/ before it was "
+                "sent (files under processing/ belong to batchd)",
+            },
         )
-        await ctx.store.update_attempt(att.id, "uploaded", job_id=job.id, file_id=f["id"])
+        return
+    if att.file_id is None and staged:
+        await ctx.store.update_attempt(att.id, durable=True, upload_started_at=ctx.clock())
+        file_id = await provider.stage(path, f"batchd-{att.id}.jsonl")
+        await ctx.store.update_attempt(att.id, "uploaded", job_id=job.id, file_id=file_id)
         # Cancelled or failed while this attempt was uploading?
         job, att = await ctx.store.job(att.job_id), await ctx.store.attempt(att.id)
     if _unwanted(job, att):
         return
-    assert att.file_id is not None and job.endpoint is not None
+    assert job.endpoint is not None
     if await _input_changed(ctx, job, att):
         return
-    extra = jobmeta.read(ctx.spool, job)  # {} unless the job came with metadata (HTTP)
-    metadata = {**ctx.cfg.batch.metadata, **extra, JOB_KEY: job.id, ATTEMPT_KEY: att.id}
-    await ctx.leases.fence(f"attempt:{att.id}")  # still ours: no other replica creates it
-    await ctx.store.update_attempt(att.id, durable=True, create_sent_at=ctx.clock())
-    try:
-        batch = await ctx.api.create_batch(
-            att.file_id,
-            job.endpoint,
-            ctx.cfg.batch.completion_window,
-            metadata,
-            ctx.cfg.batch.output_expires_after_seconds,
+    req = create_request(ctx, job, att)
+    async with provider.serial():
+        await ctx.leases.fence(f"attempt:{att.id}")  # still ours: no other replica creates it
+        sent_at = ctx.clock()
+        await ctx.store.update_attempt(att.id, durable=True, create_sent_at=sent_at)
+        try:
+            snap = await provider.create(req)
+        except QuotaRefused as e:
+            await _refused(ctx, job, att, e)
+            return
+        except Transient:
+            # The batch may exist although we never saw the answer: look before retrying.
+            ctx.metrics.retries.labels("create_unknown").inc()
+            found = await find_lost(ctx, job, att, sent_at)
+            if found is None:
+                raise
+            snap = found
+        await adopt(ctx, att, snap, "created")
+
+
+async def _refused(ctx: Context, job: Job, att: Attempt, e: QuotaRefused) -> None:
+    """A create refused for a quota (Azure's token_limit_exceeded): nothing was created,
+    so the same attempt waits (learning the limit) and tries again; admission keeps
+    further pieces back meanwhile. After many refusals the job fails."""
+    refusals = att.refusals + 1
+    limit = e.limit or limit_from_message(e.message)
+    if limit and att.model:
+        await ctx.store.learn_limit(att.model, limit)
+        ctx.admission_version += 1
+    too_big = limit is not None and att.est_tokens > limit and refusals >= 3
+    if too_big or refusals > MAX_REFUSALS:
+        why = (
+            f"piece {att.piece} needs ~{att.est_tokens} tokens but the enqueued-token limit "
+            f"of {att.model} is {limit}; lower max_requests_per_batch or max_bytes_per_batch"
+            if too_big
+            else f"refused {refusals} times for the enqueued-token limit"
         )
-    except Transient:
-        # The batch may exist although we never saw the answer: look before retrying.
-        ctx.metrics.retries.labels("create_unknown").inc()
-        found = await ctx.api.find_batch(att.id, not_before=ctx.clock() - 600)
-        if found is None:
-            raise
-        batch = found
-    await _adopt(ctx, att, batch, "created")
+        await fail_job(ctx, job, {"reason": "token_limit", "message": why})
+        return
+    delay = refusal_delay(ctx, refusals)
+    ctx.metrics.retries.labels("token_limit").inc()
+    ctx.log.warning(
+        "token_limit_refused",
+        job_id=job.id,
+        piece=att.piece,
+        model=att.model,
+        limit=limit,
+        at="create",
+        retry_in=delay,
+    )
+    await ctx.store.update_attempt(
+        att.id,
+        "requeued",
+        job_id=job.id,
+        create_sent_at=None,
+        refusals=refusals,
+        not_before=ctx.clock() + delay,
+    )
+    ctx.wake_submit.set()
 
 
-def _create_answered_by(ctx: Context, sent_at: float) -> float:
+def _create_answered_by(ctx: Context, job: Job, sent_at: float) -> float:
     """When a create sent at `sent_at` has surely been answered (or given up)."""
-    return sent_at + ctx.cfg.api.request_timeout_seconds + 5.0
+    return sent_at + ctx.provider(job.provider).cfg.api.request_timeout_seconds + 5.0
 
 
 async def _input_changed(ctx: Context, job: Job, att: Attempt) -> bool:
@@ -749,7 +833,7 @@ class Submit:
                 if await ctx.store.admit_job(job.id, high, detail):
                     if high is not None and self._spend is not None and budget.enabled:
                         self._spend = self._spend.plus(cost.model, cost.source, high)
-                    count_estimate(ctx, job.source, job.model, cost.high)
+                    count_estimate(ctx, job.source, job.model, cost.high, job.provider)
                     if job.budget_wait:
                         ctx.log.info("budget_admitted", job_id=job.id, name=job.name)
                 continue
@@ -773,7 +857,7 @@ class Submit:
         rollover = await self._budget()
         # Work under way first: a validated job's batch is created before the next file
         # is validated, so a burst yields batches from the start, not after its last file.
-        if w.free and not ctx.hold.blocked:
+        if w.free and not ctx.all_blocked:
             lim: _Limits | None = None
             if ctx.leases.shared:
                 chosen, held_back = await self._claim_pending(now)
@@ -782,7 +866,9 @@ class Submit:
                 # With a limit, admission chooses among many; without, the oldest due do.
                 limited = lim.token_limits or lim.request_limits
                 pending = await ctx.store.due_pending(now, max(window, 200) if limited else window)
-                candidates = [p for p in pending if not w.busy(p.id)]
+                candidates = [
+                    p for p in pending if not w.busy(p.id) and not ctx.blocked(p.provider)
+                ]
                 chosen = await self.choose(candidates)
                 held_back = len(chosen) < len(candidates)
             for p in chosen:
@@ -808,7 +894,7 @@ class Submit:
                 started = w.start(job_id, job_id, item, partial(_api_rejected, ctx))
                 if not started and not w.running(job_id):
                     await ctx.leases.release(f"job:{job_id}")
-        if ctx.hold.blocked:
+        if ctx.all_blocked:
             return min((t for t in (due, rollover) if t is not None), default=None)
         nxt = await ctx.store.next_pending_at(now)
         if held_back:  # a limit holds some back: look again when it may fit
@@ -826,6 +912,7 @@ class Submit:
 
         def decide(pending: list[Pending], flight: dict[str, tuple[int, int]]) -> list[Pending]:
             nonlocal held_back
+            pending = [p for p in pending if not ctx.blocked(p.provider)]  # held: they wait
             chosen = pending
             if any(lim.apply(p.model) for p in pending):
                 by_id = {p.id: p for p in pending}

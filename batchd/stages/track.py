@@ -1,16 +1,16 @@
-"""Track stage: learn the status of every in-flight batch, cheaply.
+"""Track stage: learn the status of every in-flight batch, cheaply, on every provider.
 
-The tracker keeps what it knows of each batch in flight in memory (status and
-request_counts), so a sweep costs a dict lookup per unchanged batch and writes only
-the batches that changed. A sweep pages through `GET /v1/batches` (100 per page,
-newest first) until every batch in flight has been seen or the pages are older than
-the oldest of them; batches not found that way are fetched one by one.
+The tracker keeps what it knows of each batch in flight in memory (status and request
+counts), so a sweep costs a dict lookup per unchanged batch and writes only the
+batches that changed. A sweep pages through each provider's batch list (about 100 per
+page, newest first) until every batch in flight there has been seen or the pages are
+older than the oldest of them; batches not found that way are fetched one by one.
 
-`poll_interval_seconds` is a ceiling: at most ⌈N/100⌉+1 status calls per interval
-for N batches in flight. The calls a sweep leaves over are spent on batches near a
-transition (validating, finalizing, cancelling) half-way through the interval. A
-webhook naming a batch has it fetched at once. With nothing in flight the stage
-sleeps until a batch is created.
+`poll_interval_seconds` is a ceiling, per provider: at most ⌈N/100⌉+1 status calls per
+interval for its N batches in flight. The calls a sweep leaves over are spent on
+batches near a transition (validating, finalizing, cancelling) half-way through the
+interval. A webhook naming a batch has it fetched at once. With nothing in flight the
+stage sleeps until a batch is created.
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
-
-from batchd.api import AccessDenied, ApiError
+from batchd.providers import Provider
+from batchd.providers.base import Snapshot
+from batchd.providers.errors import AccessDenied, ApiError
+from batchd.providers.http import CALLER
 from batchd.stages import Context, loop
-from batchd.states import is_terminal_status
 from batchd.store import LiveBatch
 
 _BUSY = frozenset({"validating", "finalizing", "cancelling"})
@@ -43,9 +42,9 @@ class _Page:
     """A list page as last seen: the hash of its bytes, and what it said."""
 
     key: int
-    batches: list[dict[str, Any]] | None  # None once recorded
+    batches: list[Snapshot] | None  # None once recorded
     ids: list[str]
-    has_more: bool
+    cursor: str | None  # the next page's
     last_created: float
 
 
@@ -54,9 +53,14 @@ def budget(n: int) -> int:
     return math.ceil(n / 100) + 1
 
 
-def _counts(batch: dict[str, Any]) -> tuple[int, int, int]:
-    rc = batch.get("request_counts") or {}
-    return int(rc.get("completed") or 0), int(rc.get("failed") or 0), int(rc.get("total") or 0)
+class _Lane:
+    """One provider's share of the tracker: its status calls and list pages as seen."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.spent = 0  # status calls in the current interval
+        self.calls: deque[float] = deque()  # times of the recent status calls
+        self.pages: dict[str | None, _Page] = {}  # list pages by cursor, as last seen
 
 
 def interval(ctx: Context) -> float:
@@ -77,57 +81,103 @@ class Tracker:
         self._loaded_at = float("-inf")
         self._next_full: float | None = None  # None: nothing in flight
         self._next_busy: float | None = None
-        self._spent = 0  # status calls in the current interval
         self._logged_at = float("-inf")
         self._gauged_at = float("-inf")
         self._seen: dict[str, float] = {}  # batch id -> when a status call last saw it
-        self._pages: dict[str | None, _Page] = {}  # list pages by cursor, as last seen
-        self._calls: deque[float] = deque()  # times of the recent status calls
         self._tracking = not ctx.leases.shared  # replicas: only while holding the role
         self._others_at = float("-inf")  # when batches of other replicas were looked for
+        self._lanes: dict[str, _Lane] = {}
+        self._unknown: set[str] = set()  # provider NAMEs of batches, no longer configured
+
+    def lane(self, name: str | None) -> _Lane:
+        """One provider's lane (None: the default provider's)."""
+        provider = self.ctx.provider(name)
+        lane = self._lanes.get(provider.name)
+        if lane is None:
+            lane = self._lanes[provider.name] = _Lane(provider)
+        return lane
+
+    def _by_lane(self) -> dict[str, dict[str, LiveBatch]]:
+        """Batches in flight per provider; those of a provider no longer configured wait
+        (said once) until it is configured again."""
+        out: dict[str, dict[str, LiveBatch]] = {}
+        default = self.ctx.providers.default_name
+        for b in self.live.values():
+            name = b.provider or default
+            if name not in self.ctx.providers:
+                if name not in self._unknown:
+                    self._unknown.add(name)
+                    self.ctx.log.error(
+                        "provider_not_configured",
+                        provider=name,
+                        action="its batches are not tracked until it is configured again",
+                    )
+                continue
+            out.setdefault(name, {})[b.batch_id] = b
+        return out
+
+    @property
+    def _spent(self) -> int:
+        return sum(lane.spent for lane in self._lanes.values())
+
+    def _left(self) -> dict[str, int]:
+        """Status calls each provider has left in this interval."""
+        return {
+            name: budget(len(batches)) - self.lane(name).spent
+            for name, batches in self._by_lane().items()
+        }
 
     async def reload(self) -> None:
         """Read the batches in flight from the store."""
         self.live = {b.batch_id: b for b in await self.ctx.store.live_batches()}
-        self._pages.clear()  # what is known may differ from what the pages said
+        for lane in self._lanes.values():
+            lane.pages.clear()  # what is known may differ from what the pages said
         self.ctx.new_batches.clear()
         self._loaded_at = self.ctx.clock()
 
     def _absorb(self) -> None:
-        if self.ctx.new_batches:
-            self._pages.clear()
         for b in self.ctx.new_batches:
+            self.lane(b.provider).pages.clear()
             self.live.setdefault(b.batch_id, b)
         self.ctx.new_batches.clear()
 
-    async def record(self, lb: LiveBatch, batch: dict[str, Any]) -> None:
+    async def record(self, lb: LiveBatch, snap: Snapshot) -> None:
         """Compare with what is known; write (and act) only when something changed."""
         ctx = self.ctx
         self._seen[lb.batch_id] = ctx.clock()
-        status = batch.get("status")
-        counts = _counts(batch)
+        status = snap.status
+        counts = snap.counts
         if status == lb.status and counts == (lb.completed, lb.failed, lb.total):
             return
-        await ctx.store.record_batch(lb, batch, status, counts)
+        await ctx.store.record_batch(lb, snap.raw, status, counts, snap.raw_status)
         if status != lb.status:
-            ctx.log.info("batch_status", job_id=lb.job_id, batch_id=lb.batch_id, status=status)
-        if is_terminal_status(status):
+            ctx.log.info(
+                "batch_status",
+                job_id=lb.job_id,
+                batch_id=lb.batch_id,
+                status=status,
+                raw_status=snap.raw_status,
+            )
+        if snap.ended:
             self.live.pop(lb.batch_id, None)
             self._seen.pop(lb.batch_id, None)
-            ctx.metrics.batches_ended.labels(str(status)).inc()
+            name = self.lane(lb.provider).provider.name
+            ctx.metrics.batches_ended.labels(status, name).inc()
             ctx.wake_collect.set()
             ctx.wake_submit.set()  # budget freed
         else:
             self.live[lb.batch_id] = LiveBatch(
-                lb.attempt_id, lb.job_id, lb.batch_id, status, *counts, lb.created
+                lb.attempt_id, lb.job_id, lb.batch_id, status, *counts, lb.created, lb.provider
             )
 
     async def _get(self, lb: LiveBatch) -> bool:
-        await self._pace(budget(len(self.live)))
+        lane = self.lane(lb.provider)
+        n = sum(1 for b in self.live.values() if b.provider == lb.provider)
+        await self._pace(lane, budget(n))
         try:
-            b = await self.ctx.api.get_batch(lb.batch_id, caller="tracker")
+            snap = await lane.provider.get(lb.batch_id)
         except AccessDenied as e:
-            await self.ctx.hold.block(self.ctx, e)
+            await self.ctx.block(e)
             return False
         except ApiError as e:
             self.ctx.log.warning(
@@ -135,72 +185,85 @@ class Tracker:
             )
             return False
         finally:
-            self._spent += 1
-            self._answered()
-        await self.record(lb, b)
+            lane.spent += 1
+            lane.calls.append(time.monotonic())
+        await self.record(lb, snap)
         return True
 
-    async def _pace(self, limit: int) -> None:
-        """At most `limit` status calls in any span of one interval (a sliding window).
+    async def _pace(self, lane: _Lane, limit: int) -> None:
+        """At most `limit` status calls to a provider in any span of one interval (a
+        sliding window).
 
         Timed from when earlier calls were answered, not sent: the server handled each
         before its answer came, so this holds on the server's clock too."""
         now = time.monotonic()
         span = interval(self.ctx)
-        calls = self._calls
+        calls = lane.calls
         while calls and now - calls[0] >= span:
             calls.popleft()
         if len(calls) >= limit:
             await asyncio.sleep(span - (now - calls[0]))
             calls.popleft()
 
-    def _answered(self) -> None:
-        self._calls.append(time.monotonic())
-
-    async def _page(self, after: str | None, limit: int) -> _Page:
+    async def _page(self, lane: _Lane, cursor: str | None, limit: int) -> _Page:
         """One list page: parsed only when its bytes differ from last time."""
-        await self._pace(limit)
+        await self._pace(lane, limit)
         try:
-            raw = await self.ctx.api.list_batches_raw(100, after, caller="tracker")
+            raw = await lane.provider.list_raw(cursor)
         finally:
-            self._spent += 1
-            self._answered()
+            lane.spent += 1
+            lane.calls.append(time.monotonic())
         key = hash(raw)
-        seen = self._pages.get(after)
+        seen = lane.pages.get(cursor)
         if seen is not None and seen.key == key:
             return seen
-        data = orjson.loads(raw)
-        batches = [b for b in data.get("data") or [] if isinstance(b, dict)]
+        parsed = lane.provider.parse_page(raw, cursor)
+        batches = parsed.batches
         page = _Page(
             key,
             batches,
-            [str(b.get("id")) for b in batches],
-            bool(data.get("has_more")),
-            float(batches[-1].get("created_at") or 0) if batches else 0.0,
+            [b.id for b in batches],
+            parsed.cursor,
+            batches[-1].created_at if batches else 0.0,
         )
-        self._pages[after] = page
+        lane.pages[cursor] = page
         return page
 
-    async def sweep(self, limit: int) -> None:
-        """Refresh every batch in flight with at most `limit` status calls."""
+    async def sweep(self, limit: int | None = None) -> None:
+        """Refresh every batch in flight, each provider within its status-call budget
+        (`limit`: the same budget for every provider, instead)."""
+        lanes = {n: live for n, live in self._by_lane().items() if not self.ctx.blocked(n)}
+        results = await asyncio.gather(
+            *(
+                self._sweep_lane(
+                    self.lane(name), live, budget(len(live)) if limit is None else limit
+                )
+                for name, live in lanes.items()
+            )
+        )
+        if any(results):
+            self.ctx.metrics.last_poll.set(self.ctx.clock())
+
+    async def _sweep_lane(self, lane: _Lane, live: dict[str, LiveBatch], limit: int) -> bool:
+        """One provider's sweep; True when its API answered."""
         ctx = self.ctx
-        unseen = dict(self.live)
+        unseen = dict(live)
         oldest = min((b.created for b in unseen.values()), default=0.0)
         reached = False
         calls = 0
         if len(unseen) > 1:
-            after: str | None = None
+            cursor: str | None = None
             for _ in range(min(MAX_PAGES, limit)):
                 try:
-                    page = await self._page(after, limit)
+                    page = await self._page(lane, cursor, limit)
                 except AccessDenied as e:
-                    await ctx.hold.block(ctx, e)
-                    return
+                    await ctx.block(e)
+                    return False
                 except ApiError as e:
                     # The API is not answering: fetching every batch one by one would
                     # only multiply the calls. Try again at the next sweep.
-                    ctx.log.warning("poll_failed", error=str(e))
-                    return
+                    ctx.log.warning("poll_failed", provider=lane.provider.name, error=str(e))
+                    return False
                 finally:
                     calls += 1
                 reached = True
@@ -210,22 +273,34 @@ class Tracker:
                             self._seen[batch_id] = ctx.clock()
                 else:
                     for b in page.batches:
-                        lb = unseen.pop(str(b.get("id")), None)
+                        lb = unseen.pop(b.id, None)
                         if lb is not None:
                             await self.record(lb, b)
                     page.batches = None  # recorded: from now on only the ids are needed
-                if not unseen or not page.has_more or not page.ids:
+                if not unseen or page.cursor is None or not page.ids:
                     break
                 if page.last_created < oldest:
                     break
-                after = page.ids[-1]
+                cursor = page.cursor
         # Not on the pages read: ask one by one, the longest unseen first, within the
         # budget (the rest at the next sweep).
         waiting = sorted(unseen.values(), key=lambda b: (self._seen.get(b.batch_id, 0), b.created))
         for lb in waiting[: max(0, limit - calls)]:
             reached = await self._get(lb) or reached
-        if reached:
-            ctx.metrics.last_poll.set(ctx.clock())
+        return reached
+
+    def _new_interval(self) -> None:
+        for lane in self._lanes.values():
+            lane.spent = 0
+
+    def _busy(self) -> dict[str, list[LiveBatch]]:
+        """Batches near a transition, per provider (held providers are left alone)."""
+        out: dict[str, list[LiveBatch]] = {}
+        for name, live in self._by_lane().items():
+            busy = [b for b in live.values() if b.status in _BUSY]
+            if busy and not self.ctx.blocked(name):
+                out[name] = busy
+        return out
 
     async def _pushed(self) -> None:
         """Batches a webhook says have ended: fetched at once."""
@@ -233,7 +308,10 @@ class Tracker:
         self.ctx.webhook_batches.difference_update(pushed)
         for batch_id in pushed:
             lb = self.live.get(batch_id)
-            if lb is not None:
+            if (
+                lb is not None
+                and (lb.provider or self.ctx.providers.default_name) in self.ctx.providers
+            ):
                 await self._get(lb)
 
     def _gauges(self, force: bool = False) -> None:
@@ -273,7 +351,7 @@ class Tracker:
             if self._tracking:
                 self._tracking = False
                 self.live.clear()
-                self._pages.clear()
+                self._lanes.clear()
                 self._next_full = self._next_busy = None
                 self._gauges(force=True)  # the replica that tracks now reports them
                 self.ctx.log.warning("role_lost", role="tracker", replica=leases.owner)
@@ -295,7 +373,8 @@ class Tracker:
         for b in await ctx.store.live_batches_changed(since):
             if b.batch_id not in self.live:
                 self.live[b.batch_id] = b
-                self._pages.clear()
+                for lane in self._lanes.values():
+                    lane.pages.clear()
         assert ctx.leases.claims is not None
         ctx.webhook_batches.update(await ctx.leases.claims.take_pushed())
 
@@ -312,7 +391,7 @@ class Tracker:
         elif ctx.leases.shared:
             await self._from_others()
         self._absorb()
-        if ctx.hold.blocked:
+        if ctx.all_blocked:
             return None
         if ctx.webhook_batches:
             await self._pushed()
@@ -322,22 +401,25 @@ class Tracker:
             return now + OTHERS_SECONDS if ctx.leases.shared else None
         every = interval(ctx)
         if self._next_full is None:  # the first batch in flight: its status is known
-            self._next_full, self._spent = now + every, 0
+            self._next_full = now + every
+            self._new_interval()
             if any(b.status in _BUSY for b in self.live.values()):
                 self._next_busy = now + every / 2
         elif now >= self._next_full:
-            self._spent = 0
+            self._new_interval()
             self._next_full = now + every
-            await self.sweep(budget(len(self.live)))
+            await self.sweep()
             self._gauges()
-            busy = [b for b in self.live.values() if b.status in _BUSY]
-            left = budget(len(self.live)) - self._spent
-            self._next_busy = now + every / 2 if busy and len(busy) <= left else None
+            left = self._left()
+            busy = self._busy()
+            fits = all(len(b) <= left.get(name, 0) for name, b in busy.items())
+            self._next_busy = now + every / 2 if busy and fits else None
         elif self._next_busy is not None and now >= self._next_busy:
             self._next_busy = None
-            busy = [b for b in self.live.values() if b.status in _BUSY]
-            for lb in busy[: max(0, budget(len(self.live)) - self._spent)]:
-                await self._get(lb)
+            left = self._left()
+            for name, near in self._busy().items():
+                for lb in near[: max(0, left.get(name, 0))]:
+                    await self._get(lb)
             self._gauges()
         due = [self._next_full, self._loaded_at + RELOAD_SECONDS]
         if self._next_busy is not None:
@@ -350,6 +432,7 @@ class Tracker:
 async def run(ctx: Context) -> None:
     """Loop: sweep; sleep until the interval passes, a batch is created, or a webhook
     names a batch."""
+    CALLER.set("tracker")  # this task's status calls say `User-Agent: batchd (tracker)`
     tracker = Tracker(ctx)
     await tracker.reload()
     await loop(ctx, ctx.wake_track, tracker.step)

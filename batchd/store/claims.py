@@ -38,6 +38,7 @@ def _pending(r: object) -> Pending:
         float(cast(float, row[4])),
         int(cast(int, row[5])),
         str(row[6]),
+        None if row[7] is None else str(row[7]),
     )
 
 

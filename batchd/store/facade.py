@@ -56,6 +56,7 @@ _JOB_COLS = frozenset(
         "cancel_requested",
         "allow_duplicate",
         "input_fp",
+        "provider",
         "estimate",
         "cost_nanos",
         "cost_unknown",
@@ -84,6 +85,9 @@ _ATTEMPT_COLS = frozenset(
         "failed",
         "total",
         "batch_created_at",
+        "raw_status",
+        "usage",
+        "refusals",
     }
 )
 _FAR = 1e18  # "no upper bound" for time cursors
@@ -100,6 +104,7 @@ class NewJob:
     source: str
     retry_of: str | None = None
     allow_duplicate: bool = False
+    provider: str | None = None  # the configured provider NAME (None: the default)
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class Pending:
     not_before: float
     requests: int
     job_id: str
+    provider: str | None = None
 
 
 def _update(table: str, values: Mapping[str, Any], key: str = "id") -> str:
@@ -287,6 +293,7 @@ class Store:
                     "input_path": j.input_path,
                     "retry_of": j.retry_of,
                     "allow_duplicate": int(j.allow_duplicate),
+                    "provider": j.provider,
                     "now": now,
                 }
                 for j in new
@@ -298,7 +305,10 @@ class Store:
                     "kind": "claimed",
                     "old_state": None,
                     "new_state": JobState.QUEUED.value,
-                    "detail": dump_detail({"source": j.source, "file": j.stem}),
+                    "detail": dump_detail(
+                        {"source": j.source, "file": j.stem}
+                        | ({"provider": j.provider} if j.provider else {})
+                    ),
                 }
                 for j in new
             ]
@@ -393,6 +403,13 @@ class Store:
         """Jobs not yet ended."""
         counts = await self.count_by_state()
         return sum(counts.get(s.value, 0) for s in LIVE_STATES)
+
+    async def live_providers(self) -> set[str | None]:
+        """The provider NAMEs of jobs not yet ended (None: the default)."""
+        out: set[str | None] = set()
+        for s in LIVE_STATES:
+            out |= {r[0] for r in await self._rows("live_providers", state=s.value)}
+        return out
 
     async def oldest_live_created_at(self) -> float | None:
         """Claim time of the oldest job not yet ended."""
@@ -626,9 +643,11 @@ class Store:
         detail: Mapping[str, Any] | None = None,
         reason: Mapping[str, Any] | None = None,
         remote_files: Sequence[tuple[str, str]] = (),
+        usage: Mapping[str, Any] | None = None,
         charge: Mapping[str, Any] | None = None,
     ) -> None:
-        """Mark an ended attempt collected with its outcome, and in the same transaction
+        """Mark an ended attempt collected with its outcome (and the `usage` its result
+        lines report, where the batch reports none), and in the same transaction
         either queue the next attempt for its piece or mark the piece done (and, with
         `reason`, record that the job fails, so a crash cannot forget it). The
         provider's copies listed in `remote_files` ((file_id, kind)) become due for
@@ -648,6 +667,7 @@ class Store:
                     "id": attempt_id,
                     "outcome": outcome,
                     "batch": encode({"batch": batch})["batch"],
+                    "usage": encode({"usage": usage})["usage"],
                     "now": now,
                 },
             ),
@@ -714,6 +734,7 @@ class Store:
         batch: Mapping[str, Any],
         status: str | None,
         counts: tuple[int, int, int],
+        raw_status: str | None = None,
     ) -> None:
         """A tracked batch changed (status or request_counts): one transaction writes the
         attempt, an event when the status moved, and the job's progress."""
@@ -722,6 +743,7 @@ class Store:
         vals = encode(
             {
                 "status": status,
+                "raw_status": raw_status,
                 "batch": batch,
                 "completed": completed,
                 "failed": failed,
@@ -743,6 +765,11 @@ class Store:
             raise KeyError(attempt_id)
         return decode(Attempt, rows[0])
 
+    async def batch_owned(self, batch_id: str) -> bool:
+        """True when an attempt already has this remote batch (a provider without tags is
+        reconciled by time and size: a batch another attempt owns is not a candidate)."""
+        return bool(await self._rows("batch_owned", batch_id=batch_id))
+
     async def attempts(self, job_id: str) -> list[Attempt]:
         """A job's attempts in creation order."""
         return [decode(Attempt, r) for r in await self._rows("attempts_of", job_id=job_id)]
@@ -752,7 +779,8 @@ class Store:
         `now`, in the order they became due (at most `limit`)."""
         rows = await self._rows("due_pending", now=now, limit=limit)
         return [
-            Pending(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), int(r[5]), r[6]) for r in rows
+            Pending(r[0], r[1], int(r[2]), float(r[3]), float(r[4]), int(r[5]), r[6], r[7])
+            for r in rows
         ]
 
     async def next_pending_at(self, now: float) -> float | None:
@@ -767,7 +795,7 @@ class Store:
     async def live_batches(self) -> list[LiveBatch]:
         """Batches in flight, with what the tracker compares (nothing decoded)."""
         return [
-            LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]))
+            LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]), r[8])
             for r in await self._rows("live_batches")
         ]
 
@@ -775,7 +803,7 @@ class Store:
         """Batches in flight whose record changed at or after `since` (the tracker learns
         of batches another replica created)."""
         return [
-            LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]))
+            LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]), r[8])
             for r in await self._rows("live_batches_changed", since=since)
         ]
 
@@ -898,6 +926,16 @@ class Store:
         data = orjson.loads(row[0])
         return data if isinstance(data, dict) else None
 
+    async def holds(self) -> dict[str, dict[str, Any]]:
+        """Every provider's recorded hold by provider NAME (the default's as "openai")."""
+        out: dict[str, dict[str, Any]] = {}
+        for row in await self._rows("hold_settings"):
+            key, data = str(row[0]), orjson.loads(row[1])
+            if isinstance(data, dict):
+                name = key.partition(":")[2] or str(data.get("provider") or "openai")
+                out[name] = data
+        return out
+
     async def setting(self, key: str) -> tuple[str, float] | None:
         """A daemon-wide fact (value, since) other processes can read."""
         rows = await self._rows("get_setting", key=key)
@@ -914,10 +952,13 @@ class Store:
 
     # --- retention --------------------------------------------------------------------
 
-    async def due_remote_files(self, now: float, limit: int) -> list[tuple[str, str, str, int]]:
-        """(file_id, job_id, kind, tries) of the provider's copies due for deletion."""
+    async def due_remote_files(
+        self, now: float, limit: int
+    ) -> list[tuple[str, str, str, int, str | None]]:
+        """(file_id, job_id, kind, tries, provider) of the provider's copies due for
+        deletion (`file_id` is a batch id for kind "batch")."""
         rows = await self._rows("due_remote_files", now=now, limit=limit)
-        return [(r[0], r[1], r[2], int(r[3])) for r in rows]
+        return [(r[0], r[1], r[2], int(r[3]), r[4]) for r in rows]
 
     async def next_remote_file_at(self) -> float | None:
         """When the next deletion of a provider's copy is due."""

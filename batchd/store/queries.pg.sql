@@ -16,7 +16,7 @@ SELECT name FROM jobs WHERE name IN (SELECT jsonb_array_elements_text(:names::js
 
 -- name: due_pending
 SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_before,
-       COALESCE(a.requests, 0) AS requests, a.job_id
+       COALESCE(a.requests, 0) AS requests, a.job_id, a.provider
 FROM attempts a JOIN jobs j ON j.id = a.job_id
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
@@ -144,7 +144,7 @@ GROUP BY 1;
 
 -- name: due_pending_unclaimed
 SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_before,
-       COALESCE(a.requests, 0) AS requests, a.job_id
+       COALESCE(a.requests, 0) AS requests, a.job_id, a.provider
 FROM attempts a JOIN jobs j ON j.id = a.job_id
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0

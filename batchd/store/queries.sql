@@ -6,9 +6,9 @@
 
 -- name: insert_job
 INSERT INTO jobs (id, name, stem, state, source, input_path, retry_of, allow_duplicate,
-                  created_at, updated_at)
+                  provider, created_at, updated_at)
 VALUES (:id, :name, :stem, 'queued', :source, :input_path, :retry_of, :allow_duplicate,
-        :now, :now);
+        :provider, :now, :now);
 
 -- name: insert_event
 INSERT INTO events (job_id, at, kind, old_state, new_state, detail)
@@ -53,6 +53,9 @@ SELECT state, n FROM job_counts;
 
 -- name: oldest_live_created_at  (hot: gauges)
 SELECT MIN(created_at) FROM jobs WHERE state = :state;
+
+-- name: live_providers
+SELECT DISTINCT provider FROM jobs WHERE state = :state;
 
 -- name: due_new_jobs  (hot: submit)
 SELECT id FROM jobs WHERE state = :state ORDER BY created_at, id LIMIT :limit;
@@ -121,9 +124,9 @@ UPDATE pieces SET done = 1 WHERE job_id = :job_id AND idx = :idx;
 
 -- name: insert_attempt
 INSERT INTO attempts (id, job_id, piece, input_path, model, requests, est_tokens, not_before,
-                      upload_started_at, created_at, updated_at)
+                      upload_started_at, provider, created_at, updated_at)
 VALUES (:id, :job_id, :piece, :input_path, :model, :requests, :est_tokens, :not_before,
-        :upload_started_at, :now, :now);
+        :upload_started_at, (SELECT provider FROM jobs WHERE id = :job_id), :now, :now);
 
 -- name: abandon_open_attempts
 UPDATE attempts SET abandoned = 1, updated_at = :now
@@ -132,17 +135,20 @@ WHERE job_id = :job_id AND collected = 0 AND abandoned = 0;
 -- name: attempt_by_id
 SELECT * FROM attempts WHERE id = :id;
 
+-- name: batch_owned
+SELECT 1 FROM attempts WHERE batch_id = :batch_id;
+
 -- name: attempts_of
 SELECT * FROM attempts WHERE job_id = :job_id ORDER BY created_at, id;
 
 -- name: settle_attempt
 UPDATE attempts SET collected = 1, outcome = :outcome, batch = COALESCE(:batch, batch),
-    updated_at = :now
+    usage = COALESCE(:usage, usage), updated_at = :now
 WHERE id = :id;
 
 -- name: due_pending  (hot: submit)
 SELECT a.id, COALESCE(a.model, '') AS model, a.est_tokens, a.created_at, a.not_before,
-       COALESCE(a.requests, 0) AS requests, a.job_id
+       COALESCE(a.requests, 0) AS requests, a.job_id, a.provider
 FROM attempts a CROSS JOIN jobs j ON j.id = a.job_id  -- CROSS: the pending attempts drive
 WHERE a.phase = 'pending' AND a.not_before <= :now
 AND j.state IN ('submitting', 'tracking') AND j.cancel_requested = 0
@@ -159,12 +165,12 @@ FROM attempts WHERE phase = 'live' GROUP BY model;
 
 -- name: live_batches  (hot: track)
 SELECT id, job_id, batch_id, status, completed, failed, total,
-       COALESCE(batch_created_at, created_at) AS created
+       COALESCE(batch_created_at, created_at) AS created, provider
 FROM attempts WHERE phase = 'live';
 
 -- name: live_batches_changed  (hot: track)
 SELECT id, job_id, batch_id, status, completed, failed, total,
-       COALESCE(batch_created_at, created_at) AS created
+       COALESCE(batch_created_at, created_at) AS created, provider
 FROM attempts WHERE phase = 'live' AND updated_at >= :since;
 
 -- name: ended_attempts  (hot: collect)
@@ -190,6 +196,9 @@ SELECT model, token_limit FROM model_limits WHERE token_limit IS NOT NULL;
 -- name: get_setting
 SELECT value, updated_at FROM settings WHERE key = :key;
 
+-- name: hold_settings
+SELECT key, value FROM settings WHERE key = 'api_hold' OR key LIKE 'api_hold:%';
+
 -- name: set_setting
 INSERT INTO settings (key, value, updated_at) VALUES (:key, :value, :now)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at;
@@ -198,11 +207,12 @@ ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.up
 DELETE FROM settings WHERE key = :key;
 
 -- name: add_remote_file
-INSERT INTO remote_files (file_id, job_id, kind, due_at) VALUES (:file_id, :job_id, :kind, :due_at)
+INSERT INTO remote_files (file_id, job_id, kind, due_at, provider)
+VALUES (:file_id, :job_id, :kind, :due_at, (SELECT provider FROM jobs WHERE id = :job_id))
 ON CONFLICT (file_id) DO NOTHING;
 
 -- name: due_remote_files  (hot: retention)
-SELECT file_id, job_id, kind, tries FROM remote_files WHERE due_at <= :now
+SELECT file_id, job_id, kind, tries, provider FROM remote_files WHERE due_at <= :now
 ORDER BY due_at LIMIT :limit;
 
 -- name: next_remote_file_at  (hot: retention)

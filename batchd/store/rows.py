@@ -43,6 +43,7 @@ class Job:
     allow_duplicate: bool = False
     results_deleted_at: float | None = None
     input_fp: str | None = None  # the input's fingerprint when it was validated
+    provider: str | None = None  # the configured provider NAME (None: the default)
     estimate: dict[str, Any] | None = None  # estimate.Estimate.as_dict() made at intake
     cost_nanos: int | None = None  # actual cost once ended (sum of its charges)
     cost_unknown: str | None = None  # why part of the cost could not be priced
@@ -88,6 +89,10 @@ class Attempt:
     total: int = 0
     batch_created_at: float | None = None
     phase: str = "pending"  # pending | live | ended | settled (derived by the database)
+    provider: str | None = None  # the job's provider NAME (None: the default)
+    raw_status: str | None = None  # the status as the provider wrote it
+    usage: dict[str, Any] | None = None  # tallied from result lines (no batch usage)
+    refusals: int = 0  # creates refused for a quota (requeued by admission)
 
     @property
     def open(self) -> bool:
@@ -141,6 +146,7 @@ class LiveBatch:
     failed: int
     total: int
     created: float
+    provider: str | None = None
 
 
 class RowLike(Protocol):

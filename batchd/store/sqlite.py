@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,19 +47,7 @@ class SqliteBackend:
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            await db.execute("PRAGMA busy_timeout = 10000")
-            # Only takes effect on a new, empty database: retention then hands freed
-            # pages back with PRAGMA incremental_vacuum (older files reuse them).
-            await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            await db.execute("PRAGMA journal_mode = WAL")
-            # WAL with synchronous=NORMAL: a commit is safe from a crash of the process
-            # (it is in the OS), not from a power cut until the next fsync. A commit that
-            # must outlive a power cut before batchd acts on the world (the record that a
-            # create is being sent) asks for `durable`: an fsync of the WAL (shared by
-            # whoever waits for one), which makes every earlier commit durable too.
-            await db.execute("PRAGMA synchronous = NORMAL")
-            await db.execute("PRAGMA foreign_keys = ON")
-            await db._execute(_migrate, db._conn)  # type: ignore[no-untyped-call]
+            await db._execute(_prepare, db._conn)  # type: ignore[no-untyped-call]
         except BaseException:
             await db.close()
             raise
@@ -157,6 +146,38 @@ def _tx_in_thread(conn: sqlite3.Connection, statements: list[Stmt]) -> None:
         if isinstance(e, sqlite3.IntegrityError) and str(e).startswith("UNIQUE"):
             raise Duplicate(str(e)) from None
         raise
+
+
+def _prepare(conn: sqlite3.Connection) -> None:
+    """Set the connection up (WAL, synchronous=NORMAL, foreign keys) and migrate."""
+    conn.execute("PRAGMA busy_timeout = 10000")
+    # Only takes effect on a new, empty database: retention then hands freed pages back
+    # with PRAGMA incremental_vacuum (older files reuse them).
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    # Switching a database to WAL takes an exclusive lock without waiting on the busy
+    # handler: a daemon and a CLI opening a new file at once saw "database is locked"
+    # (about 1 in 300 races). It is retried, like the busy handler would, for 10 s.
+    deadline = time.monotonic() + 10
+    delay = 0.005
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+        else:
+            if mode == "wal":
+                break
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    # WAL with synchronous=NORMAL: a commit is safe from a crash of the process (it is
+    # in the OS), not from a power cut until the next fsync. A commit that must outlive
+    # a power cut before batchd acts on the world (the record that a create is being
+    # sent) asks for `durable`: an fsync of the WAL (shared by whoever waits for one),
+    # which makes every earlier commit durable too.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    _migrate(conn)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

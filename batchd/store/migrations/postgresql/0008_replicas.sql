@@ -1,4 +1,4 @@
--- Several replicas on one database (see 0007 of SQLite): leases on items and roles,
+-- Several replicas on one database (see 0008 of SQLite): leases on items and roles,
 -- webhooks handed to whichever replica tracks, live attempts by their last change.
 CREATE TABLE leases (
     key TEXT COLLATE "C" PRIMARY KEY,

@@ -20,6 +20,7 @@ from batchd.store.queries import Stmt, pg_queries, q
 if TYPE_CHECKING:
     from batchd.store.postgres import PgBackend, Session
 
+_CLAIM_ROUNDS = 3  # claims of one state while jobs are lost to other replicas' leases
 InFlight = dict[str, tuple[int, int]]  # model -> (estimated tokens, requests)
 Decide = Callable[[list[Pending], InFlight], list[Pending]]
 
@@ -93,14 +94,24 @@ class Claims:
         """Queued, then validating jobs nobody else works on (oldest first), now ours."""
         out: list[str] = []
         for state in (JobState.QUEUED, JobState.VALIDATING):
-            if len(out) >= limit:
-                break
-            params = {"state": state.value, "owner": owner, "ttl": ttl, "limit": limit - len(out)}
+            for _ in range(_CLAIM_ROUNDS):
+                if len(out) >= limit:
+                    return out
+                params = {
+                    "state": state.value,
+                    "owner": owner,
+                    "ttl": ttl,
+                    "limit": limit - len(out),
+                }
 
-            async def run(s: Session, params: dict[str, object] = params) -> list[str]:
-                return [r[0] for r in await s.fetch(_pg("claim_new_jobs"), params)]
+                async def run(s: Session, p: dict[str, object] = params) -> tuple[int, list[str]]:
+                    [row] = await s.fetch(_pg("claim_new_jobs"), p)
+                    return int(row[0]), list(row[1])
 
-            out += await self._b.atomic(run)
+                found, ids = await self._b.atomic(run)
+                out += ids
+                if len(ids) == found:
+                    break  # none lost to a replica that leased them after our snapshot
         return out
 
     async def pending(

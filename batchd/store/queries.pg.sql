@@ -116,6 +116,8 @@ DELETE FROM leases WHERE expires_at < batchd_now() - 3600;
 -- name: claim_new_jobs
 -- Queued or validating jobs (one state) that no replica works on, oldest first, leased
 -- to :owner. SKIP LOCKED: replicas claiming at the same instant take different jobs.
+-- A job another replica leased after this statement's snapshot is lost to the lease's
+-- ON CONFLICT: `found` - the ids taken says how many, and the caller claims again.
 WITH due AS (
     SELECT j.id FROM jobs j
     WHERE j.state = :state
@@ -123,12 +125,15 @@ WITH due AS (
                     AND l.expires_at >= batchd_now())
     ORDER BY j.created_at, j.id LIMIT :limit
     FOR UPDATE OF j SKIP LOCKED
+), taken AS (
+    INSERT INTO leases (key, owner, expires_at)
+    SELECT 'job:' || id, :owner, batchd_now() + :ttl FROM due
+    ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+    WHERE leases.owner = excluded.owner OR leases.expires_at < batchd_now()
+    RETURNING substr(key, 5) AS id
 )
-INSERT INTO leases (key, owner, expires_at)
-SELECT 'job:' || id, :owner, batchd_now() + :ttl FROM due
-ON CONFLICT (key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
-WHERE leases.owner = excluded.owner OR leases.expires_at < batchd_now()
-RETURNING substr(key, 5) AS id;
+SELECT (SELECT COUNT(*) FROM due) AS found,
+       COALESCE((SELECT array_agg(id ORDER BY id) FROM taken), '{}') AS ids;
 
 -- name: admission_lock
 -- Admission is decided by one replica at a time, in the transaction of its claim.

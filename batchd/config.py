@@ -65,6 +65,25 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class StateConfig:
     database: Path = Path("batchd.db")
+    # `[state] database = "postgresql://..."`: the PostgreSQL store several replicas
+    # share (the password from $PGPASSWORD or ~/.pgpass, never from this file's text).
+    url: str | None = None
+
+    @property
+    def target(self) -> Path | str:
+        """What Store.open() takes: the PostgreSQL URL, else the SQLite file."""
+        return self.url if self.url is not None else self.database
+
+
+@dataclass(frozen=True)
+class ReplicasConfig:
+    """[replicas]: several daemons on one PostgreSQL store and one shared spool."""
+
+    lease_seconds: float = 30.0  # a claim on an item runs out this long after its last renewal
+    role_lease_seconds: float = (
+        5.0  # the tracker's role: taken over this soon after its holder dies
+    )
+    adopt_after_seconds: float = 60.0  # a claimed file still without a job is adopted after this
 
 
 @dataclass(frozen=True)
@@ -398,6 +417,7 @@ class Config:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
     prices: Mapping[str, PriceOverride] = field(default_factory=dict)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -461,6 +481,7 @@ _SECTIONS = {
     "intake": {"settle_seconds", "duplicate_window"},
     "retention": {"delete_remote_files", "jobs_days", "results_days"},
     "daemon": {"shutdown_grace_seconds"},
+    "replicas": {"lease_seconds", "role_lease_seconds", "adopt_after_seconds"},
     "prices": set(),  # keys are model names (see _FREE_KEYS)
     "estimate": {"output_ratio", "default_max_output_tokens", "tokenizer"},
     "budget": {"timezone", "unknown_price", "daily_usd", "monthly_usd", "models", "sources"},
@@ -796,7 +817,18 @@ def _sections(data: Mapping[str, Any]) -> dict[str, Any]:
         "daemon": DaemonConfig(
             shutdown_grace_seconds=_duration(dm, "daemon", "shutdown_grace_seconds", 10.0)
         ),
+        "replicas": _replicas(data.get("replicas", {})),
     }
+
+
+def _replicas(t: Mapping[str, Any]) -> ReplicasConfig:
+    lease = _duration(t, "replicas", "lease_seconds", ReplicasConfig.lease_seconds)
+    role = _duration(t, "replicas", "role_lease_seconds", ReplicasConfig.role_lease_seconds)
+    adopt = _duration(t, "replicas", "adopt_after_seconds", ReplicasConfig.adopt_after_seconds)
+    for key, v, low in (("lease_seconds", lease, 3.0), ("role_lease_seconds", role, 1.0)):
+        if v < low:
+            raise ConfigError(f"[replicas] {key}: at least {low:g} seconds, got {v:g}")
+    return ReplicasConfig(lease_seconds=lease, role_lease_seconds=role, adopt_after_seconds=adopt)
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
@@ -1019,12 +1051,12 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
     env = os.environ if env is None else env
     _check_keys(data)
     spool = _path(base, _get(data.get("spool", {}), "spool", "dir", str, "spool"))
-    db = _path(base, _get(data.get("state", {}), "state", "database", str, "batchd.db"))
-    assert spool is not None and db is not None
+    state = _state(data.get("state", {}), base)
+    assert spool is not None
     cfg = Config(
         api=_api(data.get("api", {}), base, env),
         spool=SpoolConfig(dir=spool),
-        state=StateConfig(database=db),
+        state=state,
         batch=_batch(data.get("batch", {})),
         http=_http(data.get("http", {}), base),
         webhooks=_webhooks(data.get("webhooks", {}), base),
@@ -1046,6 +1078,25 @@ def parse(data: Mapping[str, Any], base: Path, env: Mapping[str, str] | None = N
                 f"got {src.provider!r}"
             )
     return cfg
+
+
+def _state(t: Mapping[str, Any], base: Path) -> StateConfig:
+    value = _get(t, "state", "database", str, "batchd.db")
+    if value.startswith(("postgresql://", "postgres://")):
+        rest = value.partition("://")[2]
+        if "@" in rest and ":" in rest.rpartition("@")[0]:
+            raise ConfigError(
+                "[state] database: no password in the URL (it would be written in a file "
+                "and shown by tools); use $PGPASSWORD or a ~/.pgpass / $PGPASSFILE file"
+            )
+        return StateConfig(url=value)
+    if "://" in value:
+        raise ConfigError(
+            f"[state] database: a SQLite file path or a postgresql:// URL, got {value!r}"
+        )
+    db = _path(base, value)
+    assert db is not None
+    return StateConfig(database=db)
 
 
 _SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -21,6 +21,7 @@ from aiohttp import web
 from batchd import facade, logs, sdnotify, sources
 from batchd.config import RELOADABLE, Config, ConfigError, changed_keys, load
 from batchd.errors import StartupError
+from batchd.leases import Leases
 from batchd.metrics import Metrics
 from batchd.providers import Providers
 from batchd.spool import Spool
@@ -258,7 +259,8 @@ class Daemon:
             spool.ensure()
         except OSError as e:
             raise StartupError(f"[spool] dir: {spool.root}: {_why(e)}") from None
-        spool.lock()
+        if self.cfg.state.url is None:  # replicas on PostgreSQL share the spool (leases)
+            spool.lock()
         return spool
 
     async def _serve(self, ctx: Context, token: str | None, secret: bytes | None) -> web.AppRunner:
@@ -313,7 +315,7 @@ class Daemon:
         runner: web.AppRunner | None = None
         try:
             async with (
-                Store.connect(cfg.state.database, self.clock) as store,
+                Store.connect(cfg.state.target, self.clock) as store,
                 Providers.build(cfg, self.metrics, keys) as providers,
             ):
                 ctx = self.ctx = Context(
@@ -322,6 +324,7 @@ class Daemon:
                 ctx.outcomes = self.outcomes
                 if self.once:  # before any stage runs: the idle check waits for them
                     ctx.sources_draining.update(cfg.sources)
+                ctx.leases = Leases.for_store(store, cfg.replicas, self.log, self.metrics)
                 for name in providers:
                     hold = ctx.hold_of(name)
                     if keys[name] is None:
@@ -338,8 +341,17 @@ class Daemon:
                 if self.serve_http:
                     runner = await self._serve(ctx, token, webhook_secret)
                 sdnotify.ready()
-                self.log.info("started", spool=str(spool.root), once=self.once, listen=self.listen)
-                await self._run_stages(ctx)
+                self.log.info(
+                    "started",
+                    spool=str(spool.root),
+                    once=self.once,
+                    listen=self.listen,
+                    replica=ctx.leases.owner if ctx.leases.shared else None,
+                )
+                try:
+                    await self._run_stages(ctx)
+                finally:
+                    await ctx.leases.close()  # the others take over at once
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -376,6 +388,7 @@ class Daemon:
                 tg.create_task(self._watchdog(), name="watchdog"),
                 tg.create_task(self._status(ctx), name="status"),
                 tg.create_task(self._watch_store(ctx), name="store-watch"),
+                tg.create_task(ctx.leases.run(), name="leases"),
                 tg.create_task(self._warm_prices(ctx), name="prices"),
             ]
             if self.once:

@@ -297,6 +297,32 @@ class Metrics:
         )
         for p in providers:
             self.add_provider(p)
+        self._replicas(r)
+
+    def _replicas(self, r: CollectorRegistry) -> None:
+        """Replicas sharing a PostgreSQL store (batchd/leases.py); Prometheus's `instance`
+        label tells the replicas apart."""
+        self.replica_leases = Gauge(
+            "batchd_replica_leases",
+            "Leases this replica holds, by kind (job, attempt: work under way; role)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("job", "attempt", "role"):
+            self.replica_leases.labels(kind)
+        self.replica_role = Gauge(
+            "batchd_replica_role",
+            "1 while this replica holds the role (tracker, retention, facade, budget)",
+            ["role"],
+            registry=r,
+        )
+        for role in ("tracker", "retention", "facade", "budget"):
+            self.replica_role.labels(role)
+        self.replica_lease_lost = Counter(
+            "batchd_replica_leases_lost",
+            "Leases this replica found taken over when renewing (it was too slow)",
+            registry=r,
+        )
 
     def add_provider(self, name: str) -> None:
         """Create the `provider` label values of one provider (its series start at 0)."""

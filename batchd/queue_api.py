@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from batchd import jobmeta
 from batchd.config import parse_since
 from batchd.provider_config import DEFAULT_PROVIDER
-from batchd.spool import Spool, enter_inbox
+from batchd.spool import Claimed, Spool, enter_inbox
 from batchd.spool import check_name as spool_check_name
 from batchd.stages import Context
 from batchd.states import TERMINAL_JOB_STATES, JobState
@@ -354,11 +355,14 @@ class QueueApi:
         ctx = self.ctx
         # No await between placing and claiming: intake cannot take the file first,
         # so the job id is ours to answer with.
-        inbox = ctx.spool.inbox / provider if provider else ctx.spool.inbox
-        fname = enter_inbox(inbox, part, name)
-        claimed = ctx.spool.claim(f"{provider}/{fname}" if provider else fname)
+        if ctx.leases.shared:  # replicas: inbox/ is every replica's (see Spool.claim_as)
+            claimed: Claimed | None = ctx.spool.claim_as(part, name, provider)
+        else:
+            inbox = ctx.spool.inbox / provider if provider else ctx.spool.inbox
+            fname = enter_inbox(inbox, part, name)
+            claimed = ctx.spool.claim(f"{provider}/{fname}" if provider else fname)
         if claimed is None:
-            raise Problem(500, "internal", f"inbox/{fname} vanished before it was claimed")
+            raise Problem(500, "internal", f"the upload of {name} vanished before it was claimed")
         if meta:
             jobmeta.write(ctx.spool, claimed.job_id, meta)
         job = await ctx.store.create_job(
@@ -469,10 +473,18 @@ def _parse_since(text: str) -> float:
 
 
 def sweep_partials(ctx: Context) -> int:
-    """Remove uploads cut off by a crash (the daemon holds the spool lock); returns how many."""
+    """Remove uploads cut off by a crash (the daemon holds the spool lock; replicas share
+    it and leave alone what changed within [replicas] adopt_after_seconds: another
+    replica may be receiving it); returns how many."""
     n = 0
+    grace = ctx.cfg.replicas.adopt_after_seconds if ctx.leases.shared else -1.0
     for e in os.scandir(ctx.spool.inbox):
         if e.name.startswith(_PART_PREFIX) and e.name.endswith(_PART_SUFFIX):
+            try:
+                if time.time() - e.stat(follow_symlinks=False).st_mtime < grace:
+                    continue
+            except FileNotFoundError:
+                continue
             _unlink_quiet(Path(e.path))
             n += 1
     return n

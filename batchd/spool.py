@@ -261,6 +261,20 @@ class Spool:
             self.sync_claims()
         return Claimed(job_id, name, rel, provider or None)
 
+    def claim_as(self, src: Path, name: str, provider: str | None = None) -> Claimed:
+        """Move a finished file of the spool (an HTTP upload) straight into processing/ as
+        a new job's input (`provider`'s, as from inbox/PROVIDER/). Replicas share inbox/:
+        a file placed there could be claimed by another replica's intake before this one
+        answers with its job id."""
+        if provider and provider not in self.providers:
+            raise ValueError(f"{provider!r} is not a configured provider")
+        job_id = str(ULID())
+        tag = f"{_PROVIDER}{provider}" if provider else ""
+        rel = f"processing/{job_id}{tag}{_SEP}{name}{SUFFIX}"
+        os.rename(src, self.root / rel)
+        self.sync_claims()
+        return Claimed(job_id, name, rel, provider or None)
+
     def sync_claims(self) -> None:
         """fsync processing/ and inbox/ (and inbox/PROVIDER/): every claim rename so far is
         durable."""

@@ -119,8 +119,13 @@ def mount(app: web.Application, ctx: Context, key: bytes) -> None:
         if batch_id is None:
             ctx.log.info("webhook_ignored", webhook_id=msg_id, event_type=kind)
             return json_response({"status": "ignored"})
-        ctx.webhook_batches.add(batch_id)
-        ctx.wake_track.set()
+        if ctx.leases.claims is not None and not ctx.leases.has_role("tracker"):
+            # Webhooks arrive at any replica: this one does not track, the one that does
+            # finds the batch id in the store within a second.
+            await ctx.leases.claims.push_batch(batch_id, ctx.clock())
+        else:
+            ctx.webhook_batches.add(batch_id)
+            ctx.wake_track.set()
         ctx.log.info("webhook_received", webhook_id=msg_id, event_type=kind, batch_id=batch_id)
         return json_response({"status": "accepted"})
 

@@ -7,7 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from batchd import config, logs
 from batchd.config import Config
 from batchd.daemon import Daemon
 from batchd.emulator import EmulatorConfig, EmulatorState, create_app
+from tests import pgserver
 
 # Session-scoped real brokers (redis-server, rabbitmq-server) for the queue-source tests.
 pytest_plugins = ["tests.brokers"]
@@ -202,3 +204,51 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Comp
         cwd=Path(__file__).resolve().parent.parent,
         env=None if env is None else dict(env),
     )
+
+
+# --- PostgreSQL (one server per session, one database per test) ---------------------------
+
+
+async def _pg_template(server: pgserver.PgServer) -> None:
+    """The database every test's is cloned from, migrated once."""
+    import asyncpg
+
+    from batchd.store import Store
+
+    conn = await asyncpg.connect(server.url())
+    try:
+        await conn.execute("CREATE DATABASE batchd_template")
+    finally:
+        await conn.close()
+    await (await Store.open(server.url("batchd_template"))).close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pgserver.PgServer]:
+    """A PostgreSQL server for the session (skipped locally when none is installed)."""
+    initdb, pg_ctl = pgserver.pg_bin("initdb"), pgserver.pg_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        pytest.skip(f"{TOOL_MISSING} initdb (Debian's postgresql) is not installed")
+    server = pgserver.start(initdb, pg_ctl)
+    try:
+        # In a thread: the first test to ask may be inside a running event loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _pg_template(server)).result()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def pg_url(pg_server: pgserver.PgServer) -> str:
+    """The URL of a fresh, migrated PostgreSQL database."""
+    return await pg_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """A fresh store's target on each backend: a SQLite file, then a PostgreSQL URL."""
+    if request.param == "sqlite":
+        return tmp_path / "s.db"
+    server: pgserver.PgServer = request.getfixturevalue("pg_server")
+    return await server.new_database()

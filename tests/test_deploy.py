@@ -442,3 +442,11 @@ def test_in_ci_a_test_skipped_for_a_missing_tool_fails(tmp_path: Path) -> None:
     )
     assert ci.returncode == 1 and "1 failed" in ci.stdout, ci.stdout
     assert ".ci/run must install it" in ci.stdout
+
+
+def test_dashboard_shows_replicas(dashboard: dict[str, Any]) -> None:
+    """Replicas sharing a PostgreSQL store: leases and roles per replica (instance)."""
+    exprs = [expr for _where, expr in _dashboard_exprs(dashboard)]
+    for metric in ("batchd_replica_leases", "batchd_replica_role"):
+        shown = [e for e in exprs if metric in metric_names(e)]
+        assert shown and all("instance" in e for e in shown), metric

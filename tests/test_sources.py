@@ -5,7 +5,6 @@ test_sources_amqp.py.)"""
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from batchd.sources.base import Invalid, Message, Take, parse
 from batchd.sources.outcome import build, error_summary, recorded_cost, usd
 from batchd.spool import Spool
 from batchd.states import JobState
-from batchd.store import NewJob, Store
+from batchd.store import Duplicate, NewJob, Store
 
 
 def msg(**fields: str | bytes) -> Message:
@@ -195,7 +194,7 @@ async def test_a_message_id_makes_one_job_per_source(tmp_path: Path) -> None:
         await store.create_jobs(
             [NewJob("J1", "n", "processing/J1--n.jsonl.part", "a", source_msg="m1")]
         )
-        with pytest.raises(sqlite3.IntegrityError, match="source_msg"):
+        with pytest.raises(Duplicate, match="source_msg"):
             await store.create_jobs(
                 [NewJob("J2", "n", "processing/J2--n.jsonl.part", "a", source_msg="m1")]
             )

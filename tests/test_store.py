@@ -30,8 +30,10 @@ async def test_migrations_versioned_and_reopen(tmp_path: Path) -> None:
         await Store.open(db)
 
 
-async def test_transition_writes_event_in_same_tx_and_checks_table(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path / "s.db")
+async def test_transition_writes_event_in_same_tx_and_checks_table(
+    db_target: Path | str,
+) -> None:
+    store = await Store.open(db_target)
     try:
         await store.create_job("j1", "n", "processing/j1--n.jsonl", "inbox")
         await store.transition("j1", JobState.VALIDATING)
@@ -47,10 +49,10 @@ async def test_transition_writes_event_in_same_tx_and_checks_table(tmp_path: Pat
         await store.close()
 
 
-async def test_cancelled_callers_never_leave_a_transaction_open(tmp_path: Path) -> None:
+async def test_cancelled_callers_never_leave_a_transaction_open(db_target: Path | str) -> None:
     # Before the fix, cancelling a caller mid-transaction left BEGIN open or made the
     # ROLLBACK of a committed transaction raise "no transaction is active".
-    store = await Store.open(tmp_path / "s.db")
+    store = await Store.open(db_target)
     try:
         await store.create_job("j1", "n", "processing/j1--n.jsonl", "inbox")
         for i in range(60):
@@ -61,9 +63,13 @@ async def test_cancelled_callers_never_leave_a_transaction_open(tmp_path: Path) 
             await asyncio.gather(task, return_exceptions=True)
         await store.update_job("j1", "final", None, completed=999)  # still usable
         assert (await store.job("j1")).completed == 999
+        ticks = [e for e in await store.events("j1") if e.kind == "tick"]
+        assert len({e.detail["i"] for e in ticks if e.detail}) == len(ticks)  # none twice
     finally:
         await store.close()
-    con = sqlite3.connect(tmp_path / "s.db")
+    if not isinstance(db_target, Path):
+        return
+    con = sqlite3.connect(db_target)
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     con.close()
 

@@ -369,6 +369,8 @@ async def cancel(args: argparse.Namespace) -> int:
         print(f"cancelling {job.id} ({job.name})")
         spool = Spool(cfg.spool.dir, cfg.providers)
         try:
+            if cfg.state.url is not None:  # replicas take no spool lock: one of them acts
+                raise SpoolLocked("replicas share this store")
             spool.lock()
         except SpoolLocked:
             daemon = True
@@ -450,6 +452,30 @@ def _check_spool(cfg: Config) -> Result:
     if parent is None or not os.access(parent, os.W_OK | os.X_OK):
         return False, "spool", f"{root}: does not exist and {parent} is not writable"
     return True, "spool", f"{root} does not exist yet (created at the first run)"
+
+
+async def _check_postgres(url: str) -> Result:
+    """Reachable, and how far migrated (read only: a check never migrates anything)."""
+    import asyncpg
+
+    from batchd.store.backend import redact
+
+    where = redact(url)
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+        return False, "database", f"{where}: {e}"
+    try:
+        version = await conn.fetchval("SELECT MAX(version) FROM batchd_schema")
+    except asyncpg.UndefinedTableError:
+        version = None
+    try:
+        if version is None:
+            return True, "database", f"{where} reachable (schema created at the first run)"
+        n = await conn.fetchval("SELECT COALESCE(SUM(n), 0) FROM job_counts")
+    finally:
+        await conn.close()
+    return True, "database", f"{where} ({n} jobs, schema {version})"
 
 
 def _check_database(cfg: Config) -> Result:
@@ -548,7 +574,8 @@ async def check(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     results: list[Result] = [(True, "config", str(cfg.source or ""))]
     results.append(_check_spool(cfg))
-    results.append(_check_database(cfg))
+    url = cfg.state.url
+    results.append(await _check_postgres(url) if url else _check_database(cfg))
     results += await _check_api(cfg)
     results += await _check_sources(cfg)
     for ok, what, detail in results:

@@ -40,14 +40,20 @@ def since(text: str) -> float:
 @asynccontextmanager
 async def store(cfg: Config) -> AsyncIterator[Store]:
     """The database, opened (never created: NoDatabase when batchd never ran)."""
-    if not cfg.state.database.exists():
+    if cfg.state.url is None and not cfg.state.database.exists():
         raise NoDatabase(
             f"no jobs yet: batchd has not run with this config (no database at "
             f"{cfg.state.database})",
             EXIT_OK,
         )
-    async with Store.connect(cfg.state.database) as s:
+    try:
+        s = await Store.open(cfg.state.target)
+    except ConnectionError as e:  # PostgreSQL unreachable (the message hides any password)
+        raise Fail(f"[state] database: {e}") from None
+    try:
         yield s
+    finally:
+        await s.close()
 
 
 async def one_job(s: Store, ref: str) -> Job:

@@ -48,7 +48,17 @@ def create_app(state: EmulatorState) -> web.Application:
         try:
             api.auth(request)
             request[TARGET_KEY] = api
-            return await handler(request)
+            resp = await handler(request)
+            if (
+                request.method == "GET"
+                and resource is not None
+                and resource.canonical.startswith("/v1/batches")
+                and resp.status == 200
+            ):
+                # Status calls answered, timed, with who made them (`batchd (tracker)`):
+                # how many replicas make per interval is checked against one daemon's.
+                state.polls.append((state.now(), request.headers.get("User-Agent", "")))
+            return resp
         except ApiError as exc:
             return api.error(exc)
         except web.HTTPException as exc:
@@ -61,6 +71,11 @@ def create_app(state: EmulatorState) -> web.Application:
     async def stats(_request: web.Request) -> web.StreamResponse:
         return json_response(state.stats())
 
+    async def polls(_request: web.Request) -> web.StreamResponse:
+        """Every status call so far: [seconds since the first, User-Agent]."""
+        t0 = state.polls[0][0] if state.polls else 0.0
+        return json_response({"polls": [[round(t - t0, 4), ua] for t, ua in state.polls]})
+
     middlewares: list[Middleware] = [api_middleware]  # outermost: faults only after auth
     if state.config.faults.enabled():
         middlewares.append(fault_middleware(state.config.faults, state))
@@ -72,6 +87,7 @@ def create_app(state: EmulatorState) -> web.Application:
         for method, path, handler in api.routes() + api.open_routes():
             app.router.add_route(method, path, handler)
     app.router.add_get("/_emulator/stats", stats)
+    app.router.add_get("/_emulator/polls", polls)
     return app
 
 

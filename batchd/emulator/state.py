@@ -284,6 +284,7 @@ class EmulatorState:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self.calls: Counter[str] = Counter()
+        self.polls: list[tuple[float, str]] = []  # (monotonic time, User-Agent) of GET batches
         self.fault_counts: Counter[str] = Counter()  # injected faults by knob name
         self.webhook_counts: Counter[str] = Counter()  # attempts / delivered / failed
         self.finished: list[Batch] = []  # newly terminal batches awaiting a webhook

@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,10 +76,14 @@ class Facade:
         removed = 0
         for e in list(os.scandir(self.files_dir)):
             file_id = e.name.removesuffix(".jsonl")
+            if self._maybe_in_use(e.path):
+                continue
             if e.name.startswith(".") or await self.objects.file(file_id) is None:
                 os.unlink(e.path)
                 removed += 1
         for e in list(os.scandir(self.uploads_dir)):
+            if self._maybe_in_use(e.path):
+                continue
             u = await self.objects.upload(e.name)
             if u is None or u.status != "pending":
                 await asyncio.to_thread(shutil.rmtree, e.path, True)
@@ -92,6 +97,17 @@ class Facade:
         for b in await self.objects.without_job():
             await ensure_job(self, b)
             self.ctx.log.info("facade_batch_job_recorded", batch_id=b.id, job_id=b.job_id)
+
+    def _maybe_in_use(self, path: str) -> bool:
+        """Replicas share the spool: what another replica wrote lately may not be
+        recorded yet (left alone until [replicas] adopt_after_seconds have passed)."""
+        if not self.ctx.leases.shared:
+            return False
+        try:
+            age = time.time() - os.lstat(path).st_mtime
+        except FileNotFoundError:
+            return True
+        return age < self.ctx.cfg.replicas.adopt_after_seconds
 
     async def run(self, ctx: Context) -> None:
         """The facade stage (see stage.py)."""

@@ -18,7 +18,6 @@ import asyncio
 import hashlib
 import os
 import shutil
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from batchd.facade.tenants import Tenant
 from batchd.jsonl import ENDPOINTS
 from batchd.spool import fsync_dir
 from batchd.stages.collect import fail_job
-from batchd.store import NewJob
+from batchd.store import Duplicate, NewJob
 from batchd.store.objects import FacadeBatch, FacadeFile
 
 if TYPE_CHECKING:
@@ -143,7 +142,7 @@ async def ensure_job(fac: Facade, b: FacadeBatch) -> None:
     new = NewJob(b.job_id, b.id, rel, source(b.tenant), allow_duplicate=True)
     try:
         await fac.objects.create_job(new, spool.dir_taken)
-    except sqlite3.IntegrityError:
+    except Duplicate:
         # Recorded meanwhile (a restarted intake adopted the link): make it ours.
         await store.job(b.job_id)
         await store.update_job(b.job_id, source=source(b.tenant), allow_duplicate=True)

@@ -214,11 +214,15 @@ class FacadeStage:
     # --- the loop -----------------------------------------------------------------------
 
     async def step(self) -> float | None:
-        """Settle, deliver, expire; returns when something is due next."""
+        """Settle, deliver, expire; returns when something is due next (replicas: only
+        the one holding the role; the HTTP routes are served by every replica)."""
         ctx, objs = self.ctx, self.fac.objects
         self.worker.check()
         if ctx.stopping:
             return None
+        if not await ctx.leases.role("facade"):
+            self.since = None  # a takeover starts with a full sweep
+            return ctx.clock() + ctx.leases.renew_every
         now = ctx.clock()
         if self.since is None or now >= self.next_sweep:
             ended = await objs.to_settle(STEP)

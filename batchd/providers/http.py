@@ -11,6 +11,7 @@ the caller reconciles (finds the batch by its tag) before creating again.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import random
 import ssl
@@ -44,6 +45,9 @@ T = TypeVar("T")
 Auth = Callable[[str | None], dict[str, str]]
 
 _SYNC_EVERY = 8 << 20  # bytes of a download written between background fdatasyncs
+# The part of batchd making the calls of this task (`tracker`): its User-Agent says so
+# (`batchd (tracker)`), for whoever reads the provider's logs.
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("batchd_caller", default=None)
 
 
 def bearer(key: str | None) -> dict[str, str]:
@@ -285,6 +289,9 @@ class HttpClient:
             kw.update(proxy=self._proxy, proxy_auth=self._proxy_auth)
         if self._params:
             kw["params"] = {**self._params, **(kw.get("params") or {})}
+        caller = CALLER.get()
+        if caller is not None:
+            kw["headers"] = {**(kw.get("headers") or {}), "User-Agent": f"batchd ({caller})"}
         try:
             try:
                 async with self.session.request(method, self.url(path), **kw) as resp:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from ulid import ULID
 
 from batchd import jobmeta
 from batchd.spool import COMPRESSED, check_name, fsync_dir, input_suffix
-from batchd.store import Job, NewJob
+from batchd.store import Duplicate, Job, NewJob
 
 if TYPE_CHECKING:
     from batchd.config import SourceConfig
@@ -357,14 +356,14 @@ async def record(ctx: Context, scfg: SourceConfig, msgs: list[Message]) -> list[
     # removed by intake at the next start.
     try:
         names = await store.create_jobs([p.new for p in plans], ctx.spool.dir_taken)
-    except sqlite3.IntegrityError:
+    except Duplicate:
         # Recorded meanwhile (two daemons on one database): one at a time, so each
         # message either gets its job or is recognised.
         names = {}
         for plan in plans:
             try:
                 names |= await store.create_jobs([plan.new], ctx.spool.dir_taken)
-            except sqlite3.IntegrityError:
+            except Duplicate:
                 _discard(plan)
                 job = await store.job_by_source_msg(scfg.name, plan.rec.msg.id)
                 if job is None:

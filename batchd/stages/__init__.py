@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchd.config import Config
+from batchd.leases import Leases
 from batchd.metrics import Metrics
 from batchd.prices import PriceBook, price_source
 from batchd.providers import Provider, Providers
@@ -65,6 +66,8 @@ class Context:
     new_batches: list[LiveBatch] = field(default_factory=list)
     # Per provider NAME: why its API refuses access (its jobs wait meanwhile).
     holds: dict[str, Hold] = field(default_factory=dict)
+    # What this replica works on (replicas sharing a PostgreSQL store); solo: everything.
+    leases: Leases = field(default_factory=Leases.solo)
     # Set at shutdown: stages start nothing new; what is in flight drains.
     stopping: bool = False
     # True while files are moved out of inbox/ but their jobs not yet recorded.
@@ -288,7 +291,7 @@ class Worker:
         return key in self._tasks or not self.backoff.ready(key)
 
     def running(self, key: str) -> bool:
-        """True while `key`'s item runs."""
+        """True while `key` runs (not merely backs off)."""
         return key in self._tasks
 
     def start(self, key: str, job_id: str, item: Item, on_invalid: OnInvalid | None = None) -> bool:

@@ -498,6 +498,10 @@ def _batch_failed(att: Attempt, snap: Snapshot) -> dict[str, Any]:
 
 async def settle(ctx: Context, att: Attempt) -> None:
     """Download an ended attempt's results and decide what comes next for its piece."""
+    if ctx.leases.shared:  # as it is now that it is ours (a replica may have settled it)
+        att = await ctx.store.attempt(att.id)
+        if att.phase != "ended":
+            return
     await _settle(ctx, att)
     ctx.wake_retention.set()  # the provider's copies it made due for deletion, if any
 
@@ -819,34 +823,51 @@ async def cancel_requested(ctx: Context) -> float | None:
     Returns when to look again (a create whose answer may still be on its way)."""
     due: float | None = None
     for job in await ctx.store.cancelling_jobs():
-        for a in await ctx.store.attempts(job.id):
-            if a.open and a.batch_id is None:
-                timeout = ctx.provider(a.provider).cfg.api.request_timeout_seconds
-                wait_until = (a.create_sent_at or 0) + timeout + 5
-                if a.create_sent_at is not None and ctx.clock() < wait_until:
-                    due = min(due or wait_until, wait_until)
-                    continue  # its create may still be in flight: wait for its answer
-                found = None
-                if a.create_sent_at is not None:
-                    from batchd.stages.submit import find_lost
+        key = f"job:{job.id}"
+        if not await ctx.leases.take(key):
+            continue  # another replica acts on it
+        try:
+            due = _earliest(due, await _cancel_one(ctx, job))
+        finally:
+            await ctx.leases.release(key)
+    return due
 
-                    async with ctx.provider(a.provider).serial():
-                        found = await find_lost(ctx, job, a, a.create_sent_at)
-                if found:
-                    await ctx.store.update_attempt(
-                        a.id,
-                        "adopted",
-                        batch_id=found.id,
-                        status=found.status,
-                        raw_status=found.raw_status,
-                        batch=found.raw,
-                        batch_created_at=found.created_at or ctx.clock(),
-                    )
-                    (ctx.wake_collect if found.ended else ctx.wake_track).set()
-                else:
-                    await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
-        await _cancel_live(ctx, job.id)
-        await sync_job(ctx, job.id)
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+async def _cancel_one(ctx: Context, job: Job) -> float | None:
+    """Cancel one job's batches, drop its attempts not yet created; when to look again."""
+    due: float | None = None
+    for a in await ctx.store.attempts(job.id):
+        if a.open and a.batch_id is None:
+            timeout = ctx.provider(a.provider).cfg.api.request_timeout_seconds
+            wait_until = (a.create_sent_at or 0) + timeout + 5
+            if a.create_sent_at is not None and ctx.clock() < wait_until:
+                due = min(due or wait_until, wait_until)
+                continue  # its create may still be in flight: wait for its answer
+            found = None
+            if a.create_sent_at is not None:
+                from batchd.stages.submit import find_lost
+
+                async with ctx.provider(a.provider).serial():
+                    found = await find_lost(ctx, job, a, a.create_sent_at)
+            if found:
+                await ctx.store.update_attempt(
+                    a.id,
+                    "adopted",
+                    batch_id=found.id,
+                    status=found.status,
+                    raw_status=found.raw_status,
+                    batch=found.raw,
+                    batch_created_at=found.created_at or ctx.clock(),
+                )
+                (ctx.wake_collect if found.ended else ctx.wake_track).set()
+            else:
+                await ctx.store.update_attempt(a.id, "abandoned", abandoned=1)
+    await _cancel_live(ctx, job.id)
+    await sync_job(ctx, job.id)
     return due
 
 
@@ -867,9 +888,24 @@ class Collect:
         report = failure_report(job, {"reason": "download_failed", **e.to_dict()})
         await self.ctx.store.update_job(job_id, "failing", None, reason=report)
 
-    async def _each(self, key: str, job_id: str, item: Any, on_invalid: Any = None) -> None:
-        if self.backoff.ready(key):
-            await guarded(self.ctx, "collect", self.backoff, key, job_id, item, on_invalid)
+    async def _each(
+        self, key: str, job_id: str, item: Any, on_invalid: Any = None, lease: str | None = None
+    ) -> None:
+        if not self.backoff.ready(key):
+            return
+        leases = self.ctx.leases
+        if lease is not None and leases.shared:
+            if not await leases.take(lease):
+                return  # another replica works on it
+            item = leases.held(lease, item)
+        await guarded(self.ctx, "collect", self.backoff, key, job_id, item, on_invalid)
+
+    async def _finish(self, job: Job) -> None:
+        if self.ctx.leases.shared:  # as it is now that it is ours
+            job = await self.ctx.store.job(job.id)
+            if job.state != JobState.COLLECTING or job.reason is not None:
+                return
+        await finish(self.ctx, job)
 
     async def _cancels(self) -> None:
         self._cancel_due = await cancel_requested(self.ctx)
@@ -887,17 +923,22 @@ class Collect:
                 if ctx.blocked(att.provider):
                     continue
                 await self._each(
-                    att.id, att.job_id, partial(settle, ctx, att), self._download_failed
+                    att.id,
+                    att.job_id,
+                    partial(settle, ctx, att),
+                    self._download_failed,
+                    lease=f"attempt:{att.id}",
                 )
         failing = await ctx.store.failing_jobs(BATCH)
         more |= len(failing) == BATCH
         for job in failing:
             assert job.reason is not None
-            await self._each(job.id, job.id, partial(fail_job, ctx, job, job.reason))
+            item = partial(fail_job, ctx, job, job.reason)
+            await self._each(job.id, job.id, item, lease=f"job:{job.id}")
         collecting = await ctx.store.collecting_jobs(BATCH)
         more |= len(collecting) == BATCH
         for job in collecting:
-            await self._each(job.id, job.id, partial(finish, ctx, job))
+            await self._each(job.id, job.id, partial(self._finish, job), lease=f"job:{job.id}")
         if more and not ctx.stopping:
             return ctx.clock()
         due = [t for t in (self.backoff.next_ready(), self._cancel_due) if t is not None]
@@ -906,7 +947,8 @@ class Collect:
     async def reconcile(self) -> None:
         """At start-up: jobs whose pieces all settled just before a crash move on."""
         for job in await self.ctx.store.settled_jobs():
-            await self._each(job.id, job.id, partial(sync_job, self.ctx, job.id))
+            item = partial(sync_job, self.ctx, job.id)
+            await self._each(job.id, job.id, item, lease=f"job:{job.id}")
 
 
 async def run(ctx: Context) -> None:

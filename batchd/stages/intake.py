@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from inotify_simple import INotify, flags
+from ulid import ULID
 from watchfiles import awatch
 
 from batchd.spool import Claimed, no_writer
@@ -28,6 +29,7 @@ from batchd.stages import Context, loop
 from batchd.store import NewJob
 
 RESCAN_SECONDS = 5.0
+ADOPT_SECONDS = 5.0  # replicas: orphans of others are looked for as often as they may be adopted
 CHUNK = 500
 _MASK = flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE
 
@@ -40,6 +42,7 @@ class Intake:
         self.moved: set[str] = set()  # arrived by rename(2): complete by convention
         self._warned: set[str] = set()
         self.wake = ctx.wake_intake
+        self._adopted_at = ctx.clock()  # run() adopts at start-up
 
     def on_event(self, name: str, mask: int) -> None:
         """An inotify event for inbox/NAME (NAME may be PROVIDER/FILE)."""
@@ -57,6 +60,12 @@ class Intake:
     async def step(self) -> float | None:
         """Claim what is complete; returns when to look again."""
         ctx = self.ctx
+        every = max(ADOPT_SECONDS, ctx.cfg.replicas.adopt_after_seconds)
+        if ctx.leases.shared and ctx.clock() - self._adopted_at >= every:
+            # Replicas: one that died between a claim and its record left an orphan that
+            # it may never come back for.
+            self._adopted_at = ctx.clock()
+            await adopt_orphans(ctx)
         entries, ignored = ctx.spool.scan()
         self._report_ignored(ignored)
         now = time.time()  # file times are wall-clock, whatever clock the stages use
@@ -97,30 +106,49 @@ class Intake:
                     for c in claims
                 ],
                 ctx.spool.dir_taken,
+                skip_recorded=ctx.leases.shared,  # a replica adopted one meanwhile
             )
         finally:
             ctx.claiming = False
         for c in claims:
-            ctx.log.info(
-                "job_claimed",
-                job_id=c.job_id,
-                name=given[c.job_id],
-                file=c.name,
-                provider=c.provider or ctx.providers.default_name,
-            )
+            if c.job_id in given:
+                ctx.log.info(
+                    "job_claimed",
+                    job_id=c.job_id,
+                    name=given[c.job_id],
+                    file=c.name,
+                    provider=c.provider or ctx.providers.default_name,
+                )
         ctx.wake_submit.set()
+
+
+def _claimed_lately(ctx: Context, job_id: str) -> bool:
+    """Replicas share the spool: a file another replica has just claimed has no job row
+    yet. The job id is a ULID made at the claim, so it tells how long ago that was."""
+    if not ctx.leases.shared:
+        return False  # a daemon alone: every claim before this start is an orphan
+    try:
+        claimed_at = ULID.from_str(job_id).timestamp
+    except ValueError:
+        return False
+    return time.time() - claimed_at < ctx.cfg.replicas.adopt_after_seconds
 
 
 async def adopt_orphans(ctx: Context) -> int:
     """Record jobs for claimed files whose record was lost in a crash; drop half-written
-    `.part` files of jobs never recorded. Costs one lookup per file in processing/."""
+    `.part` files of jobs never recorded. Costs one lookup per file in processing/.
+    Replicas leave alone what was claimed within [replicas] adopt_after_seconds."""
     orphans: list[Claimed] = []
     for c in ctx.spool.claimed_files():
+        if _claimed_lately(ctx, c.job_id):
+            continue
         try:
             await ctx.store.job(c.job_id)
         except KeyError:
             orphans.append(c)
     for job_id, path in list(ctx.spool.partial_files()):
+        if _claimed_lately(ctx, job_id):
+            continue
         try:
             await ctx.store.job(job_id)
         except KeyError:
@@ -128,6 +156,7 @@ async def adopt_orphans(ctx: Context) -> int:
     names = await ctx.store.create_jobs(
         [NewJob(c.job_id, c.name, c.rel_path, _source(c), provider=c.provider) for c in orphans],
         ctx.spool.dir_taken,
+        skip_recorded=ctx.leases.shared,
     )
     for job_id, name in names.items():
         ctx.log.info("job_adopted", job_id=job_id, name=name)

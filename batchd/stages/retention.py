@@ -21,6 +21,7 @@ from batchd.stages import Context, loop
 
 STEP = 200  # rows / files per step
 SWEEP_SECONDS = 3600.0
+ROLE_RETRY_SECONDS = 10.0
 _DAY = 86400.0
 
 
@@ -96,8 +97,13 @@ class Retention:
         return len(due) == STEP
 
     async def step(self) -> float | None:
-        """One bounded round; returns when to come back."""
+        """One bounded round; returns when to come back (replicas: only the one holding
+        the role runs retention; the others look again now and then)."""
         ctx = self.ctx
+        if not await ctx.leases.role("retention"):
+            return ctx.clock() + ROLE_RETRY_SECONDS
+        if ctx.leases.claims is not None:
+            await ctx.leases.claims.sweep()  # leases of replicas long dead
         more = False
         if not ctx.all_blocked:
             more |= await self._remote()

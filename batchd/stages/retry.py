@@ -9,7 +9,6 @@ recorded; a crash in between leaves only that file, which the daemon removes.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 
 from ulid import ULID
@@ -17,7 +16,7 @@ from ulid import ULID
 from batchd import pieces
 from batchd.spool import Spool, fsync_dir
 from batchd.states import JobState
-from batchd.store import Job, Store
+from batchd.store import Duplicate, Job, Store
 
 
 class RetryRefused(Exception):
@@ -74,7 +73,7 @@ async def retry_job(
             allow_duplicate=True,
             provider=job.provider,
         )
-    except sqlite3.IntegrityError:  # another `batchd retry` was quicker
+    except Duplicate:  # another `batchd retry` was quicker
         spool.path(rel).unlink(missing_ok=True)
         for r in await store.retries_of(job.id):
             if r.state not in (JobState.FAILED, JobState.CANCELLED):

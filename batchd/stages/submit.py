@@ -47,6 +47,7 @@ __all__ = ["JOB_KEY", "Submit", "advance", "ensure_attempts", "run", "submit_att
 _FLIGHT_TTL = 1.0  # seconds an admission snapshot of what is in flight is reused
 _SPEND_TTL = 5.0  # seconds the money committed this day and month is reused
 _BUDGET_BATCH = 200  # jobs waiting for admission decided on per step
+_BUDGET_ROLE_RETRY = 5.0  # replicas without the budget role look again this often
 
 
 class InputChanged(Exception):
@@ -532,6 +533,10 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
             if found:
                 await adopt(ctx, att, found, "adopted")
                 return
+        if ctx.leases.shared and ctx.clock() < _create_answered_by(ctx, job, att.create_sent_at):
+            # Another replica sent this create and lost its lease (or died): its request
+            # may still be on its way. Wait for it rather than create a second batch.
+            raise Transient(f"a create of attempt {att.id} may still be in flight")
     if att.file_id is None and att.upload_started_at is not None:
         await _adopt_lost_upload(ctx, att)
         att = await ctx.store.attempt(att.id)
@@ -563,6 +568,7 @@ async def submit_attempt(ctx: Context, att: Attempt) -> None:
         return
     req = create_request(ctx, job, att)
     async with provider.serial():
+        await ctx.leases.fence(f"attempt:{att.id}")  # still ours: no other replica creates it
         sent_at = ctx.clock()
         await ctx.store.update_attempt(att.id, durable=True, create_sent_at=sent_at)
         try:
@@ -619,6 +625,11 @@ async def _refused(ctx: Context, job: Job, att: Attempt, e: QuotaRefused) -> Non
         not_before=ctx.clock() + delay,
     )
     ctx.wake_submit.set()
+
+
+def _create_answered_by(ctx: Context, job: Job, sent_at: float) -> float:
+    """When a create sent at `sent_at` has surely been answered (or given up)."""
+    return sent_at + ctx.provider(job.provider).cfg.api.request_timeout_seconds + 5.0
 
 
 async def _input_changed(ctx: Context, job: Job, att: Attempt) -> bool:
@@ -802,6 +813,14 @@ class Submit:
             return None
         now = ctx.clock()
         budget = ctx.cfg.budget
+        if budget.enabled and ctx.leases.shared:
+            # Replicas: budgets are global, so one replica at a time admits against them
+            # (two deciding at once could each spend what is left).
+            fresh = ctx.leases.has_role("budget")
+            if not await ctx.leases.role("budget"):
+                return now + _BUDGET_ROLE_RETRY
+            if not fresh:
+                self._spend = None  # another replica may have admitted meanwhile
         spend = await self._committed(now) if budget.enabled else Spend()
         by_id = {j.id: j for j in jobs}
         costs = [JobCost(j.id, j.model or "", j.source, _high(j)) for j in jobs]
@@ -839,23 +858,42 @@ class Submit:
         # Work under way first: a validated job's batch is created before the next file
         # is validated, so a burst yields batches from the start, not after its last file.
         if w.free and not ctx.all_blocked:
-            lim = await self._admission()
-            # With a limit, admission chooses among many; without, the oldest due do.
-            limited = lim.token_limits or lim.request_limits
-            pending = await ctx.store.due_pending(now, max(window, 200) if limited else window)
-            candidates = [p for p in pending if not w.busy(p.id) and not ctx.blocked(p.provider)]
-            chosen = await self.choose(candidates)
-            held_back = len(chosen) < len(candidates)
+            lim: _Limits | None = None
+            if ctx.leases.shared:
+                chosen, held_back = await self._claim_pending(now)
+            else:
+                lim = await self._admission()
+                # With a limit, admission chooses among many; without, the oldest due do.
+                limited = lim.token_limits or lim.request_limits
+                pending = await ctx.store.due_pending(now, max(window, 200) if limited else window)
+                candidates = [
+                    p for p in pending if not w.busy(p.id) and not ctx.blocked(p.provider)
+                ]
+                chosen = await self.choose(candidates)
+                held_back = len(chosen) < len(candidates)
             for p in chosen:
-                if not w.free:
-                    break
-                if w.start(p.id, p.job_id, partial(self._submit, p), partial(_api_rejected, ctx)):
+                item = ctx.leases.held(f"attempt:{p.id}", partial(self._submit, p))
+                if w.free and w.start(p.id, p.job_id, item, partial(_api_rejected, ctx)):
                     self._took(p)
-                    if lim.apply(p.model):
+                    # Replicas count the attempts they lease as in flight in the claim.
+                    if lim is not None and lim.apply(p.model):
                         self._submitting[p.id] = p
+                elif not w.running(p.id):
+                    await ctx.leases.release(f"attempt:{p.id}")
         if w.free:
-            for job_id in await ctx.store.due_new_jobs(window):
-                w.start(job_id, job_id, partial(advance, ctx, job_id), partial(_api_rejected, ctx))
+            if ctx.leases.shared:
+                leases = ctx.leases
+                ids = await leases.claims.new_jobs(  # type: ignore[union-attr]
+                    leases.owner, leases.cfg.lease_seconds, w.free
+                )
+                leases.hold([f"job:{i}" for i in ids])
+            else:
+                ids = await ctx.store.due_new_jobs(window)
+            for job_id in ids:
+                item = ctx.leases.held(f"job:{job_id}", partial(advance, ctx, job_id))
+                started = w.start(job_id, job_id, item, partial(_api_rejected, ctx))
+                if not started and not w.running(job_id):
+                    await ctx.leases.release(f"job:{job_id}")
         if ctx.all_blocked:
             return min((t for t in (due, rollover) if t is not None), default=None)
         nxt = await ctx.store.next_pending_at(now)
@@ -863,13 +901,63 @@ class Submit:
             nxt = min(nxt or now + _FLIGHT_TTL, now + _FLIGHT_TTL)
         return min((t for t in (due, nxt, rollover) if t is not None), default=None)
 
+    async def _claim_pending(self, now: float) -> tuple[list[Pending], bool]:
+        """Replicas: claim the due attempts admission lets through, deciding in the claim's
+        transaction on what every replica has in flight (see store/claims.py)."""
+        ctx, w = self.ctx, self.worker
+        # The limits (and the in-flight gauges) as one replica has them; what is in
+        # flight is read again in the claim's transaction.
+        lim = await self._admission()
+        held_back = False
+
+        def decide(pending: list[Pending], flight: dict[str, tuple[int, int]]) -> list[Pending]:
+            nonlocal held_back
+            pending = [p for p in pending if not ctx.blocked(p.provider)]  # held: they wait
+            chosen = pending
+            if any(lim.apply(p.model) for p in pending):
+                by_id = {p.id: p for p in pending}
+                cands = [
+                    Candidate(p.id, p.model, p.tokens, p.waiting_since, p.not_before, p.requests)
+                    for p in pending
+                ]
+                ids = admit(
+                    cands,
+                    {m: t for m, (t, _) in flight.items()},
+                    lim.token_limits,
+                    now,
+                    request_limits=lim.request_limits,
+                    in_flight_requests={m: r for m, (_, r) in flight.items()},
+                )
+                chosen = [by_id[i] for i in ids]
+            held_back = len(chosen) < len(pending)
+            return chosen[: w.free]
+
+        leases = ctx.leases
+        assert leases.claims is not None
+        window = max(w.free, 200) if lim.token_limits or lim.request_limits else w.free
+        chosen = await leases.claims.pending(
+            leases.owner, leases.cfg.lease_seconds, now, window, decide
+        )
+        leases.hold([f"attempt:{p.id}" for p in chosen])
+        return chosen, held_back
+
     async def _submit(self, p: Pending) -> None:
-        await submit_attempt(self.ctx, await self.ctx.store.attempt(p.id))
+        att = await self.ctx.store.attempt(p.id)
+        if self.ctx.leases.shared and att.phase != "pending":
+            return  # another replica got there first (its lease ran out mid-way)
+        await submit_attempt(self.ctx, att)
 
     async def reconcile(self) -> None:
-        """At start-up: pieces left without an open attempt by an older batchd."""
+        """At start-up: pieces left without an open attempt by an older batchd (a replica
+        does this only for jobs no other replica works on)."""
         for job_id in await self.ctx.store.jobs_missing_attempts():
-            await ensure_attempts(self.ctx, await self.ctx.store.job(job_id))
+            key = f"job:{job_id}"
+            if not await self.ctx.leases.take(key):
+                continue
+            try:
+                await ensure_attempts(self.ctx, await self.ctx.store.job(job_id))
+            finally:
+                await self.ctx.leases.release(key)
 
 
 async def run(ctx: Context, stage: Submit | None = None) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from batchd.providers import Provider
 from batchd.providers.base import Snapshot
 from batchd.providers.errors import AccessDenied, ApiError
+from batchd.providers.http import CALLER
 from batchd.stages import Context, loop
 from batchd.store import LiveBatch
 
@@ -32,6 +33,8 @@ MAX_PAGES = 200
 RELOAD_SECONDS = 60.0  # re-read the batches in flight from the store now and then
 PROGRESS_LOG_SECONDS = 60.0
 GAUGE_SECONDS = 2.0
+OTHERS_SECONDS = 1.0  # replicas: how often the tracker looks for others' new batches
+CHANGED_SLACK = 30.0  # seconds a replica's clock may be behind another's
 
 
 @dataclass
@@ -81,6 +84,8 @@ class Tracker:
         self._logged_at = float("-inf")
         self._gauged_at = float("-inf")
         self._seen: dict[str, float] = {}  # batch id -> when a status call last saw it
+        self._tracking = not ctx.leases.shared  # replicas: only while holding the role
+        self._others_at = float("-inf")  # when batches of other replicas were looked for
         self._lanes: dict[str, _Lane] = {}
         self._unknown: set[str] = set()  # provider NAMEs of batches, no longer configured
 
@@ -338,13 +343,53 @@ class Tracker:
                 by_status=dict(by_status),
             )
 
+    async def _role(self) -> bool:
+        """Replicas: one tracks at a time. True while this one holds the role; taking it
+        over starts from what the store says is in flight."""
+        leases = self.ctx.leases
+        if not await leases.role("tracker"):
+            if self._tracking:
+                self._tracking = False
+                self.live.clear()
+                self._lanes.clear()
+                self._next_full = self._next_busy = None
+                self._gauges(force=True)  # the replica that tracks now reports them
+                self.ctx.log.warning("role_lost", role="tracker", replica=leases.owner)
+            self.ctx.new_batches.clear()  # the tracking replica finds them in the store
+            return False
+        if not self._tracking:
+            self._tracking = True
+            self._loaded_at = float("-inf")  # reload now
+        return True
+
+    async def _from_others(self) -> None:
+        """Replicas: batches other replicas created, and batch ids webhooks delivered to
+        them, looked for at most every OTHERS_SECONDS (indexed reads of what changed)."""
+        ctx = self.ctx
+        now = ctx.clock()
+        if now - self._others_at < OTHERS_SECONDS:
+            return
+        since, self._others_at = self._others_at - CHANGED_SLACK, now
+        for b in await ctx.store.live_batches_changed(since):
+            if b.batch_id not in self.live:
+                self.live[b.batch_id] = b
+                for lane in self._lanes.values():
+                    lane.pages.clear()
+        assert ctx.leases.claims is not None
+        ctx.webhook_batches.update(await ctx.leases.claims.take_pushed())
+
     async def step(self) -> float | None:
         """Sweep when the interval is up (or check busy batches half-way); returns when
         to look again, or None with nothing in flight."""
         ctx = self.ctx
+        if ctx.leases.shared and not await self._role():
+            return ctx.clock() + ctx.leases.renew_every  # try again soon: takeover is quick
         now = ctx.clock()
         if now - self._loaded_at >= RELOAD_SECONDS:
             await self.reload()
+            self._others_at = now
+        elif ctx.leases.shared:
+            await self._from_others()
         self._absorb()
         if ctx.all_blocked:
             return None
@@ -353,7 +398,7 @@ class Tracker:
         if not self.live:
             self._gauges(force=True)
             self._next_full = None
-            return None
+            return now + OTHERS_SECONDS if ctx.leases.shared else None
         every = interval(ctx)
         if self._next_full is None:  # the first batch in flight: its status is known
             self._next_full = now + every
@@ -379,12 +424,15 @@ class Tracker:
         due = [self._next_full, self._loaded_at + RELOAD_SECONDS]
         if self._next_busy is not None:
             due.append(self._next_busy)
+        if ctx.leases.shared:  # the role is renewed meanwhile; others' batches come in
+            due.append(now + OTHERS_SECONDS)
         return min(due)
 
 
 async def run(ctx: Context) -> None:
     """Loop: sweep; sleep until the interval passes, a batch is created, or a webhook
     names a batch."""
+    CALLER.set("tracker")  # this task's status calls say `User-Agent: batchd (tracker)`
     tracker = Tracker(ctx)
     await tracker.reload()
     await loop(ctx, ctx.wake_track, tracker.step)

@@ -6,13 +6,14 @@ user_version), and the engine behind it is a backend (sqlite.py).
 """
 
 from batchd.store.facade import LIVE_STATES, NewJob, Pending, Store
-from batchd.store.queries import Conflict, migrations
+from batchd.store.queries import Conflict, Duplicate, migrations
 from batchd.store.rows import Attempt, Event, Job, LiveBatch, Piece
 
 __all__ = [
     "LIVE_STATES",
     "Attempt",
     "Conflict",
+    "Duplicate",
     "Event",
     "Job",
     "LiveBatch",

@@ -1,15 +1,15 @@
 """The store's one interface: what the stages ask and record, in domain words.
 
 The SQL is in queries.sql and migrations/; the engine behind it is a backend
-(sqlite.py). Every job state change and its event row are written in one
-transaction; a state change is guarded (`WHERE state = old`), so two writers (the
-daemon and a CLI command) can never both move a job.
+(backend.py: sqlite.py by default, postgres.py for replicas sharing one database).
+Every job state change and its event row are written in one transaction; a state
+change is guarded (`WHERE state = old`), so two writers (the daemon and a CLI
+command, or two replicas) can never both move a job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -20,8 +20,19 @@ from typing import Any
 import orjson
 
 from batchd.states import TERMINAL_JOB_STATES, JobState, check_transition
-from batchd.store.queries import Conflict, Params, Stmt, migrations, q
-from batchd.store.rows import Attempt, Event, Job, LiveBatch, Piece, decode, dump_detail, encode
+from batchd.store.backend import Backend, is_url
+from batchd.store.queries import Conflict, Duplicate, Params, Stmt, migrations, q
+from batchd.store.rows import (
+    Attempt,
+    Event,
+    Job,
+    LiveBatch,
+    Piece,
+    RowLike,
+    decode,
+    dump_detail,
+    encode,
+)
 from batchd.store.sqlite import SqliteBackend
 
 Clock = Callable[[], float]
@@ -167,22 +178,27 @@ def _attempt_stmts(a: Mapping[str, Any], now: float) -> list[Stmt]:
 class Store:
     """Jobs, pieces, attempts and their history; opened with `async with Store.connect()`."""
 
-    def __init__(self, backend: SqliteBackend, clock: Clock = time.time) -> None:
+    def __init__(self, backend: Backend, clock: Clock = time.time) -> None:
         self._b = backend
         self._clock = clock
 
     # --- lifecycle --------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, clock: Clock = time.time) -> Store:
-        """Open (creating and migrating if needed) the database at `path`."""
-        return cls(await SqliteBackend.open(path), clock)
+    async def open(cls, target: Path | str, clock: Clock = time.time) -> Store:
+        """Open (creating and migrating if needed) the database: a SQLite file's path, or
+        a `postgresql://` URL."""
+        if is_url(target):
+            from batchd.store.postgres import PgBackend
+
+            return cls(await PgBackend.open(str(target)), clock)
+        return cls(await SqliteBackend.open(Path(target)), clock)
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, path: Path, clock: Clock = time.time) -> AsyncIterator[Store]:
+    async def connect(cls, target: Path | str, clock: Clock = time.time) -> AsyncIterator[Store]:
         """`async with Store.connect(path) as store:` — closed (transactions finished) after."""
-        store = await cls.open(path, clock)
+        store = await cls.open(target, clock)
         try:
             yield store
         finally:
@@ -201,7 +217,18 @@ class Store:
         """Changes whenever another process commits (a CLI retry, cancel, …)."""
         return await self._b.data_version()
 
-    async def _rows(self, query: str, /, **params: Any) -> list[sqlite3.Row]:
+    @property
+    def dialect(self) -> str:
+        """The engine behind the store: "sqlite" or "postgresql"."""
+        return self._b.dialect
+
+    @property
+    def shared(self) -> bool:
+        """True when several daemons may share this store (PostgreSQL): per-item work is
+        then claimed with leases (see batchd/leases.py)."""
+        return self._b.dialect == "postgresql"
+
+    async def _rows(self, query: str, /, **params: Any) -> list[RowLike]:
         return await self._b.fetch(q(query), params)
 
     async def _scalar(self, query: str, /, **params: Any) -> Any:
@@ -212,10 +239,7 @@ class Store:
 
     async def _family(self, stem: str) -> set[str]:
         """Names in use that a job dropped as `stem` could collide with."""
-        rows = await self._b.fetch(
-            "SELECT name FROM jobs WHERE name = :stem OR (name >= :lo AND name < :hi)",
-            {"stem": stem, "lo": stem + "-", "hi": stem + "."},
-        )
+        rows = await self._rows("job_name_family", stem=stem, lo=stem + "-", hi=stem + ".")
         return {r[0] for r in rows}
 
     async def _names(
@@ -226,10 +250,7 @@ class Store:
         One query finds which stems are in use at all (a burst of new names costs that);
         only a stem in use costs a look at its family (stem, stem-2, …)."""
         stems = sorted({j.stem for j in new})
-        rows = await self._b.fetch(
-            "SELECT name FROM jobs WHERE name IN (SELECT value FROM json_each(:names))",
-            {"names": orjson.dumps(stems).decode()},
-        )
+        rows = await self._rows("job_names_in", names=orjson.dumps(stems).decode())
         in_use = {r[0] for r in rows}
         used: dict[str, set[str]] = {}
         assigned: set[str] = set()
@@ -249,13 +270,18 @@ class Store:
         return out
 
     async def create_jobs(
-        self, new: Sequence[NewJob], dir_taken: Callable[[str], bool] = lambda _n: False
+        self,
+        new: Sequence[NewJob],
+        dir_taken: Callable[[str], bool] = lambda _n: False,
+        skip_recorded: bool = False,
     ) -> dict[str, str]:
         """Record claimed files as queued jobs, all in one transaction; returns the name
         each job got, by id.
 
         Each gets a unique name (`nightly`, `nightly-2`, …) not used by another job nor
         by a result dir on disk (`dir_taken`); that name is its result dir's name too.
+        `skip_recorded`: a job another process recorded meanwhile (a replica adopting the
+        same claimed file) is left out instead of failing the whole transaction.
         """
         if not new:
             return {}
@@ -305,8 +331,13 @@ class Store:
             try:
                 await self._b.tx(stmts)
                 break
-            except sqlite3.IntegrityError as e:
-                if "jobs.name" not in str(e):
+            except Duplicate as e:
+                if skip_recorded and "jobs.id" in str(e):
+                    recorded = {j.id for j in new if await self._rows("job_by_id", id=j.id)}
+                    new = [j for j in new if j.id not in recorded]
+                    if not new:
+                        return {}
+                elif "jobs.name" not in str(e):
                     raise
         else:
             raise RuntimeError("could not find free job names")
@@ -784,6 +815,14 @@ class Store:
             for r in await self._rows("live_batches")
         ]
 
+    async def live_batches_changed(self, since: float) -> list[LiveBatch]:
+        """Batches in flight whose record changed at or after `since` (the tracker learns
+        of batches another replica created)."""
+        return [
+            LiveBatch(r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), float(r[7]), r[8])
+            for r in await self._rows("live_batches_changed", since=since)
+        ]
+
     async def live_attempts(self) -> list[Attempt]:
         """Attempts whose batch is in flight (whole rows; for tools and tests)."""
         out = []
@@ -888,7 +927,7 @@ class Store:
         out["cost_unknown"] = r[8]
         return out
 
-    async def charges_since(self, since: float) -> list[sqlite3.Row]:
+    async def charges_since(self, since: float) -> list[RowLike]:
         """Every charge collected since `since` (at, model, source, requests, input, cached,
         output tokens, cost_nanos, cost_unknown), oldest first."""
         return await self._rows("charges_since", since=since)
@@ -906,8 +945,8 @@ class Store:
     async def holds(self) -> dict[str, dict[str, Any]]:
         """Every provider's recorded hold by provider NAME (the default's as "openai")."""
         out: dict[str, dict[str, Any]] = {}
-        for key, value in await self._rows("hold_settings"):
-            data = orjson.loads(value)
+        for row in await self._rows("hold_settings"):
+            key, data = str(row[0]), orjson.loads(row[1])
             if isinstance(data, dict):
                 name = key.partition(":")[2] or str(data.get("provider") or "openai")
                 out[name] = data

@@ -8,7 +8,6 @@ given, and the batch object frozen when its job ended. The SQL is in queries.sql
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import orjson
 
 from batchd.store.facade import NewJob, Store
 from batchd.store.queries import Conflict, Stmt, q
+from batchd.store.rows import RowLike
 
 _TOP = "\U0010ffff"  # above every id: the cursor of a first page, newest first
 
@@ -98,7 +98,7 @@ class FacadeEvent:
     tries: int
 
 
-def _row(cls: type[Any], row: sqlite3.Row, json_cols: tuple[str, ...] = ()) -> Any:
+def _row(cls: type[Any], row: RowLike, json_cols: tuple[str, ...] = ()) -> Any:
     values = {k: row[k] for k in row.keys()}
     for k in json_cols:
         if values.get(k) is not None:
@@ -106,7 +106,7 @@ def _row(cls: type[Any], row: sqlite3.Row, json_cols: tuple[str, ...] = ()) -> A
     return cls(**values)
 
 
-def _batch(row: sqlite3.Row) -> FacadeBatch:
+def _batch(row: RowLike) -> FacadeBatch:
     b: FacadeBatch = _row(FacadeBatch, row, ("metadata", "final"))
     return b
 
@@ -122,7 +122,7 @@ class Objects:
         self.store = store
         self._b = store._b  # the same connection and transaction discipline as the store
 
-    async def _rows(self, name: str, /, **params: Any) -> list[sqlite3.Row]:
+    async def _rows(self, name: str, /, **params: Any) -> list[RowLike]:
         return await self._b.fetch(q(name), params)
 
     async def _scalar(self, name: str, /, **params: Any) -> float | None:

@@ -32,6 +32,11 @@ class Conflict(Exception):
     """A guarded statement changed no row: someone else moved first."""
 
 
+class Duplicate(Exception):
+    """A unique key was taken (by another process, or a retry). Whatever the backend, the
+    message names the columns SQLite's way: `UNIQUE constraint failed: jobs.name`."""
+
+
 def _parse(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     marks = list(_NAME.finditer(text))
@@ -66,9 +71,31 @@ def hot() -> frozenset[str]:
 
 
 @cache
-def migrations() -> tuple[str, ...]:
-    """Migration scripts in order; migration i (1-based) brings user_version to i."""
+def pg_queries() -> MappingProxyType[str, str]:
+    """queries.pg.sql: PostgreSQL's text of a statement of queries.sql where the dialects
+    differ (same name), and the statements only PostgreSQL runs (leases, claims)."""
+    text = resources.files("batchd.store").joinpath("queries.pg.sql").read_text("utf-8")
+    return MappingProxyType(_parse(text))
+
+
+@cache
+def _pg_by_text() -> dict[str, str]:
+    common = queries()
+    return {common[name]: sql for name, sql in pg_queries().items() if name in common}
+
+
+def pg_variant(sql: str) -> str:
+    """PostgreSQL's text of a statement: its queries.pg.sql variant when `sql` is a named
+    statement that has one, else `sql` itself (the dialects agree)."""
+    return _pg_by_text().get(sql, sql)
+
+
+def migration_files(dialect: str = "sqlite") -> list[str]:
+    """File names of the migrations in order (sqlite: migrations/; postgresql:
+    migrations/postgresql/), checked to be numbered 0001.. without gaps."""
     folder = resources.files("batchd.store").joinpath("migrations")
+    if dialect != "sqlite":
+        folder = folder.joinpath(dialect)
     found = sorted(
         (int(m.group(1)), f.name)
         for f in folder.iterdir()
@@ -77,4 +104,14 @@ def migrations() -> tuple[str, ...]:
     numbers = [n for n, _ in found]
     if numbers != list(range(1, len(found) + 1)):
         raise ValueError(f"migrations must be numbered 0001.. without gaps, got {numbers}")
-    return tuple(folder.joinpath(name).read_text("utf-8") for _, name in found)
+    return [name for _, name in found]
+
+
+@cache
+def migrations(dialect: str = "sqlite") -> tuple[str, ...]:
+    """Migration scripts in order; migration i (1-based) brings the schema to version i.
+    PostgreSQL's (migrations/postgresql/) are numbered as SQLite's, one for one."""
+    folder = resources.files("batchd.store").joinpath("migrations")
+    if dialect != "sqlite":
+        folder = folder.joinpath(dialect)
+    return tuple(folder.joinpath(name).read_text("utf-8") for name in migration_files(dialect))

@@ -23,6 +23,12 @@ SELECT * FROM jobs WHERE name = :name;
 -- name: name_taken
 SELECT 1 FROM jobs WHERE name = :name;
 
+-- name: job_names_in
+SELECT name FROM jobs WHERE name IN (SELECT value FROM json_each(:names));
+
+-- name: job_name_family
+SELECT name FROM jobs WHERE name = :stem OR (name >= :lo AND name < :hi);
+
 -- name: jobs_by_stem_newest
 SELECT * FROM jobs WHERE stem = :stem ORDER BY created_at DESC, id DESC LIMIT 1;
 
@@ -180,6 +186,11 @@ FROM attempts WHERE phase = 'live' GROUP BY model;
 SELECT id, job_id, batch_id, status, completed, failed, total,
        COALESCE(batch_created_at, created_at) AS created, provider
 FROM attempts WHERE phase = 'live';
+
+-- name: live_batches_changed  (hot: track)
+SELECT id, job_id, batch_id, status, completed, failed, total,
+       COALESCE(batch_created_at, created_at) AS created, provider
+FROM attempts WHERE phase = 'live' AND updated_at >= :since;
 
 -- name: ended_attempts  (hot: collect)
 SELECT a.* FROM attempts a JOIN jobs j ON j.id = a.job_id

@@ -12,11 +12,14 @@ from typing import Any
 
 import aiosqlite
 
-from batchd.store.queries import Conflict, Params, Stmt, migrations
+from batchd.store.queries import Conflict, Duplicate, Params, Stmt, migrations
+from batchd.store.rows import RowLike
 
 
 class SqliteBackend:
     """Runs statements for the store; nothing here knows what the tables mean."""
+
+    dialect = "sqlite"
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -106,9 +109,10 @@ class SqliteBackend:
             await self._db._execute(_tx_in_thread, self._db._conn, statements)  # type: ignore[no-untyped-call]
             self._committed += 1
 
-    async def fetch(self, sql: str, params: Params | None = None) -> list[sqlite3.Row]:
+    async def fetch(self, sql: str, params: Params | None = None) -> list[RowLike]:
         """Every row of one query (on the reading connection, see __init__)."""
-        return self._reader.execute(sql, params or {}).fetchall()
+        rows: list[RowLike] = self._reader.execute(sql, params or {}).fetchall()
+        return rows
 
     async def data_version(self) -> int:
         """Changes whenever another process (a CLI command) commits: asked of the writing
@@ -136,9 +140,11 @@ def _tx_in_thread(conn: sqlite3.Connection, statements: list[Stmt]) -> None:
             if st.must_change and cur.rowcount == 0:
                 raise Conflict(st.sql.split("\n", 1)[0])
         conn.execute("COMMIT")
-    except BaseException:
+    except BaseException as e:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        if isinstance(e, sqlite3.IntegrityError) and str(e).startswith("UNIQUE"):
+            raise Duplicate(str(e)) from None
         raise
 
 

@@ -102,6 +102,8 @@ def _config(root: Path, port: int) -> config.Config:
             "state": {"database": "batchd.db"},
             "batch": {"poll_interval_seconds": 0.2, "metadata": {"source": "demo"}},
             "http": {"listen": "127.0.0.1:0"},
+            # An Azure deployment is named by its owner: price it as the model it runs.
+            "prices": {AZURE_DEPLOYMENT: {"same_as": "gpt-4o-mini"}},
             "providers": {
                 "claude": {"kind": "anthropic", "base_url": f"{url}/anthropic", **key},
                 "azure": {
@@ -174,12 +176,16 @@ def _report(cfg: config.Config) -> int:
                 f"          estimate ${est['cost_low_usd']} to ${est['cost_high_usd']}"
                 f" (~{est['input_tokens']} input tokens)"
             )
+        elif est.get("cost_unknown_reason"):
+            print(f"          estimate unknown: {est['cost_unknown_reason']}")
         if cost.get("usd") is not None:
             print(
                 f"          cost ${cost['usd']} ({cost['input_tokens']} input, "
                 f"{cost['output_tokens']} output tokens; the emulator bills a prompt as "
                 "its JSON body's bytes / 4)"
             )
+        elif cost.get("unknown"):
+            print(f"          cost unknown: {cost['unknown']}")
     return 1 if bad else 0
 
 

@@ -113,6 +113,7 @@ async def test_unknown_model_is_unknown_and_prices_override_it(
     assert info["estimate"]["cost_high_nanousd"] is None
     assert "acme-llm-1" in info["estimate"]["cost_unknown_reason"]
     assert info["cost"]["unknown"] and info["cost"]["requests_billed"] == 3
+    assert info["cost"]["usd"] is None and info["cost"]["nanousd"] is None  # not $0
     jobs = await asyncio.to_thread(run_cli, "jobs", "--cost", "-c", str(conf))
     assert "unknown" in jobs.stdout
     report = await asyncio.to_thread(run_cli, "cost", "-c", str(conf))

@@ -168,10 +168,15 @@ def estimate_view(est: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def cost_view(cost: dict[str, Any], price_source: str = "") -> dict[str, Any]:
-    """The `cost` of job.json: what the job's result lines billed, summed once each."""
+    """The `cost` of job.json: what the job's result lines billed, summed once each. With
+    nothing priced (`unknown` says why) it is null, never $0; with part of it priced, the
+    priced part beside `unknown`."""
+    nanos = cost["cost_nanos"]
+    if cost["cost_unknown"] and not nanos:
+        nanos = None
     return {
-        "usd": format_usd(cost["cost_nanos"], 6).lstrip("$"),
-        "nanousd": cost["cost_nanos"],
+        "usd": format_usd(nanos, 6).lstrip("$") if nanos is not None else None,
+        "nanousd": nanos,
         "unknown": cost["cost_unknown"],
         "requests_billed": cost["requests"],
         "input_tokens": cost["input_tokens"],

@@ -60,13 +60,13 @@ def create_app(state: EmulatorState) -> web.Application:
                 state.polls.append((state.now(), request.headers.get("User-Agent", "")))
             return resp
         except ApiError as exc:
-            return api.error(exc)
+            return api.error(exc, request.path)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             url = f"Invalid URL ({request.method} {request.path})"
             err = ApiError(exc.status, url if exc.status in (404, 405) else exc.reason)
-            return api.error(err)
+            return api.error(err, request.path)
 
     async def stats(_request: web.Request) -> web.StreamResponse:
         return json_response(state.stats())

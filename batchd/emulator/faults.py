@@ -62,8 +62,8 @@ class Target(Protocol):
     create_routes: frozenset[str]  # "METHOD /canonical/path" keys that create a batch
     download_routes: frozenset[str]  # keys that stream a results or file download
 
-    def fault(self, status: int, message: str, code: str | None) -> web.Response:
-        """An injected error in this API's envelope."""
+    def fault(self, status: int, message: str, code: str | None, path: str = "") -> web.Response:
+        """An injected error in this API's envelope (which may depend on the path)."""
 
 
 TARGET_KEY = web.RequestKey[Target]("emulator_target")
@@ -121,13 +121,15 @@ def fault_middleware(cfg: FaultConfig, state: _State) -> Middleware:
         if hit("drop_connection", cfg.drop_connection):
             return _drop(request)
         if hit("rate_limit", cfg.rate_limit):
-            resp = target.fault(429, "Rate limit reached (emulated).", "rate_limit_exceeded")
+            resp = target.fault(
+                429, "Rate limit reached (emulated).", "rate_limit_exceeded", request.path
+            )
             resp.headers["Retry-After"] = f"{cfg.retry_after_seconds:g}"
             resp.headers["retry-after-ms"] = str(round(cfg.retry_after_seconds * 1000))
             return resp
         if hit("server_error", cfg.server_error):
             status = rng.choice(_SERVER_ERRORS)[0]
-            return target.fault(status, dict(_SERVER_ERRORS)[status], None)
+            return target.fault(status, dict(_SERVER_ERRORS)[status], None, request.path)
         if key in target.download_routes and hit("truncated_download", cfg.truncated_download):
             request[TRUNCATE_KEY] = True
         if key in target.create_routes and draw(cfg.ghost_create, "ghost_create"):
@@ -136,7 +138,8 @@ def fault_middleware(cfg: FaultConfig, state: _State) -> Middleware:
             if created.status >= 300:  # nothing was created: no ghost
                 return created
             state.fault_counts["ghost_create"] += 1
-            return _drop(request) if drop else target.fault(500, dict(_SERVER_ERRORS)[500], None)
+            ghost = dict(_SERVER_ERRORS)[500]
+            return _drop(request) if drop else target.fault(500, ghost, None, request.path)
         return await handler(request)
 
     return faults

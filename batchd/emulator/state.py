@@ -633,6 +633,8 @@ class EmulatorState:
         window = b.extra.get("completion_window", "24h")
         d = {"object": "batch", "completion_window": window, "expires_at": b.created_at + b.window}
         d |= {k: getattr(b, k) for k in BATCH_FIELDS} | {k: b.ts.get(k) for k in TIMESTAMPS}
+        if d["model"] is None:  # not known before validation: absent (a string in the spec)
+            del d["model"]
         counts = {"total": len(b.reqs), "completed": completed, "failed": failed}
         return d | {"request_counts": counts, "usage": usage | {"total_tokens": n_in + n_out}}
 

@@ -74,9 +74,10 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
 
 def envelope(body: bytes) -> dict[str, Any]:
     """The error object of any provider's envelope: OpenAI's, Azure's, Groq's and
-    Together's `{"error": {message, type, code, param}}`, Anthropic's `{"type": "error",
-    "error": {type, message}}`, Gemini's `{"error": {code, message, status}}`, Mistral's
-    top-level `{"object": "error", message, type, code}`."""
+    Together's `{"error": {message, type, code, param}}`, Together's batches'
+    `{"error": "<message>"}`, Anthropic's `{"type": "error", "error": {type, message}}`,
+    Gemini's `{"error": {code, message, status}}`, Mistral's top-level `{"object":
+    "error", message, type, code}`."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -86,6 +87,8 @@ def envelope(body: bytes) -> dict[str, Any]:
     err = parsed.get("error")
     if isinstance(err, dict):
         return err
+    if isinstance(err, str):
+        return {"message": err}
     if isinstance(parsed.get("message"), str):
         return parsed
     return {}

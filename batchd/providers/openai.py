@@ -79,14 +79,17 @@ class BatchApi(HttpClient):
         size = path.stat().st_size
 
         async def once() -> dict[str, Any]:
-            body = form(
-                "file", path, 0, size, tap, filename, "application/jsonl", purpose=self.purpose
-            )
+            fields = self.upload_fields(filename)
+            body = form("file", path, 0, size, tap, filename, "application/jsonl", **fields)
             data = await self.json("upload_file", "POST", "/files", data=body)
             self.counted_upload(size)
             return data
 
         return await self.retrying(once)
+
+    def upload_fields(self, filename: str) -> dict[str, str]:
+        """The text fields of the POST /files form (before the file part)."""
+        return {"purpose": self.purpose}
 
     async def upload(
         self, path: Path, filename: str, threshold: int, part_bytes: int, tap: Tap | None = None

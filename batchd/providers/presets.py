@@ -41,6 +41,21 @@ class _TogetherApi(BatchApi):
     purpose = "batch-api"
     root_hint = "is {section} base_url Together's root (https://api.together.xyz, no /v1)?"
 
+    def upload_fields(self, filename: str) -> dict[str, str]:
+        # file_name: required by the upload form of Together's published spec (and sent
+        # by its SDK); without it the file is named after the part's filename anyway.
+        return {"purpose": self.purpose, "file_name": filename}
+
+    async def find_file(
+        self, filename: str, not_before: float, max_pages: int = 5
+    ) -> dict[str, Any] | None:
+        """Together's GET /files takes no parameters (no paging, no order): one list."""
+        page = await self.call("list_files", "GET", "/files")
+        for f in page.get("data") or []:
+            if isinstance(f, dict) and f.get("filename") == filename:
+                return dict(f)
+        return None
+
 
 _TOGETHER = {
     "VALIDATING": "validating",

@@ -142,8 +142,8 @@ class Anthropic(Provider):
         inner = {"type": err.kind or error_type(err.status), "message": err.message}
         return {"type": "error", "error": inner, "request_id": "req_" + secrets.token_hex(12)}
 
-    def fault(self, status: int, message: str, code: str | None) -> web.Response:
-        return self.error(ApiError(status, message))
+    def fault(self, status: int, message: str, code: str | None, path: str = "") -> web.Response:
+        return self.error(ApiError(status, message), path)
 
     def render(self, request: web.Request, b: Batch) -> Json:
         """The MessageBatch object."""

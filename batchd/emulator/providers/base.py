@@ -54,13 +54,14 @@ class Provider:
         """``err`` in this API's error envelope."""
         return err.body()
 
-    def error(self, err: ApiError) -> web.Response:
-        """``err`` as a response."""
+    def error(self, err: ApiError, path: str = "") -> web.Response:
+        """``err`` as a response to a request for ``path``."""
         return json_response(self.error_body(err), err.status)
 
-    def fault(self, status: int, message: str, code: str | None) -> web.Response:
+    def fault(self, status: int, message: str, code: str | None, path: str = "") -> web.Response:
         """An injected fault (429 or 5xx) in this API's envelope."""
-        return self.error(ApiError(status, message, None, code, _KIND_BY_STATUS.get(status)))
+        err = ApiError(status, message, None, code, _KIND_BY_STATUS.get(status))
+        return self.error(err, path)
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         """(method, path, handler) of every route, paths starting with :attr:`prefix`."""

@@ -180,8 +180,8 @@ class Gemini(Provider):
         status = grpc_status(err.status)
         return {"error": {"code": err.status, "message": err.message, "status": status}}
 
-    def fault(self, status: int, message: str, code: str | None) -> web.Response:
-        return self.error(ApiError(status, message))
+    def fault(self, status: int, message: str, code: str | None, path: str = "") -> web.Response:
+        return self.error(ApiError(status, message), path)
 
     # -- files -----------------------------------------------------------------------------
     def file_dict(self, request: web.Request, f: StoredFile) -> Json:

@@ -5,7 +5,7 @@ Upload as the together SDK does it: ``POST /v1/files`` with the file's metadata 
 auth) and ``X-Together-File-Id``; the bytes are PUT there, then ``POST
 /v1/files/{id}/preprocess`` returns the file (``purpose=batch-api``). Lines are ``{custom_id
 (<= 64 chars), body}``; the model is ``body.model`` or the job's ``model_id``. Create answers
-``201 {"job": {...}, "warning": null}``; get/cancel answer the job; list answers a JSON array
+``201 {"job": {...}}``; get/cancel answer the job; list answers a JSON array
 (no paging). Statuses ``VALIDATING``, ``IN_PROGRESS``, ``COMPLETED``, ``FAILED``,
 ``EXPIRED``, ``CANCELLED``; ISO timestamps; ``progress`` 0..100; OpenAI-shaped output and
 error files.
@@ -13,13 +13,14 @@ error files.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, ClassVar
 
 from aiohttp import web
 
 from batchd.emulator.dialect import Dialect
 from batchd.emulator.http import json_body, json_response, multipart, send_file
-from batchd.emulator.ids import new_id, rfc3339
+from batchd.emulator.ids import rfc3339
 from batchd.emulator.lines import Json, Problem, Req, Rules, response_body
 from batchd.emulator.providers.base import Handler, Provider
 from batchd.emulator.state import DAY, TERMINAL, ApiError, Batch, StoredFile
@@ -91,6 +92,13 @@ class Together(Provider):
         super().__init__(state)
         self.pending: dict[str, Json] = {}  # presigned uploads not PUT yet
 
+    def error(self, err: ApiError, path: str = "") -> web.Response:
+        """The published spec's envelopes: BatchErrorResponse ``{"error": "<message>"}``
+        under /batches, ErrorData ``{"error": {message, type, param, code}}`` elsewhere."""
+        if path.startswith(f"{V}/batches"):
+            return json_response({"error": err.message}, err.status)
+        return super().error(err, path)
+
     # -- files -----------------------------------------------------------------------------
     def file_dict(self, f: StoredFile) -> Json:
         """The FileResponse object."""
@@ -102,6 +110,7 @@ class Together(Provider):
             "filename": f.filename,
             "FileType": "jsonl",
             "purpose": f.purpose,
+            "Processed": True,  # required by the published spec's FileResponse
             "processing_status": "COMPLETED",
         }
 
@@ -162,7 +171,7 @@ class Together(Provider):
 
     # -- batches ---------------------------------------------------------------------------
     def render(self, b: Batch) -> Json:
-        """The BatchJob object."""
+        """The BatchJob object; a field not known yet is absent (the spec has no nulls)."""
         total = len(b.reqs) or b.total
         ok, failed = self.state.live_counts(b)
         progress = (
@@ -170,7 +179,7 @@ class Together(Provider):
         )
         end = next((b.ts[f"{s}_at"] for s in TERMINAL if f"{s}_at" in b.ts), None)
         error = "; ".join(e["message"] for e in (b.errors or {}).get("data", [])[:3]) or None
-        return {
+        job = {
             "id": b.id,
             "user_id": "user_emulator",
             "input_file_id": b.input_file_id,
@@ -186,6 +195,7 @@ class Together(Provider):
             "error": error,
             "completed_at": rfc3339(end),
         }
+        return {k: v for k, v in job.items() if v is not None}
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         body = await json_body(request)
@@ -205,11 +215,11 @@ class Together(Provider):
             f.path,
             str(endpoint),
             input_file_id=f.id,
-            bid=new_id("batch-"),
+            bid=str(uuid.uuid4()),  # a UUID, as the spec's BatchJob.id
             model=model if isinstance(model, str) else None,
         )
         b.extra["file_size_bytes"] = f.bytes
-        return json_response({"job": self.render(b), "warning": None}, 201)
+        return json_response({"job": self.render(b)}, 201)  # (`warning`: only with one)
 
     def _batch(self, request: web.Request) -> Batch:
         return self.state.get_batch(request.match_info["id"], self.name)

@@ -62,13 +62,23 @@ class Daemon:
         ctx = self.ctx
         if ctx is None:
             return
+        m = self.metrics
+        # These are the group's figures (the shared store and spool): with replicas only
+        # the tracking one reports them and the others say 0, so that a sum over
+        # instances (the dashboard's) counts each job once.
+        if not ctx.leases.has_role("tracker"):
+            for s in JobState:
+                m.jobs.labels(s.value).set(0)
+            for g in (m.oldest_job_age, m.inbox_files, m.budget_waiting):
+                g.set(0)
+            return
         counts = await ctx.store.count_by_state()
         for s in JobState:
-            self.metrics.jobs.labels(s.value).set(counts.get(s.value, 0))
+            m.jobs.labels(s.value).set(counts.get(s.value, 0))
         oldest = await ctx.store.oldest_live_created_at()
-        self.metrics.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
-        self.metrics.inbox_files.set(len(ctx.spool.waiting()))
-        self.metrics.budget_waiting.set(await ctx.store.budget_waiting_count())
+        m.oldest_job_age.set(0 if oldest is None else max(0.0, self.clock() - oldest))
+        m.inbox_files.set(len(ctx.spool.waiting()))
+        m.budget_waiting.set(await ctx.store.budget_waiting_count())
 
     async def _idle_watch(self, ctx: Context) -> None:
         """In --once mode: stop when the inbox is empty, every job has ended and the

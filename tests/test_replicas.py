@@ -274,6 +274,17 @@ class Replica:
             )
 
 
+async def jobs_gauge(http: aiohttp.ClientSession, r: Replica) -> float:
+    """The sum of batchd_jobs{state} a replica reports."""
+    async with http.get(f"http://127.0.0.1:{r.port}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("batchd_jobs{")
+    )
+
+
 async def post_job(
     http: aiohttp.ClientSession, replicas: list[Replica], job: CrashJob, rng: random.Random
 ) -> int:
@@ -530,6 +541,17 @@ async def test_the_tracker_role_is_taken_over_when_its_holder_dies(
             await asyncio.sleep(0.05)
         holder = next(r for r in replicas if r.proc and f":{r.proc.pid}:" in owner)
         assert holder.proc is not None
+        # The group's gauges (jobs by state, ...) come from the tracker alone: summed
+        # over the replicas, as the dashboard does, a job counts once.
+        async with aiohttp.ClientSession() as http:
+            job = CrashJob("gauged", chat_lines(2))
+            await post_job(http, replicas, job, random.Random(1))
+            deadline = time.monotonic() + 30
+            while (seen := [await jobs_gauge(http, r) for r in replicas]) != [
+                1.0 if r is holder else 0.0 for r in replicas
+            ]:
+                assert time.monotonic() < deadline, f"jobs gauges {seen}"
+                await asyncio.sleep(0.1)
         await stop(holder.proc)  # SIGKILL
         killed = time.monotonic()
         while (now := await tracker_of(pg_url)) in (None, owner):

@@ -104,6 +104,25 @@ class ResultFile:
     min_lines: int = 0  # the batch's counts say the file has at least this many lines
 
 
+def file_results(snap: Snapshot, output: str, errors: str) -> list[ResultFile]:
+    """The result files of a batch that names an output and an error file in the fields
+    `output` and `errors` of its object (OpenAI's shape, Mistral's)."""
+    out = []
+    for key, field_, n in (("output", output, snap.completed), ("errors", errors, snap.failed)):
+        ref = snap.raw.get(field_)
+        if ref:
+            out.append(ResultFile(key, str(ref), n))
+    return out
+
+
+def file_results_pending(snap: Snapshot, output: str, errors: str) -> bool:
+    """Counts say there are results but the batch does not name their file yet (just
+    after it ended a batch can be seen without them): read the batch again."""
+    return bool(
+        (snap.completed and not snap.raw.get(output)) or (snap.failed and not snap.raw.get(errors))
+    )
+
+
 @dataclass(frozen=True)
 class Create:
     """What a create needs: the attempt (its id is the tag), its input, the job's."""

@@ -31,6 +31,8 @@ from batchd.providers.base import (
     ResultFile,
     Snapshot,
     Verdict,
+    file_results,
+    file_results_pending,
     obj,
     unix,
 )
@@ -194,21 +196,10 @@ class Mistral(Provider):
     # --- results ----------------------------------------------------------------------
 
     def result_files(self, snap: Snapshot) -> list[ResultFile]:
-        out = []
-        for key, field_, n in (
-            ("output", "output_file", snap.completed),
-            ("errors", "error_file", snap.failed),
-        ):
-            ref = snap.raw.get(field_)
-            if ref:
-                out.append(ResultFile(key, str(ref), n))
-        return out
+        return file_results(snap, "output_file", "error_file")
 
     def results_pending(self, snap: Snapshot) -> bool:
-        return bool(
-            (snap.completed and not snap.raw.get("output_file"))
-            or (snap.failed and not snap.raw.get("error_file"))
-        )
+        return file_results_pending(snap, "output_file", "error_file")
 
     async def download(self, rf: ResultFile, dest: Path, lines: Lines) -> int:
         return await self._http.download(

@@ -27,6 +27,8 @@ from batchd.providers.base import (
     ResultFile,
     Snapshot,
     Verdict,
+    file_results,
+    file_results_pending,
     unix,
 )
 from batchd.providers.errors import RateLimited, Transient
@@ -431,23 +433,10 @@ class OpenAI(Provider):
     # --- results ----------------------------------------------------------------------
 
     def result_files(self, snap: Snapshot) -> list[ResultFile]:
-        out = []
-        for key, field_, n in (
-            ("output", "output_file_id", snap.completed),
-            ("errors", "error_file_id", snap.failed),
-        ):
-            ref = snap.raw.get(field_)
-            if ref:
-                out.append(ResultFile(key, str(ref), n))
-        return out
+        return file_results(snap, "output_file_id", "error_file_id")
 
     def results_pending(self, snap: Snapshot) -> bool:
-        """Counts say there are results but their file ids are not there yet (just after
-        `completed` a batch can be seen without them): read the batch again."""
-        return bool(
-            (snap.completed and not snap.raw.get("output_file_id"))
-            or (snap.failed and not snap.raw.get("error_file_id"))
-        )
+        return file_results_pending(snap, "output_file_id", "error_file_id")
 
     async def download(self, rf: ResultFile, dest: Path, lines: Lines) -> int:
         return await self.api.download(rf.ref, dest, lines)

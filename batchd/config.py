@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import hashlib
 import math
 import os
 import re
@@ -366,6 +365,8 @@ class TenantConfig:
         assert self.key_file is not None
         key = _read_secret(self.key_file, f"{where} key_file", "", {})
         assert key is not None
+        import hashlib  # here: loading OpenSSL's hashes slows every CLI command's start
+
         return hashlib.sha256(key.encode()).digest()
 
     def webhook_key(self) -> bytes | None:

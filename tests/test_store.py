@@ -13,7 +13,7 @@ import pytest
 from batchd.states import IllegalTransition, JobState
 from batchd.store import Store, migrations
 from batchd.store.queries import hot, queries
-from batchd.store.sqlite import _prepare
+from batchd.store.sqlite_file import prepare
 
 
 async def test_migrations_versioned_and_reopen(tmp_path: Path) -> None:
@@ -159,7 +159,7 @@ def test_switching_a_new_database_to_wal_waits_for_another_writer(tmp_path: Path
             threading.Timer(0.3, other.execute, ["COMMIT"]).start()
 
     conn.set_trace_callback(just_before)
-    _prepare(conn)
+    prepare(conn)
     conn.set_trace_callback(None)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations())

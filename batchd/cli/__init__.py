@@ -1,6 +1,7 @@
 """Command line: the parser and one way from a command to an exit code.
 
-Each command is an async function in commands.py run by one `asyncio.run`; every
+Each command is an async function in commands.py run by one `asyncio.run` (the
+read-only ones on a SQLite store without an event loop, see `_run`); every
 problem the user must fix ends in one line on stderr and a documented exit code:
 0 success; 1 a checked thing failed (an invalid file, a failed check, a job that
 failed or cannot be cancelled or retried); 2 usage or configuration error (the
@@ -10,17 +11,20 @@ message names the key); 3 no job or more than one job matches JOB.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
 
 from batchd import __version__
-from batchd.cli import commands
-from batchd.cli.common import EXIT_USAGE, Fail
-from batchd.config import ConfigError
-from batchd.errors import StartupError
 from batchd.states import JobState
+
+# Only what parsing needs is imported up here: `--version` and `--help` never load the
+# commands, and the commands import what they need themselves (see main).
+
+# The commands that only read the store (reads.py; the others are in commands.py): on a
+# SQLite file their reads never wait, so they run without an event loop (importing
+# asyncio costs more than they do).
+READ_ONLY = frozenset({"jobs", "show"})
 
 _EPILOG = """\
 examples:
@@ -132,7 +136,7 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     e.add_argument("--webhook-url", help="POST Standard Webhooks batch.* events here")
     e.add_argument("--webhook-secret", metavar="whsec_...", help="sign webhooks with this")
-    e.set_defaults(func=commands.emulator)
+    e.set_defaults(func="emulator")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="process the inbox and every unfinished job, then exit (1 if a job failed)",
     )
-    r.set_defaults(func=commands.run)
+    r.set_defaults(func="run")
 
     sm = cmd(
         "submit",
@@ -189,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="submit even if the same content was submitted within [intake] duplicate_window",
     )
-    sm.set_defaults(func=commands.submit)
+    sm.set_defaults(func="submit")
 
     ck = cmd(
         "check",
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Check that the config is valid, the spool and database are usable, the API key is "
         "found and accepted. Creates nothing. Exit 1 when a check fails.",
     )
-    ck.set_defaults(func=commands.check)
+    ck.set_defaults(func="check")
 
     v = cmd(
         "validate",
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check with this provider's rules and limits: a configured NAME, or a kind "
         "(openai, azure_openai, anthropic, gemini, mistral, groq, together); default: [api]",
     )
-    v.set_defaults(func=commands.validate)
+    v.set_defaults(func="validate")
 
     j = cmd("jobs", "list jobs, newest first", "List jobs, newest first.")
     j.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument(
         "--cost", action="store_true", help="add each job's estimate (low-high) and actual cost"
     )
-    j.set_defaults(func=commands.jobs)
+    j.set_defaults(func="jobs")
 
     s = cmd(
         "show",
@@ -237,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("job", metavar="JOB", help="job id, unique id prefix, or NAME")
     s.add_argument("--json", action="store_true", help="JSON instead of text")
-    s.set_defaults(func=commands.show)
+    s.set_defaults(func="show")
 
     c = cmd(
         "cancel",
@@ -248,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("job", metavar="JOB", help="job id, unique id prefix, or NAME")
     c.add_argument("--wait", type=float, default=900.0, help="seconds to wait (default 900)")
-    c.set_defaults(func=commands.cancel)
+    c.set_defaults(func="cancel")
 
     rt = cmd(
         "retry",
@@ -258,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         "says which job already retries it.",
     )
     rt.add_argument("job", metavar="JOB", help="job id, unique id prefix, or NAME")
-    rt.set_defaults(func=commands.retry)
+    rt.set_defaults(func="retry")
 
     co = cmd(
         "cost",
@@ -271,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--by", choices=("model", "source", "day"), default="model")
     co.add_argument("--json", action="store_true", help="JSON instead of a table")
-    co.set_defaults(func=commands.cost)
+    co.set_defaults(func="cost")
 
     _emulator_parser(sub)
 
@@ -282,15 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
         "and show it flowing to done/.",
     )
     d.add_argument("--dir", help="spool/work directory to use (default: a new temp dir)")
-    d.set_defaults(func=commands.demo)
+    d.set_defaults(func="demo")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `batchd` command."""
     args = build_parser().parse_args(argv)
+    from batchd.cli.common import EXIT_USAGE, Fail
+    from batchd.config import ConfigError
+    from batchd.errors import StartupError
+
     try:
-        return int(asyncio.run(args.func(args)))
+        return _run(args)
     except ConfigError as e:
         print(f"batchd: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -307,3 +315,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except KeyboardInterrupt:
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command `args.func` names: without an event loop when it only reads a
+    SQLite store, else in `asyncio.run`."""
+    from batchd.cli.common import config, finish
+
+    if args.func in READ_ONLY:
+        from batchd.cli import reads
+
+        func = getattr(reads, args.func)
+        if config(args).state.url is None:
+            return int(finish(func(args)))
+    else:
+        from batchd.cli import commands
+
+        func = getattr(commands, args.func)
+    import asyncio
+
+    return int(asyncio.run(func(args)))

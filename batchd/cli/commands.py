@@ -1,4 +1,6 @@
-"""The sub-commands: each reads its arguments, calls into batchd, prints the answer."""
+"""The sub-commands: each reads its arguments, calls into batchd, prints the answer.
+
+The read-only ones (jobs, show) are in reads.py: they run without an event loop."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from pathlib import Path
 from batchd.cli import render
 from batchd.cli.common import (
     EXIT_FAIL,
-    EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_USAGE,
     Fail,
@@ -29,7 +30,7 @@ from batchd.provider_config import DEFAULT_PROVIDER, ProviderConfig
 from batchd.states import TERMINAL_JOB_STATES, JobState
 
 # Modules with heavy imports (the HTTP client, the validator, logging) are imported
-# inside the commands that need them: `batchd jobs` and `show` start in a blink.
+# inside the commands that need them.
 
 # --- run ------------------------------------------------------------------------------
 
@@ -218,78 +219,7 @@ async def submit(args: argparse.Namespace) -> int:
     return EXIT_FAIL if bad else EXIT_OK
 
 
-# --- jobs / show ----------------------------------------------------------------------
-
-
-async def jobs(args: argparse.Namespace) -> int:
-    """List jobs, newest first."""
-    cfg = config(args)
-    if args.limit < 1:
-        raise Fail("--limit: at least 1", EXIT_USAGE)
-    states = [JobState(s) for s in args.state] if args.state else None
-    t = since(args.since) if args.since else None
-    try:
-        async with store(cfg) as s:
-            found = await s.list_jobs(states, t, args.limit + 1)
-            holds = await s.holds()
-            oldest = await s.oldest_job_at()
-    except NoDatabase as e:
-        print(f"batchd: {e}", file=sys.stderr)
-        return EXIT_OK
-    more = len(found) > args.limit
-    found = found[: args.limit]
-    if args.json:
-        render.print_json([j.to_dict() for j in found])
-        return EXIT_OK
-    for held in holds.values():
-        if line := render.held_line(held):
-            print(f"batchd: {line}", file=sys.stderr)
-    if not found:
-        print("no jobs yet" if oldest is None else "no jobs match", file=sys.stderr)
-        return EXIT_OK
-    print(render.jobs_table(found, holds, cost=args.cost))
-    notes = []
-    if more:
-        notes.append(f"the newest {args.limit} shown; --limit N for more")
-    days = cfg.retention.jobs_days
-    if days and oldest is not None:
-        notes.append(
-            f"jobs that ended over {days:g} days ago are deleted ([retention] jobs_days); "
-            f"the oldest kept was claimed {render.ts(oldest)} UTC"
-        )
-    for n in notes:
-        print(f"({n})", file=sys.stderr)
-    return EXIT_OK
-
-
-async def show(args: argparse.Namespace) -> int:
-    """Show one job with its batches and history."""
-    cfg = config(args)
-    try:
-        async with store(cfg) as s:
-            job = await one_job(s, args.job)
-            attempts = await s.attempts(job.id)
-            events = await s.events(job.id)
-            held = render.held_for(job, await s.holds())
-            retries = await s.retries_of(job.id)
-            cost = await s.job_cost(job.id)
-    except NoDatabase:
-        raise Fail(f"no job matches {args.job!r} (no jobs yet)", EXIT_NOT_FOUND) from None
-    if args.json:
-        render.print_json(
-            {
-                "job": job.to_dict(),
-                "cost": cost,
-                "first_error": render.first_error(job, events),
-                "held": held if not job.ended else None,
-                "attempts": [a.to_dict() for a in attempts],
-                "events": [e.to_dict() for e in events],
-            }
-        )
-        return EXIT_OK
-    results = str(cfg.spool.dir / job.result_dir) if job.result_dir else None
-    print(render.show_text(job, attempts, events, held, results, retries, cost))
-    return EXIT_OK
+# --- cost (jobs and show: reads.py) ---------------------------------------------------
 
 
 async def cost(args: argparse.Namespace) -> int:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from batchd.config import Config, load, parse_since
-from batchd.store import Job, Store
+
+if TYPE_CHECKING:
+    from batchd.store import Job, Store
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
 
@@ -25,8 +30,22 @@ class NoDatabase(Fail):
 
 
 def config(args: argparse.Namespace) -> Config:
-    """The config named by --config or $BATCHD_CONFIG."""
-    return load(args.config)
+    """The config named by --config or $BATCHD_CONFIG (loaded once per command)."""
+    cfg = getattr(args, "loaded_config", None)
+    if not isinstance(cfg, Config):
+        cfg = args.loaded_config = load(args.config)
+    return cfg
+
+
+def finish(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never waits (reads of a SQLite store opened with
+    `read_only`) to its end without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a command run without an event loop waited for one")
 
 
 def since(text: str) -> float:
@@ -38,8 +57,11 @@ def since(text: str) -> float:
 
 
 @asynccontextmanager
-async def store(cfg: Config) -> AsyncIterator[Store]:
-    """The database, opened (never created: NoDatabase when batchd never ran)."""
+async def store(cfg: Config, read_only: bool = False) -> AsyncIterator[Store]:
+    """The database, opened (never created: NoDatabase when batchd never ran).
+    `read_only`: for reads alone (a SQLite file's then never wait, see `finish`)."""
+    from batchd.store.facade import Store
+
     if cfg.state.url is None and not cfg.state.database.exists():
         raise NoDatabase(
             f"no jobs yet: batchd has not run with this config (no database at "
@@ -47,7 +69,7 @@ async def store(cfg: Config) -> AsyncIterator[Store]:
             EXIT_OK,
         )
     try:
-        s = await Store.open(cfg.state.target)
+        s = await (Store.open_read_only if read_only else Store.open)(cfg.state.target)
     except ConnectionError as e:  # PostgreSQL unreachable (the message hides any password)
         raise Fail(f"[state] database: {e}") from None
     try:

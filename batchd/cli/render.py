@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from batchd.prices import format_usd
-from batchd.store import Attempt, Event, Job
+if TYPE_CHECKING:
+    from batchd.store import Attempt, Event, Job
+
+
+def format_usd(nanos: int, places: int) -> str:
+    """batchd.prices.format_usd, imported when a cost is shown (`jobs` without --cost
+    never loads the price tables' module)."""
+    from batchd.prices import format_usd
+
+    return format_usd(nanos, places)
 
 
 def ts(t: float | None) -> str:

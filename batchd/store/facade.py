@@ -33,7 +33,6 @@ from batchd.store.rows import (
     dump_detail,
     encode,
 )
-from batchd.store.sqlite import SqliteBackend
 
 Clock = Callable[[], float]
 
@@ -192,7 +191,20 @@ class Store:
             from batchd.store.postgres import PgBackend
 
             return cls(await PgBackend.open(str(target)), clock)
+        from batchd.store.sqlite import SqliteBackend
+
         return cls(await SqliteBackend.open(Path(target)), clock)
+
+    @classmethod
+    async def open_read_only(cls, target: Path | str, clock: Clock = time.time) -> Store:
+        """Open for reads alone: a SQLite file through one plain connection whose reads
+        never wait (run without an event loop: the CLI's jobs and show); PostgreSQL as
+        `open`. Writing through it raises."""
+        if is_url(target):
+            return await cls.open(target, clock)
+        from batchd.store.sqlite_file import SqliteReader
+
+        return cls(SqliteReader.open(Path(target)), clock)
 
     @classmethod
     @asynccontextmanager

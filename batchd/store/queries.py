@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -13,6 +13,9 @@ _NAME = re.compile(r"^--\s*name:\s*([a-z_0-9]+)(.*)$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 Params = dict[str, Any]
+# The SQL files sit next to this module (read as files: importlib.resources costs the
+# CLI's start-up more than it reads).
+_HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def _parse(text: str) -> dict[str, str]:
 @cache
 def queries() -> MappingProxyType[str, str]:
     """Every named statement of queries.sql."""
-    text = resources.files("batchd.store").joinpath("queries.sql").read_text("utf-8")
+    text = (_HERE / "queries.sql").read_text("utf-8")
     return MappingProxyType(_parse(text))
 
 
@@ -66,7 +69,7 @@ def q(name: str) -> str:
 def hot() -> frozenset[str]:
     """Names of the statements marked `(hot: …)`: run on recurring passes, so they must
     read through an index (tests/test_store.py checks their query plans)."""
-    text = resources.files("batchd.store").joinpath("queries.sql").read_text("utf-8")
+    text = (_HERE / "queries.sql").read_text("utf-8")
     return frozenset(m.group(1) for m in _NAME.finditer(text) if "(hot" in m.group(2))
 
 
@@ -74,7 +77,7 @@ def hot() -> frozenset[str]:
 def pg_queries() -> MappingProxyType[str, str]:
     """queries.pg.sql: PostgreSQL's text of a statement of queries.sql where the dialects
     differ (same name), and the statements only PostgreSQL runs (leases, claims)."""
-    text = resources.files("batchd.store").joinpath("queries.pg.sql").read_text("utf-8")
+    text = (_HERE / "queries.pg.sql").read_text("utf-8")
     return MappingProxyType(_parse(text))
 
 
@@ -93,9 +96,9 @@ def pg_variant(sql: str) -> str:
 def migration_files(dialect: str = "sqlite") -> list[str]:
     """File names of the migrations in order (sqlite: migrations/; postgresql:
     migrations/postgresql/), checked to be numbered 0001.. without gaps."""
-    folder = resources.files("batchd.store").joinpath("migrations")
+    folder = _HERE / "migrations"
     if dialect != "sqlite":
-        folder = folder.joinpath(dialect)
+        folder = folder / dialect
     found = sorted(
         (int(m.group(1)), f.name)
         for f in folder.iterdir()
@@ -111,7 +114,7 @@ def migration_files(dialect: str = "sqlite") -> list[str]:
 def migrations(dialect: str = "sqlite") -> tuple[str, ...]:
     """Migration scripts in order; migration i (1-based) brings the schema to version i.
     PostgreSQL's (migrations/postgresql/) are numbered as SQLite's, one for one."""
-    folder = resources.files("batchd.store").joinpath("migrations")
+    folder = _HERE / "migrations"
     if dialect != "sqlite":
-        folder = folder.joinpath(dialect)
-    return tuple(folder.joinpath(name).read_text("utf-8") for name in migration_files(dialect))
+        folder = folder / dialect
+    return tuple((folder / name).read_text("utf-8") for name in migration_files(dialect))

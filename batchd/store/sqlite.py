@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from batchd.store.queries import Conflict, Duplicate, Params, Stmt, migrations
+from batchd.store.queries import Conflict, Duplicate, Params, Stmt
 from batchd.store.rows import RowLike
+from batchd.store.sqlite_file import prepare
 
 
 class SqliteBackend:
@@ -47,7 +47,7 @@ class SqliteBackend:
         db = await aiosqlite.connect(path, isolation_level=None)
         db.row_factory = sqlite3.Row
         try:
-            await db._execute(_prepare, db._conn)  # type: ignore[no-untyped-call]
+            await db._execute(prepare, db._conn)  # type: ignore[no-untyped-call]
         except BaseException:
             await db.close()
             raise
@@ -146,77 +146,3 @@ def _tx_in_thread(conn: sqlite3.Connection, statements: list[Stmt]) -> None:
         if isinstance(e, sqlite3.IntegrityError) and str(e).startswith("UNIQUE"):
             raise Duplicate(str(e)) from None
         raise
-
-
-def _prepare(conn: sqlite3.Connection) -> None:
-    """Set the connection up (WAL, synchronous=NORMAL, foreign keys) and migrate."""
-    conn.execute("PRAGMA busy_timeout = 10000")
-    # Only takes effect on a new, empty database: retention then hands freed pages back
-    # with PRAGMA incremental_vacuum (older files reuse them).
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    # Switching a database to WAL takes an exclusive lock without waiting on the busy
-    # handler: a daemon and a CLI opening a new file at once saw "database is locked"
-    # (about 1 in 300 races). It is retried, like the busy handler would, for 10 s.
-    deadline = time.monotonic() + 10
-    delay = 0.005
-    while True:
-        try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                raise
-        else:
-            if mode == "wal":
-                break
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-    # WAL with synchronous=NORMAL: a commit is safe from a crash of the process (it is
-    # in the OS), not from a power cut until the next fsync. A commit that must outlive
-    # a power cut before batchd acts on the world (the record that a create is being
-    # sent) asks for `durable`: an fsync of the WAL (shared by whoever waits for one),
-    # which makes every earlier commit durable too.
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    _migrate(conn)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to the newest version, one transaction per migration. The
-    version is read inside each transaction: two processes opening a new database at
-    once (a daemon and a CLI) never both apply a migration."""
-    scripts = migrations()
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > len(scripts):
-                raise RuntimeError(
-                    f"database schema version {version} is newer than this batchd "
-                    f"({len(scripts)}); refusing to touch it"
-                )
-            if version == len(scripts):
-                conn.execute("COMMIT")
-                return
-            for stmt in _statements(scripts[version]):
-                conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-
-def _statements(script: str) -> list[str]:
-    """A script's statements, split where SQLite says one is complete (a trigger body
-    holds several `;`)."""
-    out, buf = [], ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            if buf.strip().strip(";").strip():
-                out.append(buf)
-            buf = ""
-    if buf.strip():
-        out.append(buf)
-    return out

@@ -116,18 +116,12 @@ class Anthropic(Provider):
     async def find(self, req: Create, sent_at: float, owned: Owned) -> Snapshot | None:
         since = sent_at - CLOCK_SLACK
         best: Snapshot | None = None
-        cursor: str | None = None
-        for _ in range(20):
-            page = self.parse_page(await self.list_raw(cursor), cursor)
-            for s in page.batches:
-                if s.created_at < since:
-                    return best
-                if s.total != req.requests or await owned(s.id):
-                    continue
-                best = s  # newest first: the last match is the closest after `since`
-            if page.cursor is None:
-                return best
-            cursor = page.cursor
+        async for s in self.newest_first(since):
+            if s.created_at < since:
+                continue  # the last one listed: older than the create
+            if s.total != req.requests or await owned(s.id):
+                continue
+            best = s  # newest first: the last match is the closest after `since`
         return best
 
     async def get(self, batch_id: str) -> Snapshot:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -268,6 +268,21 @@ class Provider(ABC):
     async def find(self, req: Create, sent_at: float, owned: Owned) -> Snapshot | None:
         """The batch an earlier create of this attempt (sent at `sent_at`, unix seconds)
         made, if any; `owned(batch_id)`: another attempt has that batch."""
+
+    async def newest_first(self, since: float, max_pages: int = 20) -> AsyncIterator[Snapshot]:
+        """The listed batches, newest first, up to and including the first one created
+        before `since` (unix seconds), over at most `max_pages` pages: where `find`
+        looks for a batch whose create answer was lost."""
+        cursor: str | None = None
+        for _ in range(max_pages):
+            page = self.parse_page(await self.list_raw(cursor), cursor)
+            for s in page.batches:
+                yield s
+                if s.created_at < since:
+                    return
+            if page.cursor is None:
+                return
+            cursor = page.cursor
 
     @abstractmethod
     async def get(self, batch_id: str) -> Snapshot:

@@ -208,17 +208,9 @@ class Gemini(Provider):
 
     async def find(self, req: Create, sent_at: float, owned: Owned) -> Snapshot | None:
         want = f"{TAG}{req.attempt_id}"
-        cursor: str | None = None
-        for _ in range(20):
-            page = self.parse_page(await self.list_raw(cursor), cursor)
-            for s in page.batches:
-                if (s.raw.get("metadata") or {}).get("displayName") == want:
-                    return s
-                if s.created_at < sent_at - 600:
-                    return None
-            if page.cursor is None:
-                return None
-            cursor = page.cursor
+        async for s in self.newest_first(sent_at - 600):
+            if (s.raw.get("metadata") or {}).get("displayName") == want:
+                return s
         return None
 
     async def get(self, batch_id: str) -> Snapshot:

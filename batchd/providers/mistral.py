@@ -124,17 +124,9 @@ class Mistral(Provider):
         return self.snapshot(job)
 
     async def find(self, req: Create, sent_at: float, owned: Owned) -> Snapshot | None:
-        cursor: str | None = None
-        for _ in range(20):
-            page = self.parse_page(await self.list_raw(cursor), cursor)
-            for s in page.batches:
-                if (s.raw.get("metadata") or {}).get(ATTEMPT_KEY) == req.attempt_id:
-                    return s
-                if s.created_at < sent_at - 600:
-                    return None
-            if page.cursor is None:
-                return None
-            cursor = page.cursor
+        async for s in self.newest_first(sent_at - 600):
+            if (s.raw.get("metadata") or {}).get(ATTEMPT_KEY) == req.attempt_id:
+                return s
         return None
 
     async def get(self, batch_id: str) -> Snapshot:

@@ -148,14 +148,19 @@ class WebhooksConfig:
         text = _read_secret(self.secret_file, key, WEBHOOK_SECRET_ENV, env)
         if text is None:
             return None
-        b64 = text.removeprefix("whsec_")
-        try:
-            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(f"{key}: expected whsec_<base64>, got a malformed secret") from None
-        if not raw:
-            raise ConfigError(f"{key}: the secret is empty")
-        return raw
+        return _whsec(text, key)
+
+
+def _whsec(text: str, what: str) -> bytes:
+    """A Standard Webhooks signing secret (`whsec_` + base64) as its HMAC key bytes."""
+    b64 = text.removeprefix("whsec_")
+    try:
+        raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{what}: expected whsec_<base64>, got a malformed secret") from None
+    if not raw:
+        raise ConfigError(f"{what}: the secret is empty")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -378,14 +383,7 @@ class TenantConfig:
             text = self.webhook_secret
         if text is None:
             return None
-        b64 = text.removeprefix("whsec_")
-        try:
-            raw = base64.b64decode(b64 + "=" * (-len(b64) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(f"{where} webhook secret: expected whsec_<base64>") from None
-        if not raw:
-            raise ConfigError(f"{where} webhook secret: empty")
-        return raw
+        return _whsec(text, f"{where} webhook secret")
 
 
 @dataclass(frozen=True)

@@ -275,9 +275,12 @@ class Replica:
 
 
 async def jobs_gauge(http: aiohttp.ClientSession, r: Replica) -> float:
-    """The sum of batchd_jobs{state} a replica reports."""
-    async with http.get(f"http://127.0.0.1:{r.port}/metrics") as resp:
-        text = await resp.text()
+    """The sum of batchd_jobs{state} a replica reports (-1 while it is not listening yet)."""
+    try:
+        async with http.get(f"http://127.0.0.1:{r.port}/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientConnectionError:
+        return -1.0
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
